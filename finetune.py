@@ -1,0 +1,229 @@
+"""Adapt a pretrained agent to one held-out task, or train the from-scratch baseline.
+
+    python finetune.py --checkpoint runs/mt/checkpoint.pt --task 10000      # Procgen level
+    python finetune.py --checkpoint runs/mt_atari/checkpoint.pt --task Pong  # Atari game
+    python finetune.py --checkpoint runs/mt_rlb/checkpoint.pt --task drawer-open-v3 --demos 2
+    python finetune.py --scratch procgen --task 10000                       # baseline
+
+How a checkpoint adapts depends on the method that wrote it (the study's protocol):
+- MT and Reptile: the base RL algorithm (PPO, DER, C2F-ARM) trains the whole network on
+  the new task, with the same code the pretraining script uses (imported, not copied).
+- RL2: rolls out on the new task with its recurrent state; no gradient step.
+- PEARL: infers its latent context from experience on the new task; no gradient step.
+- `--scratch BENCHMARK`: the same fine-tuning path from a freshly initialised network.
+
+Any flag of the base script (e.g. `--num-envs 4 --num-steps 32`) overrides its value,
+which otherwise defaults to the checkpoint's. Results land in `--output-dir DIR`:
+`eval.csv` (env step, evaluation metric), TensorBoard logs, and the fine-tuned
+`checkpoint.pt`; the last line printed is a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+# Every checkpoint of this project carries this marker (see each script's save_checkpoint).
+CHECKPOINT_FORMAT = "finetune-vs-meta-rl"
+CHECKPOINT_KEYS = ("format", "module", "benchmark", "method", "train_tasks", "args", "global_step", "model")
+# The script whose base algorithm fine-tunes (and trains from scratch) on each benchmark.
+BASE_MODULES = {"procgen": "ppo_mt_procgen", "atari": "rainbow_mt_atari", "rlbench": "c2farm_mt_rlbench"}
+# Our scripts, per benchmark: a checkpoint naming any other module is foreign.
+KNOWN_MODULES = {
+    "procgen": ("ppo_mt_procgen", "ppo_reptile_procgen", "ppo_rl2_procgen"),
+    "atari": ("rainbow_mt_atari", "rainbow_reptile_atari", "rainbow_pearl_atari"),
+    "rlbench": ("c2farm_mt_rlbench", "c2farm_reptile_rlbench", "c2farm_pearl_rlbench"),
+}
+
+
+class FinetuneError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load and validate one of our checkpoints; never unpickles arbitrary objects."""
+    if not os.path.isfile(path):
+        raise FinetuneError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, or a pickle that needs code to load
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"cannot read checkpoint {path} (truncated, corrupt or unsafe file): {reason[:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FinetuneError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format marker)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise FinetuneError(f"checkpoint {path} lacks the entries {', '.join(missing)}")
+    benchmark, module = ckpt["benchmark"], ckpt["module"]
+    if module not in KNOWN_MODULES.get(benchmark, ()):
+        raise FinetuneError(f"checkpoint {path} was written by an unknown script '{module}' for benchmark '{benchmark}'")
+    return ckpt
+
+
+def script_args(module, ckpt: dict | None, overrides: list[str], **finetune_defaults):
+    """The base script's Args: its own defaults, then the checkpoint's values, then the
+    fine-tuning defaults, then whatever flags the user passed (same names as the script)."""
+    import tyro
+
+    names = {f.name for f in dataclasses.fields(module.Args)}
+    saved = {k: v for k, v in (ckpt["args"] if ckpt else {}).items() if k in names}
+    types = {f.name: f.type for f in dataclasses.fields(module.Args)}
+    for k, v in saved.items():  # lists round-trip from tuples through the checkpoint
+        if isinstance(v, list) and "tuple" in str(types[k]).lower():
+            saved[k] = tuple(v)
+    base = dataclasses.replace(module.Args(), **saved)
+    base = dataclasses.replace(base, **finetune_defaults)
+    return tyro.cli(module.Args, default=base, args=overrides, prog="finetune.py [finetune flags]")
+
+
+class Run:
+    """Where a fine-tuning run reports: eval.csv, TensorBoard, and the closing summary."""
+
+    def __init__(self, output_dir: str, metric: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(output_dir, exist_ok=True)
+        self.output_dir, self.metric = output_dir, metric
+        self.writer = SummaryWriter(output_dir)
+        self._csv_file = open(os.path.join(output_dir, "eval.csv"), "w", newline="")
+        self._csv = csv.writer(self._csv_file)
+        self._csv.writerow(["env_step", metric])
+        self.curve: list[tuple[int, float]] = []
+        self.start = time.time()
+
+    def log_eval(self, step: int, value: float) -> None:
+        self.curve.append((int(step), float(value)))
+        self._csv.writerow([int(step), f"{float(value):.6g}"])
+        self._csv_file.flush()
+        self.writer.add_scalar(f"eval/{self.metric}", value, step)
+        print(f"[eval] step={int(step)} {self.metric}={float(value):.4g}", flush=True)
+
+    def close(self, label: str) -> str:
+        self._csv_file.close()
+        self.writer.close()
+        if self.curve:
+            last = self.curve[-1][1]
+            best = max(v for _, v in self.curve)
+            result = f"final {self.metric} {last:.4g} (best {best:.4g}) over {len(self.curve)} evaluations"
+        else:
+            result = "no evaluation was recorded (budget too small for one)"
+        summary = f"{label}: {result}, {time.time() - self.start:.0f}s; results in {self.output_dir}/eval.csv"
+        print(summary, flush=True)
+        return summary
+
+
+# --------------------------------------------------------------------------- Procgen
+
+
+def is_procgen_task(task: str) -> bool:
+    return task.isdigit()
+
+
+def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
+    """MT/Reptile/scratch: PPO on the one level. RL2: roll out, no gradient."""
+    level = int(opts.task)
+    method = ckpt["method"] if ckpt else "scratch"
+    if method == "rl2":
+        rl2 = importlib.import_module("ppo_rl2_procgen")
+        # 2M steps: the paper's per-level adaptation budget, as for the fine-tuned agents.
+        args = script_args(rl2, ckpt, overrides, total_timesteps=2_000_000, num_levels=1, start_level=level,
+                           output_dir=run.output_dir)
+        rl2.adapt(args, ckpt["model"], level, writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every)
+        return
+    ppo = importlib.import_module(BASE_MODULES["procgen"])
+    # 2M steps on the single test level (paper, Sec. 5.1), whole network fine-tuned.
+    args = script_args(ppo, ckpt, overrides, total_timesteps=2_000_000, num_levels=1, start_level=level,
+                       output_dir=run.output_dir)
+    agent = ppo.Agent(ppo.NUM_ACTIONS)
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["model"])
+    ppo.train(args, agent=agent, method="finetune" if ckpt else "scratch", train_tasks=[level],
+              writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every)
+
+
+# --------------------------------------------------------------------------- Atari
+
+
+def is_atari_task(task: str) -> bool:
+    return False
+
+
+def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
+    raise FinetuneError("Atari fine-tuning is not available yet")
+
+
+# --------------------------------------------------------------------------- RLBench
+
+
+def is_rlbench_task(task: str) -> bool:
+    return False
+
+
+def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
+    raise FinetuneError("RLBench fine-tuning is not available yet")
+
+
+# --------------------------------------------------------------------------- main
+
+BENCHMARKS: dict[str, tuple[Callable[[str], bool], Callable, str, str]] = {
+    # benchmark: (task check, adaptation, eval metric, what a task is)
+    "procgen": (is_procgen_task, finetune_procgen, "mean_return", "a CoinRun level index such as 10000"),
+    "atari": (is_atari_task, finetune_atari, "mean_return", "an Atari game such as Pong"),
+    "rlbench": (is_rlbench_task, finetune_rlbench, "success_rate", "a task such as drawer-open-v3 or push_button"),
+}
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="finetune.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Any other flag is passed to the base script's Args (e.g. --num-envs 4 --total-timesteps 100000).",
+    )
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint.pt written by one of the pretraining scripts")
+    src.add_argument("--scratch", choices=sorted(BENCHMARKS), help="train a fresh network on BENCHMARK (the baseline)")
+    parser.add_argument("--task", required=True, help="held-out task: Procgen level, Atari game, or RLBench/Meta-World task")
+    parser.add_argument("--output-dir", default=None, help="where eval.csv, logs and checkpoint.pt go (default runs/finetune_...)")
+    parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (default: the benchmark's)")
+    parser.add_argument("--load-encoder-only", action="store_true",
+                        help="Atari/RLBench: keep the pretrained encoder, re-initialise the heads (paper appendix)")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    opts, overrides = parse_args(argv)
+    ckpt = load_checkpoint(opts.checkpoint) if opts.checkpoint else None
+    benchmark = ckpt["benchmark"] if ckpt else opts.scratch
+    is_task, adapt, metric, task_kind = BENCHMARKS[benchmark]
+    if not is_task(opts.task):
+        others = [b for b, (check, *_rest) in BENCHMARKS.items() if b != benchmark and check(opts.task)]
+        if ckpt is not None and others:
+            raise FinetuneError(f"checkpoint {opts.checkpoint} is a {benchmark} checkpoint, but task '{opts.task}' "
+                                f"is a {others[0]} task")
+        raise FinetuneError(f"unknown {benchmark} task '{opts.task}': expected {task_kind}")
+    label = f"{ckpt['module']}[{ckpt['method']}]" if ckpt else f"scratch[{benchmark}]"
+    seed_tag = f"{int(time.time())}"
+    output_dir = opts.output_dir or os.path.join("runs", f"finetune_{benchmark}_{ckpt['method'] if ckpt else 'scratch'}_{opts.task}_{seed_tag}")
+    opts.output_dir = output_dir
+    print(f"fine-tuning {label} on {benchmark} task {opts.task} -> {output_dir}", flush=True)
+    run = Run(output_dir, metric)
+    try:
+        adapt(ckpt, opts, overrides, run)
+    finally:
+        summary = run.close(f"{label} on {opts.task}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FinetuneError as e:
+        sys.exit(f"finetune.py: error: {e}")
