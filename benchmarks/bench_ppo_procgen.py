@@ -1,0 +1,76 @@
+"""Steps per second of ppo_mt_procgen.py, optionally next to CleanRL's ppo_procgen.py.
+
+Both run at identical settings: CoinRun, 16 envs x 64 steps, 3 epochs, 4 minibatches,
+no KL early stopping (CleanRL's default), reward normalisation on, easy mode with
+unlimited levels (CleanRL's hard-coded environment). SPS is each script's own figure:
+env steps / wall seconds since its training loop started, read from its last report.
+
+    python benchmarks/bench_ppo_procgen.py --iterations 10
+    python benchmarks/bench_ppo_procgen.py --cleanrl-script /path/to/cleanrl/ppo_procgen.py \\
+        --cleanrl-python /path/to/venv-with-gym-0.23.1/bin/python
+
+CleanRL's script needs gym==0.23.1, which conflicts with nothing here but is not in our
+requirements: give it its own virtual environment (`python -m venv --system-site-packages`).
+Other processes on the machine distort both numbers; run it on an idle machine.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_ENVS, NUM_STEPS, EPOCHS, MINIBATCHES = 16, 64, 3, 4
+
+
+def last_sps(output: str, pattern: str) -> int:
+    found = re.findall(pattern, output)
+    if not found:
+        raise SystemExit(f"no SPS report in the output:\n{output[-2000:]}")
+    return int(found[-1])
+
+
+def run(cmd: list[str], pattern: str, cwd: str) -> int:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return last_sps(proc.stdout + proc.stderr, pattern)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=10, help="PPO iterations per run (1024 env steps each)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the runs this many times, report each")
+    parser.add_argument("--cleanrl-script", default=None, help="path to CleanRL's cleanrl/ppo_procgen.py")
+    parser.add_argument("--cleanrl-python", default=sys.executable, help="interpreter with gym==0.23.1 for CleanRL")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra flags for ppo_mt_procgen.py")
+    opts = parser.parse_args()
+    steps = opts.iterations * NUM_ENVS * NUM_STEPS
+    common = ["--num-envs", str(NUM_ENVS), "--num-steps", str(NUM_STEPS), "--update-epochs", str(EPOCHS),
+              "--num-minibatches", str(MINIBATCHES), "--total-timesteps", str(steps)]
+    ours_cmd = [sys.executable, os.path.join(ROOT, "ppo_mt_procgen.py"), *common, "--num-levels", "0", "--distribution-mode", "easy",
+                "--target-kl", "None", "--no-cuda", *opts.extra]
+    print(f"settings: coinrun, {NUM_ENVS} envs x {NUM_STEPS} steps, {EPOCHS} epochs, {MINIBATCHES} minibatches, "
+          f"{steps} env steps per run, torch threads = {os.cpu_count()} cores")
+    results = {"ours": [], "cleanrl": []}
+    for r in range(opts.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            results["ours"].append(run(ours_cmd + ["--output-dir", tmp], r"SPS=(\d+)", tmp))
+            print(f"[{r}] ppo_mt_procgen.py: {results['ours'][-1]} SPS", flush=True)
+            if opts.cleanrl_script:
+                cl_cmd = [opts.cleanrl_python, os.path.abspath(opts.cleanrl_script), "--env-id", "coinrun", *common,
+                          "--no-cuda"]
+                results["cleanrl"].append(run(cl_cmd, r"SPS: (\d+)", tmp))
+                print(f"[{r}] CleanRL ppo_procgen.py: {results['cleanrl'][-1]} SPS", flush=True)
+    ours = sorted(results["ours"])[len(results["ours"]) // 2]
+    line = f"median SPS: ppo_mt_procgen.py {ours}"
+    if results["cleanrl"]:
+        cl = sorted(results["cleanrl"])[len(results["cleanrl"]) // 2]
+        line += f", CleanRL ppo_procgen.py {cl}, speed-up {ours / cl:.2f}x"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
