@@ -118,7 +118,9 @@ class ProcgenVecEnv:
     def reset(self) -> np.ndarray:
         self.returns[:] = 0
         self.lengths[:] = 0
-        return self.env.reset()["rgb"]
+        obs = self.env.reset()["rgb"]
+        self.level_seeds[:] = [info["level_seed"] for info in self.env.env.get_info()]
+        return obs
 
     def step(self, actions: np.ndarray):
         obs, reward, done, infos = self.env.step(actions)

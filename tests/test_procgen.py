@@ -1,0 +1,275 @@
+"""Procgen family: exact checks of GAE, Reptile, RL2 resets and sequence minibatches, plus
+smoke runs of every script and finetune path with tiny budgets."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import ppo_mt_procgen as mt
+import ppo_reptile_procgen as reptile
+import ppo_rl2_procgen as rl2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-levels", "10", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2",
+        "--total-timesteps", "512"]
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+# ----------------------------------------------------------------------------- GAE
+
+
+@pytest.mark.parametrize("module", [mt, reptile, rl2])
+def test_gae_matches_hand_computation(module):
+    # Column 0, gamma 0.9, lambda 0.8, episode ends after t=1:
+    #   t=2: delta = 2 + 0.9*3 - 0 = 4.7                 A2 = 4.7
+    #   t=1: delta = 0 + 0 (terminal) - 1 = -1            A1 = -1
+    #   t=0: delta = 1 + 0.9*1 - 0.5 = 1.4                A0 = 1.4 + 0.9*0.8*(-1) = 0.68
+    # Column 1, no terminals, all rewards 1, values 0, last value 0:
+    #   A2 = 1, A1 = 1 + 0.72*1 = 1.72, A0 = 1 + 0.72*1.72 = 2.2384
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [2.0, 1.0]])
+    values = torch.tensor([[0.5, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    adv, ret = module.compute_gae(rewards, values, dones, torch.tensor([3.0, 0.0]), 0.9, 0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.68, 2.2384], [-1.0, 1.72], [4.7, 1.0]]))
+    torch.testing.assert_close(ret, adv + values)
+
+
+# ----------------------------------------------------------------------------- Reptile
+
+
+def test_reptile_eps_schedule_is_linear_from_start_to_end():
+    assert [reptile.reptile_eps(i, 5, 0.0, 1.0) for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert reptile.reptile_eps(0, 3, 1.0, 0.0) == 1.0 and reptile.reptile_eps(2, 3, 1.0, 0.0) == 0.0
+    assert reptile.reptile_eps(0, 1, 0.3, 1.0) == 0.3
+
+
+def test_reptile_step_interpolates_toward_inner_weights():
+    net = torch.nn.Linear(2, 1)
+    meta = {"weight": torch.tensor([[0.0, 2.0]]), "bias": torch.tensor([4.0])}
+    with torch.no_grad():  # phi: the weights after the inner loop
+        net.weight.copy_(torch.tensor([[1.0, 4.0]]))
+        net.bias.copy_(torch.tensor([0.0]))
+    reptile.reptile_step(meta, net, 0.25)
+    # theta + 0.25 * (phi - theta)
+    torch.testing.assert_close(meta["weight"], torch.tensor([[0.25, 2.5]]))
+    torch.testing.assert_close(meta["bias"], torch.tensor([3.0]))
+    torch.testing.assert_close(net.weight.data, meta["weight"])  # the agent continues from theta
+    torch.testing.assert_close(net.bias.data, meta["bias"])
+
+
+def test_reptile_training_moves_meta_weights_by_eps(tmp_path):
+    # eps = 0 throughout: the meta-weights (what the checkpoint stores) never move.
+    args = reptile.Args(num_levels=3, num_envs=2, num_steps=8, num_minibatches=1, total_timesteps=32,
+                        reptile_k=2, reptile_eps_start=0.0, reptile_eps_end=0.0, output_dir=str(tmp_path),
+                        precision="fp32")
+    torch.manual_seed(args.seed)
+    init = reptile.Agent().state_dict()
+    reptile.train(args)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    for name, tensor in init.items():
+        torch.testing.assert_close(saved[name], tensor)
+
+
+# ----------------------------------------------------------------------------- RL2
+
+
+class ScriptedMetaEnv:
+    """Stands in for MetaEpisodeVecEnv with 2 envs: env 0 ends a trial after step 1 (same level)
+    and its meta-episode after step 3; env 1 never ends."""
+
+    num_envs = 2
+    events = {1: ([True, False], [False, False]), 3: ([True, False], [True, False])}
+
+    def __init__(self):
+        self.t = 0
+
+    def reset(self):
+        return np.zeros((2, 64, 64, 3), dtype=np.uint8)
+
+    def step(self, actions):
+        done, new_meta = self.events.get(self.t, ([False, False], [False, False]))
+        obs = np.full((2, 64, 64, 3), self.t + 1, dtype=np.uint8)
+        reward = np.array([10.0 * (self.t + 1), 0.0], dtype=np.float32)
+        self.t += 1
+        return obs, reward, np.array(done), np.array(new_meta), []
+
+
+def test_rl2_hidden_state_resets_at_level_change_not_at_trial_end():
+    args = rl2.Args(num_envs=2, num_steps=5, norm_reward=False)
+    agent = rl2.RL2Agent()
+    env = ScriptedMetaEnv()
+    rollout = rl2.RL2Rollout(args, agent, env, torch.device("cpu"))
+    batch, _ = rollout.collect(agent, env, None)
+    # Reset flag before step t: at t=0 (start) and after the meta-episode ended at t=3, never at the trial end.
+    assert batch["resets"][:, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert batch["resets"][:, 1].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert batch["trial_starts"][:, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # Previous reward crosses the trial boundary (the agent learns from it), not the level change.
+    assert batch["prev_rewards"][:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 0.0]
+    assert batch["prev_actions"][0, 0].item() == -1 and batch["prev_actions"][4, 0].item() == -1
+    assert batch["prev_actions"][2, 0].item() == batch["actions"][1, 0].item()
+    # Returns are cut only at the meta-episode end.
+    assert rollout.dones[:, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_rl2_recurrent_reset_equals_fresh_start():
+    torch.manual_seed(0)
+    agent = rl2.RL2Agent(lstm_hidden=16, lstm_layers=2)
+    T, B = 6, 3
+    obs = torch.randint(0, 255, (T, B, 64, 64, 3), dtype=torch.uint8)
+    prev_a = torch.randint(-1, 15, (T, B))
+    prev_r, start = torch.rand(T, B), torch.zeros(T, B)
+    resets = torch.zeros(T, B)
+    resets[0] = 1
+    resets[2, 0] = 1
+    resets[4, 1] = 1
+    with torch.no_grad():
+        h0 = tuple(torch.randn(2, B, 16) for _ in range(2))  # garbage state must be wiped by resets[0]
+        out, _ = agent.recurrent(obs, prev_a, prev_r, start, h0, resets)
+        for env, t0 in [(0, 2), (1, 4), (2, 0)]:
+            sl = slice(env, env + 1)
+            fresh, _ = agent.recurrent(obs[t0:, sl], prev_a[t0:, sl], prev_r[t0:, sl], start[t0:, sl],
+                                       agent.initial_state(1, torch.device("cpu")), torch.zeros(T - t0, 1))
+            torch.testing.assert_close(out[t0:, sl], fresh)
+
+
+def test_rl2_meta_episode_env_replays_level_then_changes_it():
+    env = rl2.MetaEpisodeVecEnv(2, 2, "coinrun", 1000, 0, "hard", 0)
+    first = env.reset()
+    level = int(env.level_seeds[0])
+    rng = np.random.default_rng(0)
+    events = []
+    for _ in range(5000):
+        obs, _, done, new_meta, finished = env.step(rng.integers(0, 15, 2))
+        if done[0]:
+            events.append((bool(new_meta[0]), [f for f in finished if f[0] == 0][0]))
+            if len(events) == 1:  # trial 0 over: same level from its first frame, no new meta-episode
+                assert not new_meta[0]
+                assert np.array_equal(obs[0], first[0]) and env.level_seeds[0] == level
+            if len(events) == 2:
+                break
+    assert len(events) == 2
+    assert events[0][1][3] == level and events[0][1][4] == 0  # (env, return, length, level, trial)
+    assert events[1][0] and events[1][1][3] == level and events[1][1][4] == 1
+    env.close()
+
+
+def test_sequence_minibatches_keep_whole_sequences():
+    groups = rl2.sequence_minibatches(8, 4, torch.Generator().manual_seed(0))
+    assert [len(g) for g in groups] == [2, 2, 2, 2]
+    assert sorted(torch.cat(groups).tolist()) == list(range(8))
+
+
+def test_rl2_update_replays_rollout_exactly(tmp_path):
+    """The first PPO minibatch recomputes the rollout's log-probs from each sequence's stored
+    initial state: if minibatches cut sequences or misaligned the state, the KL would not be 0."""
+    args = rl2.Args(num_levels=3, num_envs=4, num_steps=16, num_minibatches=2, precision="fp32", norm_reward=False)
+    torch.manual_seed(0)
+    agent = rl2.RL2Agent(lstm_hidden=32)
+    env = rl2.MetaEpisodeVecEnv(2, 4, "coinrun", 3, 0, "easy", 0)
+    rollout = rl2.RL2Rollout(args, agent, env, torch.device("cpu"))
+    rollout.collect(agent, env, None)  # a second rollout starts from a carried, non-zero state
+    batch, _ = rollout.collect(agent, env, None)
+    assert batch["state"][0].abs().sum() > 0
+    for mb in rl2.sequence_minibatches(4, 2, torch.Generator().manual_seed(1)):
+        with torch.no_grad():
+            _, logprob, _, value, _ = agent.get_action_and_value(
+                batch["obs"][:, mb], batch["prev_actions"][:, mb], batch["prev_rewards"][:, mb],
+                batch["trial_starts"][:, mb], (batch["state"][0][:, mb], batch["state"][1][:, mb]),
+                batch["resets"][:, mb], batch["actions"][:, mb])
+        torch.testing.assert_close(logprob, batch["logprobs"][:, mb], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(value, batch["values"][:, mb], atol=1e-5, rtol=1e-5)
+    env.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints and CLI
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Tiny checkpoints of all three scripts, written through their command lines."""
+    out = tmp_path_factory.mktemp("procgen")
+    paths = {}
+    for name in ("ppo_mt_procgen", "ppo_reptile_procgen", "ppo_rl2_procgen"):
+        proc = run_script(f"{name}.py", *TINY, "--output-dir", str(out / name))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "SPS=" in proc.stdout
+        paths[name] = out / name / "checkpoint.pt"
+    return paths
+
+
+def test_checkpoint_round_trip(pretrained):
+    ckpt = finetune.load_checkpoint(str(pretrained["ppo_mt_procgen"]))
+    raw = torch.load(pretrained["ppo_mt_procgen"], weights_only=True)
+    assert (ckpt["module"], ckpt["benchmark"], ckpt["method"]) == ("ppo_mt_procgen", "procgen", "mt")
+    assert ckpt["train_tasks"] == list(range(10)) and ckpt["global_step"] == 512
+    assert ckpt["args"]["num_envs"] == 4 and "optimizer" in ckpt
+    agent = mt.Agent()
+    agent.load_state_dict(ckpt["model"])
+    for name, tensor in agent.state_dict().items():
+        assert torch.equal(tensor, raw["model"][name])
+    assert not any(p.name.endswith(".tmp") for p in pretrained["ppo_mt_procgen"].parent.iterdir())
+    for name, method in (("ppo_reptile_procgen", "reptile"), ("ppo_rl2_procgen", "rl2")):
+        assert finetune.load_checkpoint(str(pretrained[name]))["method"] == method
+    mt.Agent().load_state_dict(finetune.load_checkpoint(str(pretrained["ppo_reptile_procgen"]))["model"])
+
+
+@pytest.mark.parametrize("source", ["ppo_mt_procgen", "ppo_reptile_procgen", "ppo_rl2_procgen", "scratch"])
+def test_finetune_runs_and_writes_eval_csv(pretrained, tmp_path, source):
+    src = ["--scratch", "procgen"] if source == "scratch" else ["--checkpoint", str(pretrained[source])]
+    out = tmp_path / "ft"
+    proc = run_script("finetune.py", *src, "--task", "10000", "--num-envs", "4", "--num-steps", "32",
+                      "--num-minibatches", "2", "--total-timesteps", "512", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "eval.csv").read_text().splitlines()[0] == "env_step,mean_return"
+    assert proc.stdout.strip().splitlines()[-1].startswith(("ppo_", "scratch[procgen]"))
+    if source != "ppo_rl2_procgen":
+        ckpt = finetune.load_checkpoint(str(out / "checkpoint.pt"))
+        assert ckpt["train_tasks"] == [10000] and ckpt["args"]["num_levels"] == 1
+        assert ckpt["args"]["start_level"] == 10000 and ckpt["args"]["total_timesteps"] == 512
+
+
+def test_finetune_overrides_default_to_checkpoint_values(pretrained):
+    ckpt = finetune.load_checkpoint(str(pretrained["ppo_mt_procgen"]))
+    args = finetune.script_args(mt, ckpt, ["--num-steps", "16"], total_timesteps=2_000_000, num_levels=1)
+    assert (args.num_envs, args.num_steps, args.total_timesteps, args.num_levels) == (4, 16, 2_000_000, 1)
+    assert args.learning_rate == mt.Args().learning_rate
+
+
+def test_finetune_rejects_bad_input(pretrained, tmp_path):
+    good = pretrained["ppo_mt_procgen"].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "finetune-vs-meta-rl", "obj": argparse.Namespace(payload=1)}, unsafe)  # needs code to load
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing.pt"), "--task", "10000"], "checkpoint not found"),
+        (["--checkpoint", str(truncated), "--task", "10000"], "cannot read checkpoint"),
+        (["--checkpoint", str(unsafe), "--task", "10000"], "cannot read checkpoint"),
+        (["--checkpoint", str(foreign), "--task", "10000"], "not a checkpoint of this project"),
+        (["--checkpoint", str(pretrained["ppo_mt_procgen"]), "--task", "level-7"], "unknown procgen task"),
+        (["--scratch", "procgen", "--task", "abc"], "unknown procgen task"),
+    ]
+    for argv, message in cases:
+        proc = run_script("finetune.py", *argv)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_script_rejects_impossible_flags():
+    proc = run_script("ppo_mt_procgen.py", "--num-envs", "3", "--num-steps", "5", "--num-minibatches", "2")
+    assert proc.returncode != 0 and "divisible" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("ppo_rl2_procgen.py", "--num-envs", "4", "--num-minibatches", "3")
+    assert proc.returncode != 0 and "whole env sequences" in proc.stderr.strip().splitlines()[-1]
