@@ -449,9 +449,6 @@ def setup(args: Args, writer):
     """Checks the budget flags, seeds, and opens the output directory; returns
     (num_iterations, device, writer, owns_writer)."""
     batch_size = args.num_envs * args.num_steps
-    if args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
-        raise SystemExit(f"error: --num-envs ({args.num_envs}) must be divisible by --num-minibatches "
-                         f"({args.num_minibatches}): RL2 minibatches are whole env sequences")
     if args.num_trials < 1:
         raise SystemExit("error: --num-trials must be at least 1")
     num_iterations = args.total_timesteps // batch_size
@@ -547,6 +544,9 @@ def make_agent(args: Args, device: torch.device) -> RL2Agent:
 
 def train(args: Args, writer=None) -> RL2Agent:
     """RL2-PPO over meta-episodes on levels [start_level, start_level + num_levels)."""
+    if args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
+        raise SystemExit(f"error: --num-envs ({args.num_envs}) must be divisible by --num-minibatches "
+                         f"({args.num_minibatches}): RL2 minibatches are whole env sequences")
     num_iterations, device, writer, own_writer = setup(args, writer)
     generator = torch.Generator().manual_seed(args.seed)
     train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
