@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> str:
     is_task, adapt, metric, task_kind = BENCHMARKS[benchmark]
     if not is_task(opts.task):
         others = [b for b, (check, *_rest) in BENCHMARKS.items() if b != benchmark and check(opts.task)]
-        if ckpt is not None and others:
-            raise FinetuneError(f"checkpoint {opts.checkpoint} is a {benchmark} checkpoint, but task '{opts.task}' "
-                                f"is a {others[0]} task")
+        if others:
+            source = f"checkpoint {opts.checkpoint} is from" if ckpt is not None else "--scratch asks for"
+            raise FinetuneError(f"{source} the {benchmark} benchmark, but task '{opts.task}' belongs to {others[0]}")
         raise FinetuneError(f"unknown {benchmark} task '{opts.task}': expected {task_kind}")
     label = f"{ckpt['module']}[{ckpt['method']}]" if ckpt else f"scratch[{benchmark}]"
     seed_tag = f"{int(time.time())}"
