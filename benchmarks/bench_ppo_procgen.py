@@ -17,6 +17,7 @@ Other processes on the machine distort both numbers; run it on an idle machine.
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,11 +65,11 @@ def main():
                           "--no-cuda"]
                 results["cleanrl"].append(run(cl_cmd, r"SPS: (\d+)", tmp))
                 print(f"[{r}] CleanRL ppo_procgen.py: {results['cleanrl'][-1]} SPS", flush=True)
-    ours = sorted(results["ours"])[len(results["ours"]) // 2]
-    line = f"median SPS: ppo_mt_procgen.py {ours}"
+    ours = statistics.median(results["ours"])
+    line = f"median SPS: ppo_mt_procgen.py {ours:.0f}"
     if results["cleanrl"]:
-        cl = sorted(results["cleanrl"])[len(results["cleanrl"]) // 2]
-        line += f", CleanRL ppo_procgen.py {cl}, speed-up {ours / cl:.2f}x"
+        cl = statistics.median(results["cleanrl"])
+        line += f", CleanRL ppo_procgen.py {cl:.0f}, speed-up {ours / cl:.2f}x"
     print(line)
 
 
