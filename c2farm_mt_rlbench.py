@@ -166,9 +166,10 @@ class MetaWorldTask:
     CAMERA = dict(lookat=(0.0, 0.65, 0.1), distance=1.25, azimuth=-70.0, elevation=-40.0)
     MOVE_GAIN = 10.0  # the scripted policies' proportional gain
     MAX_MOVE_STEPS = 60  # low-level steps per arm motion (each moves the mocap <= 1 cm)
-    GRIPPER_STEPS = 15  # low-level steps to open/close the fingers
-    REACH_TOLERANCE = 0.006  # metres: the motion is done
-    POST_SUCCESS_STEPS = 10  # expert steps kept after the first success in a demo
+    GRIPPER_STEPS = 20  # low-level steps to open/close the fingers
+    CLOSED_EFFORT = 0.6  # the scripted experts' grasp effort (a full 1.0 squeezes objects out of the fingers)
+    REACH_TOLERANCE = 0.003  # metres: the motion is done
+    POST_SUCCESS_STEPS = 20  # expert steps kept after the first success in a demo
     ARM_JOINTS = tuple(f"right_j{i}" for i in range(7))
 
     def __init__(self, name: str, image_size: int = 128, seed: int = 0):
@@ -225,7 +226,7 @@ class MetaWorldTask:
             self.last_failure = f"target {np.round(target, 3).tolist()} is outside the reachable workspace"
             return self.get_observation(), 0.0, True
         success = self._move_to(target, self.MAX_MOVE_STEPS)
-        new_effort = -1.0 if gripper_open else 1.0
+        new_effort = -1.0 if gripper_open else self.CLOSED_EFFORT
         if not success and new_effort != self.grip_effort:
             self.grip_effort = new_effort
             success = self._move_to(target, self.GRIPPER_STEPS, until_reached=False)
@@ -258,7 +259,7 @@ class MetaWorldTask:
             demo, states, success_steps = [obs], [self._sim_state()], 0
             for _ in range(max_steps):
                 a = np.asarray(self.expert.get_action(self._raw_obs), dtype=np.float32)
-                self.grip_effort = 1.0 if a[3] > 0 else -1.0
+                self.grip_effort = self.CLOSED_EFFORT if a[3] > 0 else -1.0
                 self._raw_obs, _, _, _, info = self.env.step(np.append(a[:3], self.grip_effort).astype(np.float32))
                 if success_steps and not info["success"]:
                     break  # keep only frames where the task is (still) solved
@@ -492,27 +493,39 @@ def voxelize(points: torch.Tensor, colors: torch.Tensor, bounds: torch.Tensor, v
 # --------------------------------------------------------------------------- demos
 
 
-def discover_keypoints(demo, rest_fraction: float = 0.5, rest_window: int = 4) -> list[int]:
-    """Keypoints of a demo: frames where the gripper open state changes or the arm comes to
-    rest, plus the last frame.
+def discover_keypoints(demo, rest_fraction: float = 0.5, rest_window: int = 4, settle: float = 5e-4) -> list[int]:
+    """Keypoints of a demo: frames where a gripper state change has completed or the arm
+    comes to rest, plus the last frame.
 
-    "At rest" is read from the end effector's speed (central difference of the gripper
-    positions): a frame whose speed is the minimum within +-`rest_window` frames and below
-    `rest_fraction` of the demo's peak speed, with the gripper steady around it. RLBench's
-    planner stops at every waypoint (speed ~0 there); Meta-World's scripted experts only slow
-    down between waypoints and its mocap-driven joints never rest, hence speed minima rather
-    than ARM's joint-velocity threshold."""
+    Gripper change: the first frame after `gripper_open` flips at which the fingers have
+    stopped moving (finger positions change by less than `settle`), i.e. the grasp or release
+    is done. On RLBench the arm is still while the gripper acts, so this is the pose of the
+    flip itself; Meta-World's experts close the gripper while still moving, and the pose where
+    the fingers settle is the one a move-then-grip action must reach.
+    At rest: read from the end effector's speed (central difference of gripper positions): a
+    frame whose speed is the minimum within +-`rest_window` frames and below `rest_fraction`
+    of the demo's peak speed, gripper steady. RLBench's planner stops at every waypoint (speed
+    ~0 there); Meta-World's mocap-driven joints never rest, hence speed rather than ARM's
+    joint-velocity threshold."""
     n = len(demo)
     pos = np.array([o.gripper_pose[:3] for o in demo], dtype=np.float64)
-    speed = np.linalg.norm(pos[np.minimum(np.arange(n) + 1, n - 1)] - pos[np.maximum(np.arange(n) - 1, 0)], axis=1)
+    fingers = np.array([o.gripper_joint_positions[:2] for o in demo], dtype=np.float64)
+    frames = np.arange(n)
+    speed = np.linalg.norm(pos[np.minimum(frames + 1, n - 1)] - pos[np.maximum(frames - 1, 0)], axis=1)
     peak = speed.max() if n else 0.0
-    keypoints = []
+    keypoints, pending_change = [], None
     for i in range(1, n - 1):
-        changed = demo[i].gripper_open != demo[i - 1].gripper_open
+        if demo[i].gripper_open != demo[i - 1].gripper_open:
+            pending_change = i
+        # fingers still for two frames, at least two frames after the flip
+        settled = i >= 2 and np.abs(np.diff(fingers[i - 2:i + 1], axis=0)).max() < settle
         steady = demo[i + 1].gripper_open == demo[i].gripper_open == demo[i - 1].gripper_open
         window = speed[max(0, i - rest_window):i + rest_window + 1]
         at_rest = steady and speed[i] <= window.min() and speed[i] < rest_fraction * peak
-        if changed or (at_rest and i - (keypoints[-1] if keypoints else 0) > rest_window):
+        if pending_change is not None and i - pending_change >= 2 and settled:
+            keypoints.append(i)
+            pending_change = None
+        elif at_rest and i - (keypoints[-1] if keypoints else 0) > rest_window:
             keypoints.append(i)
     keypoints.append(n - 1)
     return keypoints
