@@ -646,6 +646,10 @@ class C2FARM(nn.Module):
             bounds = torch.cat([center - self.zoom, center + self.zoom], 1)
         return q_voxels, rot_grip, torch.stack(chosen, 1), (t_voxels, t_rot_grip) if target is not None else None
 
+    def action_sizes(self) -> list[int]:
+        """Number of choices of each head of a discrete action."""
+        return [self.voxels**3] * self.depths + [self.rot_bins] * 3 + [2]
+
     def split_rot_grip(self, rot_grip):
         n = self.rot_bins
         return [rot_grip[:, i * n:(i + 1) * n] for i in range(3)] + [rot_grip[:, 3 * n:]]
@@ -835,7 +839,7 @@ class C2FARMLearner:
         optimizer = optimizer or self.optimizer
         optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(self.agent.parameters(), self.args.grad_clip)
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], self.args.grad_clip)
         optimizer.step()
 
     def soft_update(self):
@@ -861,8 +865,7 @@ class C2FARMLearner:
             points, colors, lowdim = obs_tensors(obs, t, self.args, self.device)
             action = self.agent.greedy(points, colors, lowdim, latent=self.latent(task_id)).cpu().numpy()[0]
         if explore:
-            sizes = [self.agent.voxels**3] * self.agent.depths + [self.agent.rot_bins] * 3 + [2]
-            for i, size in enumerate(sizes):
+            for i, size in enumerate(self.agent.action_sizes()):
                 if self.rng.random() < self.args.epsilon:
                     action[i] = self.rng.integers(size)
         return action
@@ -962,10 +965,11 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # = finetune.CHECKPOINT_FORMAT
 
 
-def save_checkpoint(path: str, args: Args, learner: C2FARMLearner, method: str, train_tasks: list[str],
-                    global_step: int, module: str = "c2farm_mt_rlbench") -> None:
-    """Tensors and plain values only (loads with weights_only=True); written atomically."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": module, "benchmark": "rlbench",
+def save_checkpoint(path: str, args: Args, learner: C2FARMLearner, train_tasks: list[str], global_step: int,
+                    method: str = "mt") -> None:
+    """Tensors and plain values only (loads with weights_only=True); written atomically.
+    finetune.py also saves its fine-tuned agents with this (method "finetune" / "scratch")."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": "c2farm_mt_rlbench", "benchmark": "rlbench",
             "method": method, "train_tasks": list(train_tasks), "args": dataclasses.asdict(args),
             "global_step": int(global_step), **learner.state()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1008,17 +1012,18 @@ def make_writer(args: Args, run_dir: str):
     return writer
 
 
-def main(args: Args, module: str = "c2farm_mt_rlbench", method: str = "mt", make_learner=None):
-    """Pretraining entry point (the Reptile and PEARL scripts pass their own learner)."""
+def main(args: Args, make_learner=None, save_checkpoint: Callable = save_checkpoint):
+    """Pretraining entry point (the Reptile and PEARL scripts pass their own learner and
+    checkpoint writer)."""
     task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
     run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
     writer = make_writer(args, run_dir)
-    device, tasks, agent, buffers = setup(args, task_names, latent=getattr(make_learner, "latent_size", 0))
+    device, tasks, agent, buffers = setup(args, task_names, latent=getattr(args, "latent_size", 0))
     learner = (make_learner or C2FARMLearner)(agent, buffers, args, device)
     path = os.path.join(run_dir, "checkpoint.pt")
 
     def save(step):
-        save_checkpoint(path, args, learner, method, task_names, step, module)
+        save_checkpoint(path, args, learner, task_names, step)
 
     def log_eval(step, rate):
         writer.add_scalar("eval/success_rate", rate, step)
