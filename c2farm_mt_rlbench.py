@@ -308,7 +308,8 @@ class MetaWorldTask:
 
     def camera_matrices(self):
         """OpenCV-convention intrinsics (3x3) and camera-to-world extrinsics (4x4), as RLBench's misc."""
-        gl = self.renderer.scene.camera[0]
+        # mono rendering uses the average of the scene's two (stereo-eye) cameras
+        gl = self._mj.mjv_averageCamera(self.renderer.scene.camera[0], self.renderer.scene.camera[1])
         forward, up = np.array(gl.forward, dtype=np.float64), np.array(gl.up, dtype=np.float64)
         extrinsics = np.eye(4)
         extrinsics[:3, :3] = np.stack([np.cross(forward, up), -up, forward], axis=1)  # x right, y down, z forward
