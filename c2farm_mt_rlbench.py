@@ -941,6 +941,8 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
             state["next_ckpt"] += args.checkpoint_interval
         return step >= args.total_timesteps
 
+    if log_eval is not None and eval_every:
+        log_eval(0, evaluate(tasks, learner, args))  # before any update: the starting point of the curve
     while state["step"] < args.total_timesteps:
         tid = episode % len(tasks)
         success = run_episode(tasks[tid], learner, tid, args, explore=True, buffer=learner.buffers[tid],
