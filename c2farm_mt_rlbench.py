@@ -914,8 +914,9 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
           log_eval: Callable | None = None, eval_every: int | None = None, save: Callable | None = None) -> int:
     """The C2F-ARM loop shared by pretraining (MT / Reptile / PEARL learners) and fine-tuning:
     round-robin over the tasks, one episode at a time, `updates_per_step` learner updates per
-    env step. `log_eval(step, success_rate)` receives evaluations every `eval_every` env steps
-    and at the end; `save(step)` every `checkpoint_interval` steps and at the end."""
+    env step. `log_eval(step, success_rate)` receives evaluations at step 0, at the first
+    episode end after every `eval_every` env steps, and at the end; `save(step)` every
+    `checkpoint_interval` steps and at the end."""
     state = dict(step=0, updates=0, next_eval=eval_every or None, next_ckpt=args.checkpoint_interval)
     start, successes, episode = time.time(), [], 0
 
@@ -933,9 +934,6 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
             sps = int(step / (time.time() - start))
             writer.add_scalar("charts/SPS", sps, step)
             print(f"global_step={step} SPS={sps} updates={state['updates']}", flush=True)
-        if state["next_eval"] is not None and step >= state["next_eval"] and log_eval is not None:
-            log_eval(step, evaluate(tasks, learner, args))
-            state["next_eval"] += eval_every
         if save is not None and step >= state["next_ckpt"]:
             save(step)
             state["next_ckpt"] += args.checkpoint_interval
@@ -955,6 +953,10 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
         writer.add_scalar("charts/success_rate", rate, step)
         print(f"global_step={step} task={task_names[tid]} episodic_return={success:.0f} "
               f"success_rate(last 20)={rate:.2f}", flush=True)
+        # evaluate between episodes (evaluation resets the tasks), at the end separately below
+        if state["next_eval"] is not None and log_eval is not None and args.total_timesteps > step >= state["next_eval"]:
+            log_eval(step, evaluate(tasks, learner, args))
+            state["next_eval"] += eval_every * ((step - state["next_eval"]) // eval_every + 1)
     if log_eval is not None:
         log_eval(state["step"], evaluate(tasks, learner, args))
     if save is not None:
