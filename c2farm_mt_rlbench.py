@@ -164,7 +164,7 @@ class MetaWorldTask:
 
     # the front camera: a free camera looking at the table from across it, slightly oblique
     CAMERA = dict(lookat=(0.0, 0.65, 0.1), distance=1.25, azimuth=-70.0, elevation=-40.0)
-    MOVE_GAIN = 10.0  # the scripted policies' proportional gain
+    MOVE_GAIN = 10.0  # the scripted experts' proportional gain (10, 15, 20, 30 tried: 10 replays the most demos)
     MAX_MOVE_STEPS = 60  # low-level steps per arm motion (each moves the mocap <= 1 cm)
     GRIPPER_STEPS = 20  # low-level steps to open/close the fingers
     CLOSED_EFFORT = 0.6  # the scripted experts' grasp effort (a full 1.0 squeezes objects out of the fingers)
