@@ -848,10 +848,14 @@ class C2FARMLearner:
             for p, tp in zip(self.agent.parameters(), self.target.parameters()):
                 tp.lerp_(p, self.args.tau)
 
+    def ready_tasks(self) -> list[int]:
+        """Tasks with data to learn from (with --demos 0 a task's buffer fills on its first episode)."""
+        return [t for t, buffer in enumerate(self.buffers) if buffer.size > 0]
+
     def update(self, global_step: int) -> dict[str, float]:
         """One multi-task update: batch_size / num_tasks transitions from every task."""
-        n = len(self.buffers)
-        batch, meta = self.sample(list(range(n)), max(1, self.args.batch_size // n))
+        tasks = self.ready_tasks()
+        batch, meta = self.sample(tasks, max(1, self.args.batch_size // len(self.buffers)))
         loss, priorities, td = self.loss(batch)
         self.step_optimizer(loss)
         self.soft_update()
@@ -923,6 +927,7 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
     def on_step() -> bool:
         state["step"] += 1
         step = state["step"]
+        logs = {}
         if step > args.learning_starts:
             for _ in range(args.updates_per_step):
                 logs = learner.update(step)

@@ -98,11 +98,11 @@ class PEARLLearner(C2FARMLearner):
         return product_of_gaussians(mu, var)
 
     def update(self, global_step: int) -> dict[str, float]:
-        n, args = len(self.buffers), self.args
-        per_task = max(1, args.batch_size // n)
-        batch, meta = self.sample(list(range(n)), per_task)
+        tasks, args = self.ready_tasks(), self.args
+        per_task = max(1, args.batch_size // len(self.buffers))
+        batch, meta = self.sample(tasks, per_task)
         zs, kls = [], []
-        for t in range(n):
+        for t in tasks:
             mu, var = self.posterior(t)
             zs.append(mu + var.sqrt() * torch.randn_like(mu))  # reparameterised sample
             kls.append(kl_to_standard_normal(mu, var))

@@ -57,7 +57,7 @@ def reptile_interpolate(model: torch.nn.Module, theta: list[torch.Tensor], eps: 
 class ReptileLearner(C2FARMLearner):
     def update(self, global_step: int) -> dict[str, float]:
         args = self.args
-        task = int(self.rng.integers(len(self.buffers)))
+        task = int(self.rng.choice(self.ready_tasks()))
         theta = [p.detach().clone() for p in self.agent.parameters()]
         for _ in range(args.reptile_k):  # inner loop: plain C2F-ARM updates on one task
             batch, meta = self.sample([task], args.batch_size)
