@@ -807,9 +807,9 @@ class C2FARMLearner:
         batch["weight"] = np.concatenate([w for _, _, w in meta]).astype(np.float32)
         return batch, meta
 
-    def td_errors(self, batch, latent=None, next_latent=None, agent=None, target=None):
+    def td_errors(self, batch, latent=None, next_latent=None):
         """Per-head TD errors (B, depths + 4) of the batch's actions against double-Q targets."""
-        agent, target = agent or self.agent, target or self.target
+        agent, target = self.agent, self.target
         dev, a = self.device, torch.as_tensor(batch["action"], device=self.device)
         d = agent.depths
         points, colors, lowdim = to_tensors(batch, dev)
