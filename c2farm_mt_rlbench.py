@@ -936,9 +936,9 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
                 for k, v in logs.items():
                     writer.add_scalar(k, v, step)
         if step % 10 == 0:
-            sps = int(step / (time.time() - start))
+            sps = step / (time.time() - start)  # env steps/s, updates and evaluations included
             writer.add_scalar("charts/SPS", sps, step)
-            print(f"global_step={step} SPS={sps} updates={state['updates']}", flush=True)
+            print(f"global_step={step} SPS={sps:.2f} updates={state['updates']}", flush=True)
         if save is not None and step >= state["next_ckpt"]:
             save(step)
             state["next_ckpt"] += args.checkpoint_interval
