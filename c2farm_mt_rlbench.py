@@ -28,6 +28,7 @@ import dataclasses
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -258,7 +259,9 @@ class MetaWorldTask:
             rand_vec = np.array(self.env._last_rand_vec)
             demo, states, success_steps = [obs], [self._sim_state()], 0
             for _ in range(max_steps):
-                a = np.asarray(self.expert.get_action(self._raw_obs), dtype=np.float32)
+                with warnings.catch_warnings():  # the experts' gains trip a harmless "too high" warning
+                    warnings.simplefilter("ignore", UserWarning)
+                    a = np.asarray(self.expert.get_action(self._raw_obs), dtype=np.float32)
                 self.grip_effort = self.CLOSED_EFFORT if a[3] > 0 else -1.0
                 self._raw_obs, _, _, _, info = self.env.step(np.append(a[:3], self.grip_effort).astype(np.float32))
                 if success_steps and not info["success"]:
