@@ -164,11 +164,54 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
 
 
 def is_rlbench_task(task: str) -> bool:
-    return False
+    """The paper's eleven RLBench tasks and the Meta-World stand-in's ML10 tasks."""
+    c2f = importlib.import_module(BASE_MODULES["rlbench"])
+    return task in c2f.RLBENCH_TASKS + c2f.METAWORLD_TRAIN_TASKS + c2f.METAWORLD_TEST_TASKS
 
 
 def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
-    raise FinetuneError("RLBench fine-tuning is not available yet")
+    """MT/Reptile/scratch: C2F-ARM (the MT script's learner and loop) on the new task, whose
+    buffer holds `--demos` demos (paper: 0, 1 or 2), batch 60 from it. PEARL: infer the latent
+    from the new task's experience with `adapt`, no gradient step."""
+    c2f = importlib.import_module(BASE_MODULES["rlbench"])
+    method = ckpt["method"] if ckpt else "scratch"
+    module = importlib.import_module("c2farm_pearl_rlbench" if method == "pearl" else BASE_MODULES["rlbench"])
+    # Paper: fine-tune the whole agent with batch 60 from the new task; 2 demos unless --demos says otherwise.
+    args = script_args(module, ckpt, overrides, train_tasks=[opts.task], held_out_task=None, batch_size=60, demos=2,
+                       total_timesteps=10_000, output_dir=run.output_dir)
+    if args.backend not in c2f.SCENE_BOUNDS:
+        raise FinetuneError(f"unknown backend '{args.backend}': expected metaworld or rlbench")
+    backend_tasks = c2f.RLBENCH_TASKS if args.backend == "rlbench" else c2f.METAWORLD_TRAIN_TASKS + c2f.METAWORLD_TEST_TASKS
+    if opts.task not in backend_tasks:
+        raise FinetuneError(f"task '{opts.task}' is not a task of the {args.backend} backend"
+                            + (f" this checkpoint was trained on" if ckpt else ""))
+    if ckpt is not None and opts.task in ckpt["train_tasks"]:
+        print(f"warning: {opts.task} was one of the checkpoint's training tasks", flush=True)
+    eval_every = opts.eval_every or 1000
+    try:
+        if method == "pearl":
+            module.adapt(args, ckpt["model"], opts.task, writer=run.writer, log_eval=run.log_eval, eval_every=eval_every)
+            return
+        device, tasks, agent, buffers = c2f.setup(args, [opts.task])
+        if ckpt is not None:
+            agent.load_state_dict(ckpt["model"])
+            if opts.load_encoder_only:  # keep the U-Nets, re-initialise the Q heads (paper appendix)
+                for net in agent.qnets:
+                    net.q_trans.reset_parameters()
+                    for layer in net.rot_grip or []:
+                        if hasattr(layer, "reset_parameters"):
+                            layer.reset_parameters()
+        learner = c2f.C2FARMLearner(agent, buffers, args, device)
+        label = "finetune" if ckpt else "scratch"
+        path = os.path.join(run.output_dir, "checkpoint.pt")
+        try:
+            c2f.train(args, learner, tasks, [opts.task], run.writer, log_eval=run.log_eval, eval_every=eval_every,
+                      save=lambda step: c2f.save_checkpoint(path, args, learner, [opts.task], step, method=label))
+        finally:
+            for task in tasks:
+                task.close()
+    except c2f.TaskError as e:
+        raise FinetuneError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- main

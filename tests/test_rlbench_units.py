@@ -1,0 +1,442 @@
+"""Exact checks of the C2F-ARM pieces that can be wrong quietly (RLBench / Meta-World part)."""
+
+import dataclasses
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import c2farm_mt_rlbench as c2f  # noqa: E402
+import c2farm_pearl_rlbench as pearl  # noqa: E402
+import c2farm_reptile_rlbench as reptile  # noqa: E402
+
+RLB_BOUNDS = np.array([-0.3, -0.5, 0.6, 0.7, 0.5, 1.6])  # 1 m cube, 16 voxels of 0.0625 m
+
+
+# --------------------------------------------------------------------------- voxels
+
+
+def test_point_to_voxel_and_back():
+    # 0.0625 m voxels starting at (-0.3, -0.5, 0.6)
+    assert c2f.point_to_voxel([-0.3, -0.5, 0.6], RLB_BOUNDS, 16).tolist() == [0, 0, 0]
+    assert c2f.point_to_voxel([0.0, 0.0, 1.0], RLB_BOUNDS, 16).tolist() == [4, 8, 6]  # 0.3/0.0625=4.8, 8.0, 6.4
+    assert c2f.point_to_voxel([0.69, 0.49, 1.59], RLB_BOUNDS, 16).tolist() == [15, 15, 15]
+    assert c2f.point_to_voxel([5.0, -5.0, 1.0], RLB_BOUNDS, 16).tolist() == [15, 0, 6]  # outside -> border
+    np.testing.assert_allclose(c2f.voxel_to_point([4, 8, 6], RLB_BOUNDS, 16), [-0.01875, 0.03125, 1.00625])
+    np.testing.assert_allclose(c2f.voxel_to_point([0, 0, 0], RLB_BOUNDS, 16), [-0.26875, -0.46875, 0.63125])
+    # every voxel centre maps back to its own index
+    for ijk in [(0, 0, 0), (3, 7, 11), (15, 15, 15), (15, 0, 9)]:
+        centre = c2f.voxel_to_point(ijk, RLB_BOUNDS, 16)
+        assert tuple(c2f.point_to_voxel(centre, RLB_BOUNDS, 16)) == ijk
+
+
+def test_depth1_zoom_bounds():
+    # depth 0 picks voxel (4, 8, 6): centre (-0.01875, 0.03125, 1.00625); depth 1 is +-0.15 m around it
+    centre = c2f.voxel_to_point([4, 8, 6], RLB_BOUNDS, 16)
+    np.testing.assert_allclose(c2f.zoom_bounds(centre, 0.15),
+                               [-0.16875, -0.11875, 0.85625, 0.13125, 0.18125, 1.15625])
+    # the agent encodes a pose through both depths and decodes to the depth-1 voxel centre
+    agent = c2f.C2FARM(tuple(RLB_BOUNDS), 0.15, voxels=16, depths=2, width=2)
+    pose = np.array([0.005, 0.0, 1.0, 0, 0, 0, 1.0])
+    action = agent.encode_pose(pose, gripper_open=1.0)
+    assert action[0] == 4 * 256 + 8 * 16 + 6
+    # depth-1 voxel size 0.3/16 = 0.01875: (0.005 + 0.16875) / 0.01875 = 9.27, 0.11875 / 0.01875 = 6.33,
+    # (1 - 0.85625) / 0.01875 = 7.67
+    assert action[1] == 9 * 256 + 6 * 16 + 7
+    assert action[-1] == 1
+    decoded = agent.decode_action(action)
+    np.testing.assert_allclose(decoded[:3], [0.009375, 0.003125, 0.996875], atol=1e-6)  # float32 bounds
+    assert np.abs(decoded[:3] - pose[:3]).max() <= 0.01875 / 2 + 1e-12  # within half a depth-1 voxel
+    # the batched torch path agrees with the numpy one
+    bounds = torch.tensor(RLB_BOUNDS, dtype=torch.float32)[None]
+    np.testing.assert_allclose(agent.index_to_center(torch.tensor([action[0]]), bounds).numpy()[0], centre, atol=1e-6)
+
+
+def test_voxelize_features():
+    bounds = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
+    points = torch.tensor([[[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.9, 0.9, 0.6], [2.0, 0.5, 0.5]]])
+    colors = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]])
+    grid = c2f.voxelize(points, colors, bounds, 4)  # 0.25 m voxels
+    assert grid.shape == (1, 10, 4, 4, 4)
+    # two points share voxel (0, 0, 0): mean xyz and mean colour
+    torch.testing.assert_close(grid[0, :6, 0, 0, 0], torch.tensor([0.15, 0.15, 0.15, 0.5, 0.5, 0.0]))
+    torch.testing.assert_close(grid[0, :6, 3, 3, 2], torch.tensor([0.9, 0.9, 0.6, 0.0, 0.0, 1.0]))
+    # occupancy: exactly two occupied voxels (the out-of-bounds point is dropped)
+    assert grid[0, 9].sum().item() == 2.0 and grid[0, 9, 0, 0, 0] == 1 and grid[0, 9, 3, 3, 2] == 1
+    # voxel index channels, normalised to [0, 1]
+    torch.testing.assert_close(grid[0, 6:9, 3, 1, 2], torch.tensor([1.0, 1 / 3, 2 / 3]))
+
+
+# --------------------------------------------------------------------------- rotations
+
+
+def test_quaternion_discrete_euler_round_trip():
+    # identity -> euler 0 -> bin (0 + 180) / 5 = 36 on every axis
+    assert c2f.discretize_rotation(np.array([0, 0, 0, 1.0])).tolist() == [36, 36, 36]
+    # 90 degrees about z (xyzw)
+    q = np.array([0, 0, np.sin(np.pi / 4), np.cos(np.pi / 4)])
+    np.testing.assert_allclose(c2f.quaternion_to_euler(q), [0, 0, 90], atol=1e-9)
+    assert c2f.discretize_rotation(q).tolist() == [36, 36, 54]
+    # 180 degrees about x: +-180 both wrap to bin 0
+    assert c2f.discretize_rotation(np.array([1.0, 0, 0, 0]))[0] == 0
+    # bins -> quaternion -> bins is the identity away from gimbal lock (pitch in (-90, 90))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        bins = np.array([rng.integers(72), rng.integers(19, 54), rng.integers(72)])
+        q = c2f.undiscretize_rotation(bins)
+        assert abs(np.linalg.norm(q) - 1) < 1e-12
+        assert c2f.discretize_rotation(q).tolist() == bins.tolist()
+    # and euler -> quaternion -> euler on continuous angles
+    e = np.array([12.5, -33.0, 170.0])
+    np.testing.assert_allclose(c2f.quaternion_to_euler(c2f.euler_to_quaternion(e)), e, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- demos
+
+
+def _frame(pos, gripper_open, fingers):
+    return c2f.Observation(None, None, np.array(list(pos) + [0, 0, 0, 1.0]), float(gripper_open),
+                           np.array([fingers, fingers]), np.zeros(7), {})
+
+
+def synthetic_demo():
+    """30 frames: the arm moves at 1 cm/frame along x, stops at frame 10, moves again, closes the
+    gripper at frame 18 (fingers move 0.01 per frame for 3 frames), and ends at frame 29."""
+    frames, x, fingers, gopen = [], 0.0, 0.0, 1
+    for i in range(30):
+        if i == 18:
+            gopen = 0
+        if 18 <= i <= 20:
+            fingers += 0.01
+        frames.append(_frame((x, 0.0, 0.0), gopen, fingers))
+        if i < 9 or 11 <= i < 29:
+            x += 0.01  # still between frames 9 and 11: speed minimum at frame 10
+    return frames
+
+
+def test_keypoint_discovery_synthetic():
+    demo = synthetic_demo()
+    # rest at 10 (speed 0 there); gripper flips at 18, fingers still from frame 21 on, two still
+    # frames after that -> 22; last frame 29
+    assert c2f.discover_keypoints(demo) == [10, 22, 29]
+
+
+def test_demo_augmentation_chains():
+    assert c2f.demo_chains([10, 22, 29], every=10) == [[0, 10, 22, 29], [10, 22, 29], [20, 22, 29]]
+    assert c2f.demo_chains([25, 40, 59], every=10) == [
+        [0, 25, 40, 59], [10, 25, 40, 59], [20, 25, 40, 59], [30, 40, 59], [40, 59], [50, 59]]
+    assert c2f.demo_frames(synthetic_demo(), every=10) == [0, 10, 20, 22, 29]
+
+
+def test_add_demos_rewards_and_actions():
+    args = c2f.Args(backend="rlbench", image_size=4, unet_width=2)
+    demo = synthetic_demo()
+    for o in demo:
+        o.front_rgb = np.zeros((4, 4, 3), np.uint8)
+        o.front_point_cloud = np.zeros((4, 4, 3), np.float32)
+    agent = c2f.make_agent(args)
+    buffer = c2f.ReplayBuffer(100, 4, 6)
+    assert c2f.add_demos(buffer, agent, [demo], args) == 3 + 2 + 2  # chains [0,10,22,29], [10,22,29], [20,22,29]
+    assert buffer.reward[:7].tolist() == [0, 0, 1, 0, 1, 0, 1]
+    assert buffer.done[:7].tolist() == [0, 0, 1, 0, 1, 0, 1]
+    assert buffer.action[1, -1] == 0 and buffer.action[0, -1] == 1  # gripper closed at keypoint 22
+    np.testing.assert_array_equal(buffer.action[0], agent.encode_pose(demo[10].gripper_pose, 1.0))
+
+
+# --------------------------------------------------------------------------- point cloud
+
+
+def test_pointcloud_from_depth_known_camera():
+    # camera at (1, 2, 3) looking straight down (-z world); OpenCV axes: x right = world +x,
+    # y down = world -y, z forward = world -z
+    extrinsics = np.eye(4)
+    extrinsics[:3, :3] = np.array([[1, 0, 0], [0, -1, 0], [0, 0, -1]], dtype=float)
+    extrinsics[:3, 3] = [1, 2, 3]
+    intrinsics = np.array([[10.0, 0, 1.5], [0, 10.0, 1.5], [0, 0, 1]])
+    depth = np.full((4, 4), 2.0)
+    depth[0, 3] = 1.0
+    pcd = c2f.pointcloud_from_depth(depth, intrinsics, extrinsics)
+    # pixel (row 0, col 0): camera ((0-1.5)*2/10, (0-1.5)*2/10, 2) = (-0.3, -0.3, 2) -> world (0.7, 2.3, 1)
+    np.testing.assert_allclose(pcd[0, 0], [0.7, 2.3, 1.0], atol=1e-6)
+    # pixel (row 0, col 3) at depth 1: camera (0.15, -0.15, 1) -> world (1.15, 2.15, 2)
+    np.testing.assert_allclose(pcd[0, 3], [1.15, 2.15, 2.0], atol=1e-6)
+    # pixel (row 3, col 1): camera (-0.1, 0.3, 2) -> world (0.9, 1.7, 1)
+    np.testing.assert_allclose(pcd[3, 1], [0.9, 1.7, 1.0], atol=1e-6)
+
+
+def test_metaworld_point_cloud_sees_the_scene():
+    """The rendered point cloud lands where the simulator says things are: table top at z=0,
+    and the projection of the goal through the camera matrices hits the goal's pixels."""
+    task = c2f.make_task("metaworld", "reach-v3", image_size=64, seed=0)
+    try:
+        _, obs = task.reset()
+        pcd = obs.front_point_cloud.reshape(-1, 3)
+        goal = task.env._target_pos
+        assert np.linalg.norm(pcd - goal, axis=1).min() < 0.03  # the goal sphere's surface is seen
+        assert abs(np.median(pcd[:, 2])) < 0.01  # most pixels see the table top at z = 0
+        intrinsics, extrinsics = task.camera_matrices()
+        cam = np.linalg.inv(extrinsics) @ np.append(goal, 1.0)
+        u, v = intrinsics[0, 0] * cam[0] / cam[2] + intrinsics[0, 2], intrinsics[1, 1] * cam[1] / cam[2] + intrinsics[1, 2]
+        np.testing.assert_allclose(obs.front_point_cloud[int(round(v)), int(round(u))], goal, atol=0.03)
+        assert obs.front_rgb.shape == (64, 64, 3) and obs.front_rgb.dtype == np.uint8
+        assert obs.gripper_pose.shape == (7,) and obs.gripper_open == 1.0 and obs.joint_velocities.shape == (7,)
+    finally:
+        task.close()
+
+
+def test_metaworld_unreachable_target_is_a_failure():
+    task = c2f.make_task("metaworld", "reach-v3", image_size=16, seed=0)
+    try:
+        task.reset()
+        obs, reward, terminate = task.step(np.array([0.0, 2.0, 0.2, 0, 0, 0, 1, 1]))
+        assert (reward, terminate) == (0.0, True) and "outside" in task.last_failure
+        _, obs = task.reset()
+        target = obs.gripper_pose[:3] + np.array([0.05, 0.0, -0.03])
+        obs, reward, terminate = task.step(np.concatenate([target, [0, 0, 0, 1, 1]]))
+        assert np.linalg.norm(obs.gripper_pose[:3] - target) < 0.01  # the "planner" got there
+    finally:
+        task.close()
+
+
+# --------------------------------------------------------------------------- RLBench adapter (fake API)
+
+
+class _PlanningError(Exception):
+    pass
+
+
+def _install_fake_rlbench(monkeypatch):
+    """A minimal stand-in of the RLBench 1.2 / PyRep modules the adapter imports."""
+    calls = {"actions": [], "variation": None, "env_kwargs": None}
+
+    class InvalidActionError(Exception):
+        pass
+
+    class IKError(Exception):
+        pass
+
+    class ConfigurationPathError(Exception):
+        pass
+
+    class FakeObs:
+        def __init__(self, i):
+            self.front_rgb = np.full((8, 8, 3), i, np.uint8)
+            self.front_point_cloud = np.zeros((8, 8, 3), np.float32)
+            self.gripper_pose = np.array([0.1, 0.0, 0.8, 0, 0, 0, 1.0])
+            self.gripper_open = 1.0
+            self.gripper_joint_positions = np.zeros(2)
+            self.joint_velocities = np.zeros(7)
+            self.misc = {"front_camera_extrinsics": np.eye(4), "front_camera_intrinsics": np.eye(3)}
+
+    class FakeTask:
+        def set_variation(self, v):
+            calls["variation"] = v
+
+        def reset(self):
+            return ["push the button"], FakeObs(0)
+
+        def step(self, action):
+            calls["actions"].append(np.array(action))
+            if action[2] > 1.5:
+                raise IKError("no IK solution")
+            if action[2] < 0.0:
+                raise ConfigurationPathError("no path")
+            if action[2] > 1.4:
+                raise InvalidActionError("bad pose")
+            return FakeObs(len(calls["actions"])), float(action[0] > 0.5), action[0] > 0.5
+
+        def get_demos(self, n, live_demos=True):
+            return [[FakeObs(0), FakeObs(1)] for _ in range(n)]
+
+    class Environment:
+        def __init__(self, action_mode, obs_config, headless):
+            calls["env_kwargs"] = dict(action_mode=action_mode, obs_config=obs_config, headless=headless)
+
+        def launch(self):
+            pass
+
+        def get_task(self, cls):
+            calls["task_class"] = cls.__name__
+            return FakeTask()
+
+        def shutdown(self):
+            pass
+
+    class CameraConfig:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class ObservationConfig:
+        def set_all(self, value):
+            self.all = value
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+        if "." in name:  # as the import system does: the parent package holds the submodule
+            parent, child = name.rsplit(".", 1)
+            setattr(sys.modules[parent], child, m)
+        return m
+
+    class PushButton:
+        pass
+
+    module("rlbench")
+    module("rlbench.tasks", PushButton=PushButton)
+    module("rlbench.environment", Environment=Environment)
+    module("rlbench.action_modes")
+    module("rlbench.action_modes.action_mode", MoveArmThenGripper=lambda arm, gripper: ("MoveArmThenGripper", arm, gripper))
+    module("rlbench.action_modes.arm_action_modes", EndEffectorPoseViaPlanning=lambda: "EndEffectorPoseViaPlanning")
+    module("rlbench.action_modes.gripper_action_modes", Discrete=lambda: "Discrete")
+    module("rlbench.backend")
+    module("rlbench.backend.exceptions", InvalidActionError=InvalidActionError)
+    module("rlbench.observation_config", ObservationConfig=ObservationConfig, CameraConfig=CameraConfig)
+    module("pyrep")
+    module("pyrep.errors", IKError=IKError, ConfigurationPathError=ConfigurationPathError)
+    return calls
+
+
+def test_rlbench_adapter_against_fake_api(monkeypatch):
+    calls = _install_fake_rlbench(monkeypatch)
+    task = c2f.make_task("rlbench", "push_button", image_size=8)
+    assert calls["task_class"] == "PushButton" and calls["variation"] == 0
+    kw = calls["env_kwargs"]
+    assert kw["action_mode"] == ("MoveArmThenGripper", "EndEffectorPoseViaPlanning", "Discrete") and kw["headless"]
+    cam = kw["obs_config"].front_camera
+    assert cam.rgb and cam.point_cloud and cam.image_size == (8, 8)
+    assert kw["obs_config"].gripper_pose and kw["obs_config"].joint_velocities
+    descriptions, obs = task.reset()
+    assert descriptions == ["push the button"]
+    # the agent's action: 8-D, unit quaternion xyzw, gripper as 0/1
+    agent = c2f.make_agent(c2f.Args(backend="rlbench", unet_width=2))
+    action = agent.decode_action(agent.encode_pose(np.array([0.1, 0.0, 0.8, 0, 0, np.sin(0.3), np.cos(0.3)]), 1.0))
+    obs, reward, terminate = task.step(action * np.array([1, 1, 1, 2, 2, 2, 2, 0.7]))  # unnormalised quaternion
+    sent = calls["actions"][-1]
+    assert sent.shape == (8,) and abs(np.linalg.norm(sent[3:7]) - 1) < 1e-12 and sent[7] == 1.0
+    np.testing.assert_allclose(sent[3:7], action[3:7], atol=1e-12)
+    assert (reward, terminate) == (0.0, False) and obs.front_rgb[0, 0, 0] == 1
+    # planning failures end the episode as a failure, the run goes on
+    for z, error in [(1.6, "IKError"), (-0.5, "ConfigurationPathError"), (1.45, "InvalidActionError")]:
+        obs, reward, terminate = task.step(np.array([0.1, 0.0, z, 0, 0, 0, 1, 0]))
+        assert (reward, terminate) == (0.0, True) and task.last_failure.startswith(error)
+        assert obs.front_rgb[0, 0, 0] == 1  # the last good observation
+    obs, reward, terminate = task.step(np.array([0.6, 0.0, 0.8, 0, 0, 0, 1, 0.2]))
+    assert (reward, terminate) == (1.0, True) and calls["actions"][-1][7] == 0.0
+    demos = task.get_demos(2)
+    assert len(demos) == 2 and len(demos[0]) == 2
+    task.close()
+
+
+def test_rlbench_missing_is_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rlbench", None)  # import fails
+    with pytest.raises(c2f.TaskError, match="--backend metaworld"):
+        c2f.make_task("rlbench", "push_button")
+
+
+def test_unknown_tasks():
+    with pytest.raises(c2f.TaskError, match="unknown metaworld task 'pick_up_cup'"):
+        c2f.default_tasks("metaworld", ["pick_up_cup"], None)
+    assert c2f.default_tasks("rlbench", [], "push_button") == [t for t in c2f.RLBENCH_TASKS if t != "push_button"]
+    assert len(c2f.default_tasks("rlbench", [], "push_button")) == 10
+    assert c2f.default_tasks("metaworld", [], None) == list(c2f.METAWORLD_TRAIN_TASKS)
+
+
+# --------------------------------------------------------------------------- meta-learning pieces
+
+
+def test_reptile_interpolation_step():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -1.0]]))
+        model.bias.copy_(torch.tensor([5.0]))
+    theta = [torch.tensor([[1.0, 1.0]]), torch.tensor([1.0])]
+    reptile.reptile_interpolate(model, theta, 0.25)  # theta + 0.25 * (phi - theta)
+    torch.testing.assert_close(model.weight, torch.tensor([[1.5, 0.5]]))
+    torch.testing.assert_close(model.bias, torch.tensor([2.0]))
+    assert reptile.reptile_eps(0, 100, 0.9, 1.0) == 0.9
+    assert reptile.reptile_eps(50, 100, 0.9, 1.0) == pytest.approx(0.95)
+    assert reptile.reptile_eps(100, 100, 0.9, 1.0) == 1.0
+    # the defaults reproduce the authors' theta <- phi + e (theta - phi), e: 0.1 -> 0
+    args = reptile.Args()
+    assert (args.reptile_eps_start, args.reptile_eps_end, args.reptile_k) == (0.9, 1.0, 5)
+
+
+def test_product_of_gaussians():
+    mu = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    var = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    m, v = pearl.product_of_gaussians(mu, var)
+    torch.testing.assert_close(m, torch.tensor([2.0, 1.0]))  # equal precisions: plain mean
+    torch.testing.assert_close(v, torch.tensor([0.5, 1.0]))
+    m, v = pearl.product_of_gaussians(torch.tensor([[0.0], [4.0]]), torch.tensor([[1.0], [3.0]]))
+    torch.testing.assert_close(v, torch.tensor([0.75]))  # 1 / (1 + 1/3)
+    torch.testing.assert_close(m, torch.tensor([1.0]))  # 0.75 * (0/1 + 4/3)
+    torch.testing.assert_close(pearl.kl_to_standard_normal(torch.zeros(3), torch.ones(3)), torch.tensor(0.0))
+    torch.testing.assert_close(pearl.kl_to_standard_normal(torch.tensor([1.0]), torch.tensor([1.0])), torch.tensor(0.5))
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_round_trip(tmp_path):
+    import finetune
+
+    args = reptile.Args(unet_width=2, image_size=4, train_tasks=["reach-v3"])
+    agent = c2f.make_agent(args)
+    buffer = c2f.ReplayBuffer(10, 4, 6)
+    learner = reptile.ReptileLearner(agent, [buffer], args, torch.device("cpu"))
+    path = str(tmp_path / "checkpoint.pt")
+    reptile.save_checkpoint(path, args, learner, ["reach-v3"], 7)
+    assert not os.path.exists(path + ".tmp")
+    ckpt = finetune.load_checkpoint(path)  # validates; weights_only load
+    assert ckpt["format"] == finetune.CHECKPOINT_FORMAT and ckpt["format_version"] == 1
+    assert (ckpt["module"], ckpt["benchmark"], ckpt["method"]) == ("c2farm_reptile_rlbench", "rlbench", "reptile")
+    assert ckpt["train_tasks"] == ["reach-v3"] and ckpt["global_step"] == 7
+    assert ckpt["args"]["reptile_k"] == 5 and ckpt["args"]["train_tasks"] == ["reach-v3"]
+    # a Reptile network loads into the MT agent (for fine-tuning)
+    mt_agent = c2f.make_agent(c2f.Args(unet_width=2))
+    mt_agent.load_state_dict(ckpt["model"])
+    for k, v in agent.state_dict().items():
+        assert torch.equal(mt_agent.state_dict()[k], v)
+    mt_args = dataclasses.replace(c2f.Args(), **{k: v for k, v in ckpt["args"].items() if k in c2f.Args.__dataclass_fields__})
+    assert mt_args.unet_width == 2
+
+
+def test_metaworld_demo_replays_through_action_interface():
+    """A scripted reach demo: one keypoint (the last frame); executing it as an 8-D next-best
+    pose from the demo's initial scene succeeds, as does its voxel-discretized version."""
+    task = c2f.make_task("metaworld", "reach-v3", image_size=16, seed=3)
+    try:
+        (demo,) = task.get_demos(1, frames=lambda d: [0, len(d) - 1])
+        assert demo[0].front_rgb is not None and demo[1].front_rgb is None  # only requested frames rendered
+        assert c2f.discover_keypoints(demo) == [len(demo) - 1]
+        agent = c2f.make_agent(c2f.Args(unet_width=2))
+        pose = np.concatenate([demo[-1].gripper_pose, [demo[-1].gripper_open]])
+        for action in (pose, agent.decode_action(agent.encode_pose(pose[:7], pose[7]))):
+            task.reset_to_demo(demo)
+            assert task.step(action)[1:] == (1.0, True)
+    finally:
+        task.close()
+
+
+def test_multitask_batch_has_an_equal_share_per_task():
+    args = c2f.Args(unet_width=2, image_size=4, batch_size=6)
+    agent = c2f.make_agent(args)
+    buffers = [c2f.ReplayBuffer(10, 4, 6), c2f.ReplayBuffer(10, 4, 6)]
+    obs = _frame((0, 0.6, 0.1), 1, 0.0)
+    obs.front_rgb, obs.front_point_cloud = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)
+    for task_id, buffer in enumerate(buffers):
+        for _ in range(5):
+            i = buffer.add_observation(obs, 0, 10)
+            buffer.add(i, np.zeros(6, np.int64), float(task_id), False, i)
+    learner = c2f.C2FARMLearner(agent, buffers, args, torch.device("cpu"))
+    batch, meta = learner.sample([0, 1], 3)
+    assert batch["reward"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert [t for t, _, _ in meta] == [0, 1] and batch["weight"].shape == (6,)
+    logs = learner.update(0)  # batch_size 6 over two tasks: 3 from each
+    assert np.isfinite(logs["losses/td_loss"])
