@@ -11,8 +11,8 @@ Layout, top to bottom: Args; task lists; the two backends behind one task API
 (`reset() -> (descriptions, obs)`, `step(8-D action) -> (obs, reward, terminate)`,
 `get_demos(n)`); geometry (quaternions, point clouds, voxels); demo processing; the
 C2F-ARM network and agent; the replay buffer; the learner (double-Q update); the training
-loop; checkpointing. `c2farm_reptile_rlbench.py` and `c2farm_pearl_rlbench.py` import the
-backends, agent, buffer and loop from here by name and add only their own outer loop.
+loop; checkpointing. `c2farm_reptile_rlbench.py` and `c2farm_pearl_rlbench.py` repeat this
+code (one file per algorithm, CleanRL style) and add their own learner.
 """
 
 from __future__ import annotations
@@ -1025,14 +1025,13 @@ def make_writer(args: Args, run_dir: str):
     return writer
 
 
-def main(args: Args, make_learner=None, save_checkpoint: Callable = save_checkpoint):
-    """Pretraining entry point (the Reptile and PEARL scripts pass their own learner and
-    checkpoint writer)."""
+def main(args: Args):
+    """Pretraining entry point."""
     task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
     run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
     writer = make_writer(args, run_dir)
     device, tasks, agent, buffers = setup(args, task_names, latent=getattr(args, "latent_size", 0))
-    learner = (make_learner or C2FARMLearner)(agent, buffers, args, device)
+    learner = C2FARMLearner(agent, buffers, args, device)
     path = os.path.join(run_dir, "checkpoint.pt")
 
     def save(step):

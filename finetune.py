@@ -210,7 +210,7 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
         finally:
             for task in tasks:
                 task.close()
-    except c2f.TaskError as e:
+    except (c2f.TaskError, module.TaskError) as e:
         raise FinetuneError(str(e)) from None
 
 

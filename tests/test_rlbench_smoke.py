@@ -81,7 +81,7 @@ def test_finetune_errors(checkpoints, tmp_path):
     cases = [
         (["--checkpoint", paths["mt"], "--task", "no-such-task"], "unknown rlbench task 'no-such-task'"),
         (["--checkpoint", paths["mt"], "--task", "push_button"], "not a task of the metaworld backend"),
-        (["--checkpoint", paths["mt"], "--task", "10000"], "is a procgen task"),
+        (["--checkpoint", paths["mt"], "--task", "10000"], "belongs to procgen"),
         (["--scratch", "rlbench", "--backend", "rlbench", "--task", "push_button"], "use --backend metaworld"),
     ]
     for argv, message in cases:
