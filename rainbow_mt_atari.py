@@ -363,7 +363,8 @@ class SumTree:
         idx = np.ones(len(values), np.int64)
         while idx[0] < self.leaf0:
             left = self.nodes[2 * idx]
-            go_right = values >= left
+            # an empty right subtree is never entered (guards against float round-off at the edge)
+            go_right = (values >= left) & (self.nodes[2 * idx + 1] > 0)
             values = np.where(go_right, values - left, values)
             idx = 2 * idx + go_right
         return np.minimum(idx - self.leaf0, self.capacity - 1)

@@ -109,6 +109,13 @@ def test_sum_tree_totals_and_find():
     np.testing.assert_array_equal(tree.find([3.0, 3.49, 3.5]), [2, 2, 3])
 
 
+def test_sum_tree_never_returns_an_empty_leaf():
+    tree = mt.SumTree(8)
+    tree.update(np.arange(8), np.array([1.0, 1.0, 1.0, 0, 0, 0, 0, 0]))
+    # values at or past the total (float round-off) fall back to the last nonzero leaf, never 3..7
+    np.testing.assert_array_equal(tree.find([2.5, 3.0, 3.5]), [2, 2, 2])
+
+
 def test_sum_tree_stratified_sampling_hits_known_leaves():
     tree = mt.SumTree(8)
     tree.update(np.arange(8), np.array([0, 2, 0, 2, 0, 2, 0, 2.0]))
