@@ -295,11 +295,6 @@ class QNetwork(nn.Module):
         for layer in self.noisy_layers():
             layer.reset_noise()
 
-    def reset_heads(self) -> None:
-        """Re-initialise the dueling heads (fine-tuning with --load-encoder-only)."""
-        for layer in self.noisy_layers():
-            layer.__init__(layer.in_features, layer.out_features, layer.std_init)
-
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = self.encoder(obs.float().mul_(1 / 255))
         value = self.value_out(F.relu(self.value_hidden(x))).view(-1, 1, self.num_atoms)
