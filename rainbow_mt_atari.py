@@ -24,7 +24,6 @@ import random
 import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import gymnasium as gym

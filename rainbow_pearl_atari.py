@@ -26,7 +26,6 @@ import random
 import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import gymnasium as gym

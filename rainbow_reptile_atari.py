@@ -28,7 +28,6 @@ import random
 import re
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import gymnasium as gym

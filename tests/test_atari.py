@@ -93,6 +93,19 @@ def test_transition_becomes_sampleable_after_n_more_steps():
     np.testing.assert_array_equal(batch["next_obs"][:, -1, 0, 0], batch["indices"] + 3)
 
 
+def test_multitask_batch_takes_equal_shares_from_distinct_games():
+    buffers = [filled_buffer([g] * 10, [0] * 10) for g in range(3)]
+    args = mt.Args(batch_size=8, games_per_batch=2)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        batch, parts = mt.sample_games(buffers, args, 0.4, rng)
+        (g0, n0), (g1, n1) = parts
+        assert g0 != g1 and n0 == n1 == 4
+        np.testing.assert_array_equal(batch["returns"][:4], g0 * (1 + 0.5 + 0.25))  # reward g, n=3, gamma 0.5
+        np.testing.assert_array_equal(batch["returns"][4:], g1 * (1 + 0.5 + 0.25))
+        assert batch["weights"].max() == 1.0
+
+
 # --------------------------------------------------------------------------- sum tree
 
 
