@@ -14,9 +14,9 @@ sys.path.insert(0, ROOT)
 
 import finetune  # noqa: E402
 
-TINY = ["--total-timesteps", "200", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8"]
+TINY = ["--total-timesteps", "150", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8"]
 # evaluation episodes can last thousands of steps: one short capped episode per evaluation
-TINY_EVAL = ["--eval-every", "100", "--eval-episodes", "1", "--eval-max-steps", "50"]
+TINY_EVAL = ["--eval-every", "75", "--eval-episodes", "1", "--eval-max-steps", "30"]
 
 
 def run(*cmd, ok=True):
@@ -29,18 +29,20 @@ def run(*cmd, ok=True):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    paths = {}
-    for method in ("mt", "reptile", "pearl"):
-        run(f"rainbow_{method}_atari.py", "--train-games", "5", *TINY, "--output-dir", str(out / method))
-        paths[method] = str(out / method / "checkpoint.pt")
-    return paths
+    procs = {m: subprocess.Popen([sys.executable, f"rainbow_{m}_atari.py", "--train-games", "5", *TINY, "--output-dir",
+                                  str(out / m)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for m in ("mt", "reptile", "pearl")}  # in parallel: both cores
+    for m, proc in procs.items():
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-3000:]
+    return {m: str(out / m / "checkpoint.pt") for m in procs}
 
 
 @pytest.mark.parametrize("method", ["mt", "reptile", "pearl"])
 def test_pretraining_writes_checkpoint_and_logs(checkpoints, method):
     ckpt = torch.load(checkpoints[method], weights_only=True)
     assert ckpt["module"] == f"rainbow_{method}_atari" and ckpt["method"] == method
-    assert ckpt["global_step"] == 200 and ckpt["num_actions"] == 18
+    assert ckpt["global_step"] == 150 and ckpt["num_actions"] == 18
     assert ckpt["train_tasks"] == ["Breakout", "DemonAttack", "Robotank", "BankHeist", "Solaris"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.dirname(checkpoints[method])))
 
@@ -55,7 +57,7 @@ def test_finetune_from_checkpoint(checkpoints, method, tmp_path):
     proc = run("finetune.py", "--checkpoint", checkpoints[method], "--task", "Pong", *TINY, *TINY_EVAL,
                "--output-dir", str(tmp_path))
     rows = read_eval(tmp_path)
-    assert rows[0] == ["env_step", "mean_return"] and [r[0] for r in rows[1:]] == ["100", "200"]
+    assert rows[0] == ["env_step", "mean_return"] and [r[0] for r in rows[1:]] == ["75", "150"]
     assert "final mean_return" in proc.stdout.strip().splitlines()[-1]
     if method != "pearl":  # DER fine-tuning writes its own checkpoint, padded to 18 actions
         ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
