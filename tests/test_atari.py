@@ -349,3 +349,12 @@ def test_unknown_game_exits_with_one_line():
         mt.rom_id("NoSuchGame")
     assert str(e.value).startswith("error: unknown Atari game 'NoSuchGame'")
     assert mt.rom_id("BattleZone") == "battle_zone"
+
+
+def test_training_is_repeatable_with_a_seed(tmp_path):
+    states = []
+    for run in range(2):
+        args = mt.Args(games=("Pong",), total_timesteps=130, learning_starts=100, buffer_size=500, batch_size=8,
+                       games_per_batch=1, pad_actions=False, output_dir=str(tmp_path / str(run)), seed=7)
+        states.append(mt.train(args, ["Pong"], method="scratch").state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
