@@ -156,7 +156,7 @@ def atari_rom_id(task: str) -> str | None:
     """'MsPacman' / 'ms_pacman' / 'ALE/MsPacman-v5' -> 'ms_pacman' when ale-py has that ROM."""
     import re
 
-    name = task.split("/")[-1].split("-v")[0]
+    name = re.sub(r"^ALE/(\w+)-v\d+$", r"\1", task)  # ALE/Pong-v5 -> Pong; Meta-World's xxx-v3 stays
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
         return None
     rid = name if name.islower() else re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

@@ -340,7 +340,7 @@ def test_checkpoint_round_trip(module, tmp_path):
 def test_is_atari_task():
     for name in ("Pong", "MsPacman", "BattleZone", "BeamRider", "ms_pacman", "ALE/Pong-v5"):
         assert finetune.is_atari_task(name), name
-    for name in ("10000", "drawer-open-v3", "push_button", "Foo", "MsPacMan2"):
+    for name in ("10000", "drawer-open-v3", "push_button", "Foo", "MsPacMan2", "boxing-v3", "ALE/Foo-v5"):
         assert not finetune.is_atari_task(name), name
 
 
