@@ -152,12 +152,62 @@ def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
 # --------------------------------------------------------------------------- Atari
 
 
+def atari_rom_id(task: str) -> str | None:
+    """'MsPacman' / 'ms_pacman' / 'ALE/MsPacman-v5' -> 'ms_pacman' when ale-py has that ROM."""
+    import re
+
+    name = re.sub(r"^ALE/(\w+)-v\d+$", r"\1", task)  # ALE/Pong-v5 -> Pong; Meta-World's xxx-v3 stays
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        return None
+    rid = name if name.islower() else re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    try:
+        from ale_py import roms
+    except ImportError:
+        return None
+    return rid if rid in roms.get_all_rom_ids() else None
+
+
 def is_atari_task(task: str) -> bool:
-    return False
+    return atari_rom_id(task) is not None
 
 
 def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
-    raise FinetuneError("Atari fine-tuning is not available yet")
+    """MT/Reptile/scratch: DER on the one game for 100k env steps. PEARL: infer z, no gradient."""
+    if not is_atari_task(opts.task):
+        raise FinetuneError(f"unknown Atari game '{opts.task}'")
+    method = ckpt["method"] if ckpt else "scratch"
+    eval_every = opts.eval_every or 10_000
+    # DER fine-tuning budget (paper, Sec. 5.3): 100k env steps, fresh 100k replay, learning starts 1600.
+    budget = dict(total_timesteps=100_000, buffer_size=100_000, learning_starts=1600, games=(opts.task,),
+                  output_dir=run.output_dir)
+    if method == "pearl":
+        pearl = importlib.import_module("rainbow_pearl_atari")
+        args = script_args(pearl, ckpt, overrides, **budget)
+        pearl.adapt(args, ckpt["model"], opts.task, int(ckpt["num_actions"]), writer=run.writer,
+                    log_eval=run.log_eval, eval_every=eval_every)
+        return
+    der = importlib.import_module(BASE_MODULES["atari"])
+    # one game per batch; pretrained agents keep their 18 padded actions, scratch uses the game's own set
+    args = script_args(der, ckpt, overrides, games_per_batch=1, pad_actions=ckpt is not None, **budget)
+    q_network = None
+    if ckpt is not None:
+        saved = ckpt["args"]
+        q_network = der.QNetwork(int(ckpt["num_actions"]), saved["hidden_size"], saved["num_atoms"], saved["v_min"],
+                                 saved["v_max"], args.noisy_std)
+        state = ckpt["model"]
+        if opts.load_encoder_only:
+            state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+        missing, unexpected = q_network.load_state_dict(state, strict=False)
+        expected_missing = [k for k in q_network.state_dict() if k not in state]
+        if unexpected or sorted(missing) != sorted(expected_missing):
+            raise FinetuneError(f"checkpoint {opts.checkpoint} does not fit the DER network "
+                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+        for layer in q_network.noisy_layers():  # noisy sigmas re-initialised for the new game
+            layer.reset_sigma()
+    elif opts.load_encoder_only:
+        raise FinetuneError("--load-encoder-only needs a --checkpoint")
+    der.train(args, [opts.task], q_network=q_network, method="finetune" if ckpt else "scratch",
+              writer=run.writer, log_eval=run.log_eval, eval_every=eval_every)
 
 
 # --------------------------------------------------------------------------- RLBench

@@ -1,0 +1,648 @@
+"""Multi-task data-efficient Rainbow (DER) on Atari: one agent, several games.
+
+    python rainbow_mt_atari.py --train-games 10              # paper's 10-game set, 1M env steps
+    python rainbow_mt_atari.py --games Pong Breakout --total-timesteps 100000
+
+The study (Mandi, Abbeel, James 2022) pretrains one DER agent on 5 or 10 games and
+fine-tunes it on a held-out game (see finetune.py). DER = Rainbow with the settings of
+van Hasselt et al. 2019 ("When to use parametric models in reinforcement learning?"):
+C51 distributional loss, 20-step returns, double Q, dueling NoisyNet heads, prioritized
+replay, one update per env step. Multi-task parts follow the authors' Kaixhin/Rainbow
+fork: one replay buffer per game, a random game at every reset, each batch an equal share
+from a few sampled games, and the action space padded to 18 (padding acts as NOOP).
+
+Importable pieces (finetune.py and the tests use them): `AtariEnv`/`make_env`,
+`QNetwork`, `NoisyLinear`, `SumTree`, `ReplayBuffer`, `project_distribution`,
+`evaluate`, `train`, `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
+FIVE_GAMES = ("Breakout", "DemonAttack", "Robotank", "BankHeist", "Solaris")  # paper's 5-task set
+TEN_GAMES = FIVE_GAMES + ("Alien", "Seaquest", "Asteroids", "Krull", "Frostbite")  # paper's 10-task set
+FULL_ACTIONS = 18  # ALE's full action set; pretrained agents pad every game to it
+
+
+@dataclass
+class Args:
+    exp_name: str = "rainbow_mt_atari"
+    seed: int = 1
+    cuda: bool = False
+    """use the GPU if there is one"""
+    track: bool = False
+    """log to Weights & Biases (wandb is imported only then)"""
+    wandb_project_name: str = "finetune-vs-meta-rl"
+    output_dir: str | None = None
+    """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
+    torch_threads: int = 1
+    """torch CPU threads; DER's small network runs fastest on one (see benchmarks/)"""
+
+    # games
+    train_games: int = 10
+    """5 or 10: the paper's game sets (ignored when --games is given)"""
+    games: tuple[str, ...] | None = None
+    """explicit list of games, e.g. --games Pong Breakout (CamelCase ALE names)"""
+    pad_actions: bool = True
+    """pad every game's action set to 18 (padding = NOOP), as the authors' pretrained agents"""
+
+    # budget and logging
+    total_timesteps: int = 1_000_000
+    """env steps (agent steps, 4 frames each); authors pretrain for 1M"""
+    save_every: int = 100_000
+    """write checkpoint.pt every this many env steps (and at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (DER protocol: 10)"""
+    eval_epsilon: float = 0.001
+    """epsilon-greedy during evaluation (DER protocol)"""
+    eval_max_steps: int = 27_000
+    """cap on agent steps per evaluation episode: 108k frames, the ALE standard"""
+
+    # DER hyperparameters (van Hasselt et al. 2019, Table 1; same in the authors' fork)
+    buffer_size: int = 1_000_000
+    """total replay capacity, split evenly between the games"""
+    learning_starts: int = 1600
+    batch_size: int = 32
+    games_per_batch: int = 2
+    """each batch draws batch_size/games_per_batch from this many sampled games (authors: 2 x 16)"""
+    learning_rate: float = 1e-4
+    adam_eps: float = 1.5e-4
+    gamma: float = 0.99
+    n_step: int = 20
+    num_atoms: int = 51
+    v_min: float = -10.0
+    v_max: float = 10.0
+    noisy_std: float = 0.1
+    hidden_size: int = 256
+    """dueling head width: DER uses 256; the authors used 512 for their pretrained agents.
+    We keep 256 everywhere so pretrained and scratch agents have the same capacity."""
+    target_network_frequency: int = 2000
+    """updates between target syncs"""
+    replay_ratio: int = 1
+    """updates per env step"""
+    priority_exponent: float = 0.5
+    priority_weight: float = 0.4
+    """importance-sampling exponent, annealed linearly to 1 over training"""
+    max_grad_norm: float = 10.0
+    max_noops: int = 30
+    """up to this many no-ops after a reset"""
+    max_episode_steps: int = 27_000
+    """agent steps before a training episode is truncated (108k frames)"""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def rom_id(game: str) -> str:
+    """'MsPacman' -> 'ms_pacman' (ale-py's ROM id); exits with one line for unknown games."""
+    from ale_py import roms
+
+    name = game.split("/")[-1].split("-")[0]  # accept ALE/Pong-v5 too
+    rid = name if name.islower() else re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    if rid not in roms.get_all_rom_ids():
+        sys.exit(f"error: unknown Atari game '{game}' (expected an ALE game name such as Pong or MsPacman)")
+    return rid
+
+
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of an area (box-filter) resize along one axis."""
+    m = np.zeros((n_out, n_in), np.float32)
+    scale = n_in / n_out
+    for i in range(n_out):
+        lo, hi = i * scale, (i + 1) * scale
+        for j in range(int(lo), min(int(np.ceil(hi)), n_in)):
+            m[i, j] = min(hi, j + 1) - max(lo, j)
+    return m / scale
+
+
+def pad_action(action: int, num_legal: int) -> int:
+    """Index into the game's minimal action set; padded indices play NOOP (index 0)."""
+    return action if action < num_legal else 0
+
+
+class AtariEnv(gym.Env):
+    """ALE with the DER preprocessing, talking to ale-py's ALEInterface directly (faster
+    than gym.make + wrappers): no sticky actions, frame skip 4 with a max-pool over the
+    last two frames, 84x84 grayscale (area resize), a stack of 4 frames, up to 30 no-ops on
+    reset. With `episodic_life` a lost life ends the episode (terminated=True) and the
+    next reset continues the same game with one no-op, as for learning; evaluation uses
+    real game over. The frame stack restarts with zeros at every episode start, which is
+    what the replay buffer reconstructs. Rewards are returned unclipped;
+    info['episode'] holds the real game's return and length at game over."""
+
+    def __init__(self, game: str, seed: int = 0, num_actions: int | None = None, episodic_life: bool = True,
+                 max_noops: int = 30, frame_skip: int = 4, max_episode_steps: int = 27_000):
+        import ale_py
+        from ale_py import roms
+
+        self.game = game
+        self.ale = ale_py.ALEInterface()
+        self.ale.setLoggerMode(ale_py.LoggerMode.Error)
+        self.ale.setInt("random_seed", seed % (2**31))
+        self.ale.setFloat("repeat_action_probability", 0.0)  # DER: no sticky actions
+        self.ale.loadROM(roms.get_rom_path(rom_id(game)))
+        self.action_set = self.ale.getMinimalActionSet()
+        self.num_actions = num_actions or len(self.action_set)
+        self.action_space = gym.spaces.Discrete(self.num_actions)
+        self.observation_space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+        self.episodic_life, self.max_noops, self.frame_skip = episodic_life, max_noops, frame_skip
+        self.max_episode_steps = max_episode_steps
+        self.rng = np.random.default_rng(seed)
+        self._rows, self._cols = _area_matrix(210, 84), _area_matrix(160, 84).T
+        self._screens = np.zeros((2, 210, 160), np.uint8)
+        self.frames = np.zeros((4, 84, 84), np.uint8)
+        self.lives, self.game_return, self.game_length, self.steps = 0, 0.0, 0, 0
+        self.needs_game_reset = True
+
+    def _frame(self) -> np.ndarray:
+        pooled = self._screens.max(0).astype(np.float32)
+        return np.rint(self._rows @ pooled @ self._cols).astype(np.uint8)
+
+    def _push(self, frame: np.ndarray) -> np.ndarray:
+        self.frames[:-1] = self.frames[1:]
+        self.frames[-1] = frame
+        return self.frames.copy()
+
+    def reset(self, *, seed: int | None = None, options=None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        if self.needs_game_reset:
+            self.ale.reset_game()
+            self.lives, self.game_return, self.game_length, self.steps = self.ale.lives(), 0.0, 0, 0
+            for _ in range(self.rng.integers(0, self.max_noops + 1)):
+                self.ale.act(self.action_set[0])
+                if self.ale.game_over():
+                    self.ale.reset_game()
+            self.needs_game_reset = False
+        else:  # continue after a lost life
+            self.ale.act(self.action_set[0])
+        self.ale.getScreenGrayscale(self._screens[0])
+        self._screens[1] = self._screens[0]
+        self.frames[:] = 0
+        return self._push(self._frame()), {}
+
+    def step(self, action: int):
+        ale_action = self.action_set[pad_action(int(action), len(self.action_set))]
+        reward = 0.0
+        for k in range(self.frame_skip):
+            reward += self.ale.act(ale_action)
+            if k >= self.frame_skip - 2:
+                self.ale.getScreenGrayscale(self._screens[k - self.frame_skip + 2])
+            if self.ale.game_over():
+                break
+        self.game_return += reward
+        self.game_length += 1
+        self.steps += 1
+        game_over = self.ale.game_over()
+        lives = self.ale.lives()
+        life_lost = self.episodic_life and 0 < lives < self.lives
+        self.lives = lives
+        truncated = self.game_length >= self.max_episode_steps and not game_over
+        info = {}
+        if game_over or truncated:
+            self.needs_game_reset = True
+            info["episode"] = {"r": self.game_return, "l": self.game_length}
+        return self._push(self._frame()), reward, game_over or life_lost, truncated, info
+
+
+def make_env(game: str, seed: int, num_actions: int | None = None, episodic_life: bool = True,
+             args: Args | None = None) -> AtariEnv:
+    args = args or Args()
+    return AtariEnv(game, seed, num_actions, episodic_life, args.max_noops,
+                    max_episode_steps=args.max_episode_steps if episodic_life else args.eval_max_steps)
+
+
+# --------------------------------------------------------------------------- network
+
+
+class NoisyLinear(nn.Module):
+    """Factorised Gaussian NoisyNet layer (Fortunato et al. 2018). In eval() mode it uses the
+    mean weights only."""
+
+    def __init__(self, in_features: int, out_features: int, std_init: float = 0.1):
+        super().__init__()
+        self.in_features, self.out_features, self.std_init = in_features, out_features, std_init
+        self.weight_mu = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_sigma = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias_mu = nn.Parameter(torch.empty(out_features))
+        self.bias_sigma = nn.Parameter(torch.empty(out_features))
+        self.register_buffer("weight_epsilon", torch.zeros(out_features, in_features))
+        self.register_buffer("bias_epsilon", torch.zeros(out_features))
+        bound = 1 / in_features**0.5
+        nn.init.uniform_(self.weight_mu, -bound, bound)
+        nn.init.uniform_(self.bias_mu, -bound, bound)
+        self.reset_sigma()
+        self.reset_noise()
+
+    @torch.no_grad()
+    def reset_sigma(self) -> None:
+        self.weight_sigma.fill_(self.std_init / self.in_features**0.5)
+        self.bias_sigma.fill_(self.std_init / self.out_features**0.5)
+
+    @staticmethod
+    def _scaled(n: int) -> torch.Tensor:
+        x = torch.randn(n)
+        return x.sign() * x.abs().sqrt()
+
+    @torch.no_grad()
+    def reset_noise(self) -> None:
+        eps_in, eps_out = self._scaled(self.in_features), self._scaled(self.out_features)
+        self.weight_epsilon.copy_(torch.outer(eps_out, eps_in))
+        self.bias_epsilon.copy_(eps_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.linear(x, self.weight_mu + self.weight_sigma * self.weight_epsilon,
+                            self.bias_mu + self.bias_sigma * self.bias_epsilon)
+        return F.linear(x, self.weight_mu, self.bias_mu)
+
+
+class QNetwork(nn.Module):
+    """DER network: two 5x5 stride-5 convs (84x84 -> 576 features), dueling NoisyNet heads
+    over num_atoms return atoms. forward() gives log-probabilities (batch, actions, atoms)."""
+
+    def __init__(self, num_actions: int, hidden_size: int = 256, num_atoms: int = 51, v_min: float = -10.0,
+                 v_max: float = 10.0, noisy_std: float = 0.1):
+        super().__init__()
+        self.num_actions, self.num_atoms = num_actions, num_atoms
+        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
+        self.encoder = nn.Sequential(
+            nn.Conv2d(4, 32, 5, stride=5), nn.ReLU(), nn.Conv2d(32, 64, 5, stride=5), nn.ReLU(), nn.Flatten())
+        self.value_hidden = NoisyLinear(576, hidden_size, noisy_std)
+        self.value_out = NoisyLinear(hidden_size, num_atoms, noisy_std)
+        self.advantage_hidden = NoisyLinear(576, hidden_size, noisy_std)
+        self.advantage_out = NoisyLinear(hidden_size, num_actions * num_atoms, noisy_std)
+
+    def noisy_layers(self):
+        return [m for m in self.modules() if isinstance(m, NoisyLinear)]
+
+    def reset_noise(self) -> None:
+        for layer in self.noisy_layers():
+            layer.reset_noise()
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(obs.float().mul_(1 / 255))
+        value = self.value_out(F.relu(self.value_hidden(x))).view(-1, 1, self.num_atoms)
+        adv = self.advantage_out(F.relu(self.advantage_hidden(x))).view(-1, self.num_actions, self.num_atoms)
+        return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
+
+    def q_values(self, obs: torch.Tensor) -> torch.Tensor:
+        return (self.forward(obs).exp() * self.support).sum(2)
+
+
+def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
+                         support: torch.Tensor) -> torch.Tensor:
+    """C51 projection of the target distribution R + discount * z onto the fixed support.
+    next_probs (B, atoms), returns (B,), discounts (B,) = gamma^n, 0 where the episode ended.
+    When an atom lands exactly on a support point (l == u) it gets the whole mass."""
+    v_min, v_max, atoms = support[0], support[-1], support.numel()
+    delta = (v_max - v_min) / (atoms - 1)
+    tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
+    b = (tz - v_min) / delta
+    lower, upper = b.floor(), b.ceil()
+    exact = (lower == upper).to(next_probs.dtype)
+    offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
+    target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
+    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))
+    target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))
+    return target.view_as(next_probs)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+class SumTree:
+    """Binary sum tree over `capacity` leaves; vectorised update and stratified sampling."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.leaf0 = 1 << max(0, (capacity - 1).bit_length())  # leaves start here (power of two)
+        self.nodes = np.zeros(2 * self.leaf0, np.float64)  # node 1 is the root
+        self.max_priority = 1.0
+
+    @property
+    def total(self) -> float:
+        return float(self.nodes[1])
+
+    def update(self, indices: np.ndarray, priorities: np.ndarray) -> None:
+        idx = np.asarray(indices, np.int64) + self.leaf0
+        self.nodes[idx] = priorities
+        idx = np.unique(idx // 2)
+        while idx[0] >= 1:
+            self.nodes[idx] = self.nodes[2 * idx] + self.nodes[2 * idx + 1]
+            if idx[0] == 1:
+                break
+            idx = np.unique(idx // 2)
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        return self.nodes[np.asarray(indices, np.int64) + self.leaf0]
+
+    def find(self, values: np.ndarray) -> np.ndarray:
+        """Leaf index whose cumulative-priority interval contains each value."""
+        values = np.array(values, np.float64)
+        idx = np.ones(len(values), np.int64)
+        while idx[0] < self.leaf0:
+            left = self.nodes[2 * idx]
+            # an empty right subtree is never entered (guards against float round-off at the edge)
+            go_right = (values >= left) & (self.nodes[2 * idx + 1] > 0)
+            values = np.where(go_right, values - left, values)
+            idx = 2 * idx + go_right
+        return np.minimum(idx - self.leaf0, self.capacity - 1)
+
+    def sample_stratified(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """One leaf from each of n equal slices of the total priority."""
+        values = (np.arange(n) + rng.random(n)) * (self.total / n)
+        leaves = self.find(np.minimum(values, np.nextafter(self.total, 0)))
+        return leaves
+
+
+class ReplayBuffer:
+    """Prioritized n-step replay that stores every frame once. Entry i holds the newest frame
+    of observation s_i, the action, the (clipped) reward, whether the step ended the episode,
+    and t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before
+    the episode start replaced by zeros (what the env's stack shows). A transition becomes
+    sampleable (gets a priority) once the n following entries exist; its next observation is
+    s_{i+n}."""
+
+    def __init__(self, capacity: int, n_step: int, gamma: float, priority_exponent: float, seed: int = 0):
+        self.capacity, self.n_step, self.gamma, self.alpha = capacity, n_step, gamma, priority_exponent
+        self.frames = np.zeros((capacity, 84, 84), np.uint8)
+        self.actions = np.zeros(capacity, np.int64)
+        self.rewards = np.zeros(capacity, np.float32)
+        self.dones = np.zeros(capacity, np.bool_)
+        self.timesteps = np.zeros(capacity, np.int64)
+        self.tree = SumTree(capacity)
+        self.rng = np.random.default_rng(seed)
+        self.pos, self.size, self.next_t = 0, 0, 0
+        self.discounts = gamma ** np.arange(n_step, dtype=np.float32)
+
+    def add(self, frame: np.ndarray, action: int, reward: float, done: bool) -> None:
+        i = self.pos
+        # entries i..i+3 stop being valid: i is overwritten, i+1..i+3 would stack the new frame
+        self.tree.update(np.arange(i, i + 4) % self.capacity, np.zeros(4))
+        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame, action, reward, done
+        self.timesteps[i] = self.next_t
+        self.next_t = 0 if done else self.next_t + 1
+        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+        if self.size > self.n_step:  # the entry n steps back now has its full n-step window
+            self.tree.update(np.array([(i - self.n_step) % self.capacity]), np.array([self.tree.max_priority]))
+
+    def stacked(self, indices: np.ndarray) -> np.ndarray:
+        """Observations s_i (B, 4, 84, 84) rebuilt from single frames."""
+        offsets = np.arange(3, -1, -1)  # frame i-3 first, i last
+        idx = (indices[:, None] - offsets[None]) % self.capacity
+        obs = self.frames[idx]
+        obs[offsets[None] > self.timesteps[indices][:, None]] = 0
+        return obs
+
+    def nstep(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """n-step discounted return and bootstrap discount (gamma^n, or 0 if the episode ended)."""
+        idx = (indices[:, None] + np.arange(self.n_step)[None]) % self.capacity
+        dones = self.dones[idx]
+        alive = np.cumprod(np.concatenate([np.ones((len(indices), 1), bool), ~dones[:, :-1]], 1), 1)
+        returns = (self.rewards[idx] * alive * self.discounts).sum(1)
+        bootstrap = np.where(dones.any(1), 0.0, self.gamma**self.n_step).astype(np.float32)
+        return returns.astype(np.float32), bootstrap
+
+    @property
+    def ready(self) -> bool:
+        return self.tree.total > 0
+
+    def sample(self, batch_size: int, beta: float) -> dict[str, np.ndarray]:
+        indices = self.tree.sample_stratified(batch_size, self.rng)
+        probs = self.tree.get(indices) / self.tree.total
+        valid = int((self.tree.nodes[self.tree.leaf0:self.tree.leaf0 + self.capacity] > 0).sum())
+        weights = (valid * probs) ** -beta
+        returns, discounts = self.nstep(indices)
+        return {"indices": indices, "obs": self.stacked(indices), "actions": self.actions[indices],
+                "returns": returns, "discounts": discounts,
+                "next_obs": self.stacked((indices + self.n_step) % self.capacity), "weights": weights}
+
+    def update_priorities(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        priorities = np.maximum(losses, 1e-6) ** self.alpha
+        self.tree.max_priority = max(self.tree.max_priority, float(priorities.max()))
+        self.tree.update(indices, priorities)
+
+
+def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float, rng: np.random.Generator):
+    """An equal share of the batch from each of `games_per_batch` sampled games with data."""
+    ready = [g for g, b in enumerate(buffers) if b.ready]
+    k = min(args.games_per_batch, len(ready))
+    games = rng.choice(ready, size=k, replace=False)
+    sizes = [args.batch_size // k + (1 if j < args.batch_size % k else 0) for j in range(k)]
+    parts = [(g, buffers[g].sample(s, beta)) for g, s in zip(games, sizes)]
+    batch = {key: np.concatenate([p[key] for _, p in parts]) for key in parts[0][1]}
+    batch["weights"] = batch["weights"] / batch["weights"].max()
+    return batch, [(g, len(p["indices"])) for g, p in parts]
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device) -> torch.Tensor:
+    """Per-sample C51 cross-entropy with a double-Q target (online net picks, target net rates)."""
+    # uint8 frames become float in numpy: several times faster than torch's conversion on the CPU
+    t = {k: torch.as_tensor(v.astype(np.float32) if v.dtype == np.uint8 else v, device=device)
+         for k, v in batch.items() if k != "indices"}
+    log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
+    with torch.no_grad():
+        next_best = q_network.q_values(t["next_obs"]).argmax(1)
+        target_network.reset_noise()
+        next_probs = target_network(t["next_obs"]).exp()[torch.arange(len(next_best), device=device), next_best]
+        target = project_distribution(next_probs, t["returns"], t["discounts"], q_network.support)
+    return -(target * log_probs).sum(1)
+
+
+def optimize(q_network, target_network, optimizer, batch, args: Args, device) -> torch.Tensor:
+    """One prioritized, importance-weighted gradient step; returns per-sample losses."""
+    losses = dqn_loss(q_network, target_network, batch, device)
+    weights = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
+    optimizer.zero_grad()
+    (weights * losses).mean().backward()
+    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return losses.detach()
+
+
+@torch.inference_mode()
+def act(q_network: QNetwork, obs: np.ndarray, device) -> int:
+    return int(q_network.q_values(torch.as_tensor(obs, device=device)[None]).argmax(1).item())
+
+
+def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, device, seed: int) -> list[float]:
+    """DER protocol: real game over, unclipped scores, epsilon 0.001, mean weights (no noise)."""
+    env = make_env(game, seed, num_actions, episodic_life=False, args=args)
+    rng = np.random.default_rng(seed)
+    was_training = q_network.training
+    q_network.eval()
+    returns = []
+    for _ in range(args.eval_episodes):
+        obs, _ = env.reset()
+        while True:
+            a = rng.integers(num_actions) if rng.random() < args.eval_epsilon else act(q_network, obs, device)
+            obs, _, terminated, truncated, info = env.step(a)
+            if terminated or truncated:
+                returns.append(info["episode"]["r"])
+                break
+    q_network.train(was_training)
+    return returns
+
+
+def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
+                    train_tasks: list[str], num_actions: int) -> None:
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": "rainbow_mt_atari", "benchmark": "atari",
+        "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
+        "global_step": int(global_step), "model": q_network.state_dict(), "optimizer": optimizer.state_dict(),
+        "num_actions": int(num_actions),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _plain(value):
+    """Tuples become lists so the checkpoint loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolve_games(args: Args) -> list[str]:
+    if args.games:
+        games = list(args.games)
+    elif args.train_games in (5, 10):
+        games = list(FIVE_GAMES if args.train_games == 5 else TEN_GAMES)
+    else:
+        sys.exit(f"error: --train-games must be 5 or 10 (got {args.train_games}); or give --games")
+    for g in games:
+        rom_id(g)
+    return games
+
+
+def seed_everything(args: Args) -> torch.device:
+    """Seeds and threads; returns the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.torch_threads)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def setup(args: Args, run_name: str):
+    """TensorBoard writer under args.output_dir (and wandb when --track)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
+                   save_code=True)
+    writer = SummaryWriter(args.output_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+def train(args: Args, games: list[str], q_network: QNetwork | None = None, method: str = "mt", writer=None,
+          log_eval=None, eval_every: int | None = None) -> QNetwork:
+    """DER on `games` (one buffer each, a random game per reset). With log_eval, evaluates every
+    eval_every env steps and at the end on games[0] (fine-tuning has one game)."""
+    device = seed_everything(args)
+    if writer is None:
+        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    num_actions = FULL_ACTIONS if args.pad_actions else len(make_env(games[0], 0, args=args).action_set)
+    if q_network is None:
+        q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
+    q_network = q_network.to(device).train()
+    target_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
+                              args.noisy_std).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    # fused Adam: one kernel for all parameters, 3x faster than the per-tensor loop on the CPU
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    buffers = [ReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
+                            args.seed + g) for g in range(len(games))]
+    envs = [make_env(game, args.seed + 1000 * g, num_actions, args=args) for g, game in enumerate(games)]
+    rng = np.random.default_rng(args.seed)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+
+    def run_eval(step: int) -> None:
+        if log_eval is not None:
+            scores = evaluate(q_network, games[0], args, num_actions, device, seed=args.seed + 10_000 + step)
+            log_eval(step, float(np.mean(scores)))
+
+    game = rng.integers(len(games))
+    obs, _ = envs[game].reset()
+    updates, start_time, update_time = 0, time.time(), 0.0
+    for global_step in range(1, args.total_timesteps + 1):
+        action = act(q_network, obs, device)
+        next_obs, reward, terminated, truncated, info = envs[game].step(action)
+        # learning sees clipped rewards and life loss as terminal; logging sees the real game
+        buffers[game].add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
+        obs = next_obs
+        if "episode" in info:
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+            writer.add_scalar(f"charts/episodic_return/{games[game]}", info["episode"]["r"], global_step)
+            game = rng.integers(len(games))  # a random game at every real reset
+        if terminated or truncated:
+            obs, _ = envs[game].reset()
+
+        if global_step >= args.learning_starts:
+            t0 = time.time()
+            beta = args.priority_weight + (1.0 - args.priority_weight) * min(
+                1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
+            for _ in range(args.replay_ratio):
+                q_network.reset_noise()
+                batch, parts = sample_games(buffers, args, beta, rng)
+                losses = optimize(q_network, target_network, optimizer, batch, args, device).cpu().numpy()
+                start = 0
+                for g, size in parts:
+                    buffers[g].update_priorities(batch["indices"][start:start + size], losses[start:start + size])
+                    start += size
+                updates += 1
+                if updates % args.target_network_frequency == 0:
+                    target_network.load_state_dict(q_network.state_dict())
+            update_time += time.time() - t0
+            if global_step % 100 == 0:
+                writer.add_scalar("losses/loss", float(losses.mean()), global_step)
+                writer.add_scalar("charts/beta", beta, global_step)
+        if global_step % 1000 == 0 or global_step == args.total_timesteps:
+            sps = int(global_step / (time.time() - start_time))
+            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
+                  flush=True)
+            writer.add_scalar("charts/SPS", sps, global_step)
+        if eval_every and global_step % eval_every == 0 and global_step != args.total_timesteps:
+            run_eval(global_step)
+        if global_step % args.save_every == 0 or global_step == args.total_timesteps:
+            save_checkpoint(ckpt_path, args, q_network, optimizer, global_step, method, games, num_actions)
+    run_eval(args.total_timesteps)
+    return q_network
+
+
+if __name__ == "__main__":
+    import tyro
+
+    args = tyro.cli(Args)
+    games = resolve_games(args)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    writer = setup(args, run_name)
+    print(f"multi-task DER on {', '.join(games)} -> {args.output_dir}", flush=True)
+    train(args, games, method="mt", writer=writer)
+    writer.close()

@@ -1,0 +1,360 @@
+"""Exact checks of the Atari (DER) pieces that can be wrong quietly. Expected values are worked
+out by hand in the comments."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import finetune  # noqa: E402
+import rainbow_mt_atari as mt  # noqa: E402
+import rainbow_pearl_atari as pearl  # noqa: E402
+import rainbow_reptile_atari as reptile  # noqa: E402
+
+SUPPORT = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)  # 5 atoms, spacing 1
+
+
+# --------------------------------------------------------------------------- C51 projection
+
+
+def project(probs, ret, disc):
+    return mt.project_distribution(torch.tensor([probs], dtype=torch.float64), torch.tensor([ret], dtype=torch.float64),
+                                   torch.tensor([disc], dtype=torch.float64), SUPPORT)[0]
+
+
+def test_projection_splits_mass_between_neighbours():
+    # Tz = 0.5 + 0.5 z = [-0.5, 0, 0.5, 1, 1.5], i.e. positions b = [1.5, 2, 2.5, 3, 3.5]:
+    # 0.1 -> 0.05/0.05 on atoms 1,2; 0.2 lands on atom 2 exactly; 0.4 -> 0.2/0.2 on 2,3;
+    # 0.2 lands on atom 3 exactly; 0.1 -> 0.05/0.05 on 3,4.
+    out = project([0.1, 0.2, 0.4, 0.2, 0.1], 0.5, 0.5)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.05, 0.45, 0.45, 0.05], dtype=torch.float64))
+
+
+def test_projection_terminal_transition_ignores_next_distribution():
+    # discount 0 (episode ended): every atom goes to R = 0.75, b = 2.75 -> 0.25 on atom 2, 0.75 on 3
+    out = project([0.3, 0.0, 0.0, 0.2, 0.5], 0.75, 0.0)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, 0.25, 0.75, 0.0], dtype=torch.float64))
+
+
+def test_projection_l_equals_u_keeps_all_mass():
+    # R = 1 exactly on an atom with discount 0: l == u == 3, all mass must stay (a naive
+    # (u - b, b - l) split would lose it)
+    torch.testing.assert_close(project([0.2] * 5, 1.0, 0.0), torch.tensor([0, 0, 0, 1.0, 0], dtype=torch.float64))
+    # clipped at both ends: everything lands on v_max / v_min
+    torch.testing.assert_close(project([0.2] * 5, 5.0, 1.0), torch.tensor([0, 0, 0, 0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(project([0.2] * 5, -3.0, 0.0), torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64))
+
+
+def test_projection_batch_rows_are_independent():
+    probs = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1], [0.2] * 5], dtype=torch.float64)
+    out = mt.project_distribution(probs, torch.tensor([0.5, 1.0], dtype=torch.float64),
+                                  torch.tensor([0.5, 0.0], dtype=torch.float64), SUPPORT)
+    torch.testing.assert_close(out[0], project([0.1, 0.2, 0.4, 0.2, 0.1], 0.5, 0.5))
+    torch.testing.assert_close(out[1], torch.tensor([0, 0, 0, 1.0, 0], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- n-step returns
+
+
+def filled_buffer(rewards, dones, n=3, gamma=0.5, capacity=64):
+    buf = mt.ReplayBuffer(capacity, n, gamma, 0.5)
+    for t, (r, d) in enumerate(zip(rewards, dones)):
+        buf.add(np.full((84, 84), t, np.uint8), t % 4, r, d)
+    return buf
+
+
+def test_nstep_returns_stop_at_episode_end():
+    # episode 1: steps 0,1 (done at 1); episode 2: steps 2..7
+    buf = filled_buffer([1, 2, 4, 8, 16, 32, 64, 128], [0, 1, 0, 0, 0, 0, 0, 0])
+    returns, boot = buf.nstep(np.array([0, 1, 2, 3]))
+    # 0: 1 + .5*2 (done at 1, reward 4 belongs to the next episode); 1: 2; 2: 4 + .5*8 + .25*16 = 12
+    # 3: 8 + .5*16 + .25*32 = 24; bootstrap gamma^3 = 0.125 only where no episode end in the window
+    np.testing.assert_allclose(returns, [2.0, 2.0, 12.0, 24.0])
+    np.testing.assert_allclose(boot, [0.0, 0.0, 0.125, 0.125])
+
+
+def test_nstep_done_on_last_step_of_window():
+    buf = filled_buffer([1, 1, 1, 1, 1], [0, 0, 1, 0, 0])
+    returns, boot = buf.nstep(np.array([0]))
+    np.testing.assert_allclose(returns, [1 + 0.5 + 0.25])
+    np.testing.assert_allclose(boot, [0.0])
+
+
+def test_transition_becomes_sampleable_after_n_more_steps():
+    buf = filled_buffer([0] * 5, [0] * 5, n=3)
+    # entries 0 and 1 have their 3 successors; 2..4 do not yet
+    np.testing.assert_array_equal(buf.tree.get(np.arange(5)) > 0, [True, True, False, False, False])
+    batch = buf.sample(16, 0.4)
+    assert set(batch["indices"]) <= {0, 1}
+    np.testing.assert_array_equal(batch["next_obs"][:, -1, 0, 0], batch["indices"] + 3)
+
+
+def test_multitask_batch_takes_equal_shares_from_distinct_games():
+    buffers = [filled_buffer([g] * 10, [0] * 10) for g in range(3)]
+    args = mt.Args(batch_size=8, games_per_batch=2)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        batch, parts = mt.sample_games(buffers, args, 0.4, rng)
+        (g0, n0), (g1, n1) = parts
+        assert g0 != g1 and n0 == n1 == 4
+        np.testing.assert_array_equal(batch["returns"][:4], g0 * (1 + 0.5 + 0.25))  # reward g, n=3, gamma 0.5
+        np.testing.assert_array_equal(batch["returns"][4:], g1 * (1 + 0.5 + 0.25))
+        assert batch["weights"].max() == 1.0
+
+
+# --------------------------------------------------------------------------- sum tree
+
+
+def test_sum_tree_totals_and_find():
+    tree = mt.SumTree(5)  # not a power of two: 8 leaves, 3 unused
+    tree.update(np.arange(5), np.array([1.0, 2.0, 3.0, 4.0, 0.0]))
+    assert tree.total == 10.0
+    # cumulative intervals: leaf0 [0,1), leaf1 [1,3), leaf2 [3,6), leaf3 [6,10)
+    values = [0.0, 0.99, 1.0, 2.99, 3.0, 5.99, 6.0, 9.99]
+    np.testing.assert_array_equal(tree.find(values), [0, 0, 1, 1, 2, 2, 3, 3])
+    tree.update(np.array([2]), np.array([0.5]))
+    assert tree.total == 7.5
+    assert tree.nodes[1] == tree.nodes[2] + tree.nodes[3]
+    np.testing.assert_array_equal(tree.find([3.0, 3.49, 3.5]), [2, 2, 3])
+
+
+def test_sum_tree_never_returns_an_empty_leaf():
+    tree = mt.SumTree(8)
+    tree.update(np.arange(8), np.array([1.0, 1.0, 1.0, 0, 0, 0, 0, 0]))
+    # values at or past the total (float round-off) fall back to the last nonzero leaf, never 3..7
+    np.testing.assert_array_equal(tree.find([2.5, 3.0, 3.5]), [2, 2, 2])
+
+
+def test_sum_tree_stratified_sampling_hits_known_leaves():
+    tree = mt.SumTree(8)
+    tree.update(np.arange(8), np.array([0, 2, 0, 2, 0, 2, 0, 2.0]))
+    rng = np.random.default_rng(0)
+    # 4 strata of width 2 over [0, 8): each stratum is exactly one nonzero leaf
+    for _ in range(20):
+        np.testing.assert_array_equal(tree.sample_stratified(4, rng), [1, 3, 5, 7])
+
+
+def test_sum_tree_sampling_is_proportional():
+    tree = mt.SumTree(4)
+    tree.update(np.arange(4), np.array([1.0, 0.0, 3.0, 0.0]))
+    rng = np.random.default_rng(1)
+    # 4 strata of width 1 over [0, 4): the first is leaf 0, the other three leaf 2 -> 1:3
+    for _ in range(20):
+        np.testing.assert_array_equal(tree.sample_stratified(4, rng), [0, 2, 2, 2])
+
+
+def test_importance_weights_and_priority_update():
+    buf = filled_buffer([0] * 6, [0] * 6, n=2, capacity=16)  # entries 0..3 valid
+    buf.update_priorities(np.array([0, 1, 2, 3]), np.array([1.0, 4.0, 9.0, 16.0]))
+    # priority = loss ** 0.5 -> 1, 2, 3, 4 (total 10)
+    np.testing.assert_allclose(buf.tree.get(np.arange(4)), [1, 2, 3, 4])
+    batch = buf.sample(4, beta=1.0)
+    # beta = 1: w = 1 / (N P) with N = 4 valid entries, P = p / 10
+    np.testing.assert_allclose(batch["weights"], 10.0 / (4 * buf.tree.get(batch["indices"])))
+
+
+# --------------------------------------------------------------------------- frame stacks
+
+
+def test_frame_stack_does_not_leak_across_episodes():
+    # episode A: 5 steps (frames 10..14), episode B: frames 50..54
+    buf = mt.ReplayBuffer(32, 2, 0.99, 0.5)
+    for t in range(5):
+        buf.add(np.full((84, 84), 10 + t, np.uint8), 0, 0.0, t == 4)
+    for t in range(5):
+        buf.add(np.full((84, 84), 50 + t, np.uint8), 0, 0.0, False)
+    obs = buf.stacked(np.array([5, 6, 8, 9, 3]))[:, :, 0, 0]
+    # B's first steps see zeros, never A's frames; A's step 3 sees A's frames 10..13
+    np.testing.assert_array_equal(obs, [[0, 0, 0, 50], [0, 0, 50, 51], [50, 51, 52, 53], [51, 52, 53, 54],
+                                        [10, 11, 12, 13]])
+
+
+def test_frame_stack_matches_env_across_life_loss_and_wraparound():
+    # Breakout: lives are lost quickly under random play; the buffer (small, so it wraps) must
+    # rebuild exactly the stacks the env showed, zeros after every episode start included
+    env = mt.make_env("Breakout", seed=3, num_actions=18)
+    buf = mt.ReplayBuffer(150, 3, 0.99, 0.5)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset()
+    seen, starts = {}, 0
+    for step in range(400):
+        a = int(rng.integers(18))
+        nxt, r, term, trunc, _ = env.step(a)
+        seen[buf.pos] = obs
+        buf.add(obs[-1], a, r, term or trunc)
+        obs = nxt
+        if term or trunc:
+            starts += 1
+            obs, _ = env.reset()
+    assert starts >= 2  # several life losses happened
+    live = [(buf.pos - 1 - k) % buf.capacity for k in range(buf.capacity - 4)]  # all but the 4 oldest
+    np.testing.assert_array_equal(buf.stacked(np.array(live)), np.stack([seen[i] for i in live]))
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def test_pad_action_maps_padding_to_noop():
+    assert [mt.pad_action(a, 6) for a in (0, 5, 6, 17)] == [0, 5, 0, 0]
+    assert reptile.pad_action(3, 4) == 3 and pearl.pad_action(4, 4) == 0
+
+
+def test_padded_actions_play_noop_in_the_emulator():
+    a, b = mt.make_env("Pong", seed=5, num_actions=18), mt.make_env("Pong", seed=5, num_actions=18)
+    assert len(a.action_set) == 6 and a.action_space.n == 18
+    oa, _ = a.reset()
+    ob, _ = b.reset()
+    np.testing.assert_array_equal(oa, ob)
+    for t in range(60):
+        oa, *_ = a.step(17 - t % 12)  # 17..6: all padding
+        ob, *_ = b.step(0)  # NOOP
+    np.testing.assert_array_equal(oa, ob)
+    c = mt.make_env("Pong", seed=5, num_actions=18)
+    c.reset()
+    for t in range(60):
+        oc, *_ = c.step(2)  # RIGHT moves the paddle: a different screen
+    assert not np.array_equal(oc, ob)
+
+
+def test_env_preprocessing_shapes_and_resize():
+    env = mt.make_env("MsPacman", seed=0)
+    obs, _ = env.reset()
+    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
+    np.testing.assert_array_equal(obs[:3], 0)  # stack starts with zeros
+    # area resize: a constant screen stays constant
+    env._screens[:] = 77
+    np.testing.assert_array_equal(env._frame(), 77)
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def test_network_shapes_and_noisy_eval_mode():
+    net = mt.QNetwork(18)
+    out = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
+    assert out.shape == (2, 18, 51)
+    torch.testing.assert_close(out.exp().sum(2), torch.ones(2, 18))
+    layer = net.value_hidden
+    torch.testing.assert_close(layer.weight_sigma, torch.full_like(layer.weight_sigma, 0.1 / 576**0.5))
+    x = torch.randn(3, 576)
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ layer.weight_mu.T + layer.bias_mu)
+
+
+def test_reptile_and_mt_networks_share_state_dict_keys():
+    a = mt.QNetwork(18).state_dict()
+    b = reptile.QNetwork(18).state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+
+
+# --------------------------------------------------------------------------- Reptile
+
+
+def test_reptile_interpolation_step():
+    net = torch.nn.Linear(2, 1, bias=False)
+    theta = [torch.tensor([[1.0, 2.0]])]
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[3.0, 6.0]]))  # phi after the inner loop
+    reptile.reptile_step(net, theta, 0.25)  # theta + 0.25 (phi - theta) = [1.5, 3]
+    torch.testing.assert_close(net.weight.data, torch.tensor([[1.5, 3.0]]))
+
+
+def test_reptile_eps_schedule():
+    args = reptile.Args(learning_starts=100, total_timesteps=500)
+    assert [reptile.reptile_eps(args, s) for s in (50, 100, 300, 500)] == [0.0, 0.0, 0.5, 1.0]
+    args = reptile.Args(learning_starts=100, total_timesteps=500, reptile_eps_start=1.0, reptile_eps_end=0.0)
+    assert reptile.reptile_eps(args, 200) == 0.75
+
+
+# --------------------------------------------------------------------------- PEARL
+
+
+def test_product_of_gaussians():
+    mu = torch.tensor([[1.0, 0.0], [3.0, 4.0]])  # two factors (rows) over a 2-d latent
+    var = torch.tensor([[1.0, 1.0], [1.0, 3.0]])
+    m, v = pearl.product_of_gaussians(mu, var)
+    # dim 0: precisions 1+1 -> var 1/2, mean (1+3)/2 = 2; dim 1: precision 1+1/3 -> var 3/4,
+    # mean 3/4 * (0/1 + 4/3) = 1
+    torch.testing.assert_close(m, torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(v, torch.tensor([0.5, 0.75]))
+
+
+def test_kl_to_standard_normal():
+    kl = pearl.kl_to_standard_normal(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(kl, torch.tensor([0.0, 0.5]))
+
+
+def test_pearl_posterior_and_context_window():
+    args = pearl.Args(context_size=4, context_window=6)
+    buf = pearl.ReplayBuffer(32, 3, 0.99, 0.5)
+    for t in range(20):
+        buf.add(np.full((84, 84), t, np.uint8), t % 18, 1.0, False)
+    idx = buf.recent(args.context_size, args.context_window)
+    assert len(set(idx)) == 4 and set(idx) <= set(range(14, 20))
+    agent = pearl.PearlAgent(18, args)
+    mu, var = agent.posterior(buf.context(4, 6, "cpu"))
+    assert mu.shape == var.shape == (32,) and bool((var > 0).all())
+    z = pearl.infer_z(agent, None, args, "cpu")
+    assert z.shape == (1, 32)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl])
+def test_checkpoint_round_trip(module, tmp_path):
+    args = module.Args(games=("Pong", "Breakout"))
+    net = module.PearlAgent(18, args) if module is pearl else module.QNetwork(18)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt.zero_grad()
+    (net.q(torch.zeros(1, 4, 84, 84), torch.zeros(1, 32)) if module is pearl else net(torch.zeros(1, 4, 84, 84))).sum().backward()
+    opt.step()  # so the optimizer state holds tensors too
+    path = str(tmp_path / "checkpoint.pt")
+    if module is pearl:
+        module.save_checkpoint(path, args, net, opt, 123, ["Pong", "Breakout"], 18)
+    else:
+        module.save_checkpoint(path, args, net, opt, 123, "mt" if module is mt else "reptile", ["Pong", "Breakout"], 18)
+    ckpt = torch.load(path, weights_only=True)
+    assert not os.path.exists(path + ".tmp")
+    assert ckpt["format"] == finetune.CHECKPOINT_FORMAT and ckpt["format_version"] == 1
+    assert ckpt["module"] == module.__name__ and ckpt["benchmark"] == "atari"
+    assert ckpt["method"] == {"rainbow_mt_atari": "mt", "rainbow_reptile_atari": "reptile",
+                              "rainbow_pearl_atari": "pearl"}[module.__name__]
+    assert ckpt["train_tasks"] == ["Pong", "Breakout"] and ckpt["global_step"] == 123
+    assert ckpt["args"]["games"] == ["Pong", "Breakout"] and ckpt["num_actions"] == 18
+    state = net.state_dict()
+    assert list(ckpt["model"]) == list(state)
+    for k in state:
+        assert torch.equal(ckpt["model"][k], state[k])
+    assert finetune.load_checkpoint(path)["module"] == module.__name__
+
+
+# --------------------------------------------------------------------------- finetune.py
+
+
+def test_is_atari_task():
+    for name in ("Pong", "MsPacman", "BattleZone", "BeamRider", "ms_pacman", "ALE/Pong-v5"):
+        assert finetune.is_atari_task(name), name
+    for name in ("10000", "drawer-open-v3", "push_button", "Foo", "MsPacMan2", "boxing-v3", "ALE/Foo-v5"):
+        assert not finetune.is_atari_task(name), name
+
+
+def test_unknown_game_exits_with_one_line():
+    with pytest.raises(SystemExit) as e:
+        mt.rom_id("NoSuchGame")
+    assert str(e.value).startswith("error: unknown Atari game 'NoSuchGame'")
+    assert mt.rom_id("BattleZone") == "battle_zone"
+
+
+def test_training_is_repeatable_with_a_seed(tmp_path):
+    states = []
+    for run in range(2):
+        args = mt.Args(games=("Pong",), total_timesteps=130, learning_starts=100, buffer_size=500, batch_size=8,
+                       games_per_batch=1, pad_actions=False, output_dir=str(tmp_path / str(run)), seed=7)
+        states.append(mt.train(args, ["Pong"], method="scratch").state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -1,0 +1,117 @@
+"""Smoke tests: every Atari script and every finetune.py Atari path, run as a user would (via
+subprocess, tiny budgets), plus finetune.py's one-line errors."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import finetune  # noqa: E402
+
+TINY = ["--total-timesteps", "150", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8"]
+# evaluation episodes can last thousands of steps: one short capped episode per evaluation
+TINY_EVAL = ["--eval-every", "75", "--eval-episodes", "1", "--eval-max-steps", "30"]
+
+
+def run(*cmd, ok=True):
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    procs = {m: subprocess.Popen([sys.executable, f"rainbow_{m}_atari.py", "--train-games", "5", *TINY, "--output-dir",
+                                  str(out / m)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for m in ("mt", "reptile", "pearl")}  # in parallel: both cores
+    for m, proc in procs.items():
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-3000:]
+    return {m: str(out / m / "checkpoint.pt") for m in procs}
+
+
+@pytest.mark.parametrize("method", ["mt", "reptile", "pearl"])
+def test_pretraining_writes_checkpoint_and_logs(checkpoints, method):
+    ckpt = torch.load(checkpoints[method], weights_only=True)
+    assert ckpt["module"] == f"rainbow_{method}_atari" and ckpt["method"] == method
+    assert ckpt["global_step"] == 150 and ckpt["num_actions"] == 18
+    assert ckpt["train_tasks"] == ["Breakout", "DemonAttack", "Robotank", "BankHeist", "Solaris"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.dirname(checkpoints[method])))
+
+
+def read_eval(path):
+    with open(os.path.join(path, "eval.csv")) as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize("method", ["mt", "reptile", "pearl"])
+def test_finetune_from_checkpoint(checkpoints, method, tmp_path):
+    proc = run("finetune.py", "--checkpoint", checkpoints[method], "--task", "Pong", *TINY, *TINY_EVAL,
+               "--output-dir", str(tmp_path))
+    rows = read_eval(tmp_path)
+    assert rows[0] == ["env_step", "mean_return"] and [r[0] for r in rows[1:]] == ["75", "150"]
+    assert "final mean_return" in proc.stdout.strip().splitlines()[-1]
+    if method != "pearl":  # DER fine-tuning writes its own checkpoint, padded to 18 actions
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert ckpt["method"] == "finetune" and ckpt["train_tasks"] == ["Pong"] and ckpt["num_actions"] == 18
+
+
+def test_finetune_encoder_only(checkpoints, tmp_path):
+    run("finetune.py", "--checkpoint", checkpoints["mt"], "--task", "Pong", "--load-encoder-only", *TINY, *TINY_EVAL,
+        "--output-dir", str(tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["method"] == "finetune"
+
+
+def test_scratch_uses_the_games_own_actions(tmp_path):
+    run("finetune.py", "--scratch", "atari", "--task", "Pong", *TINY, *TINY_EVAL, "--output-dir", str(tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["method"] == "scratch" and ckpt["num_actions"] == 6  # Pong's minimal action set
+    assert len(read_eval(tmp_path)) == 3
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_game_in_training_script_is_one_line():
+    proc = run("rainbow_mt_atari.py", "--games", "Pong", "NotAGame", ok=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown Atari game 'NotAGame'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_finetune_unknown_game_cli_is_one_line(checkpoints):
+    proc = run("finetune.py", "--checkpoint", checkpoints["mt"], "--task", "NotAGame", ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "finetune.py: error: unknown atari task 'NotAGame': expected an Atari game such as Pong"
+
+
+def test_finetune_error_cases(checkpoints, tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(finetune.FinetuneError, match="not a checkpoint of this project"):
+        finetune.main(["--checkpoint", str(foreign), "--task", "Pong"])
+
+    truncated = tmp_path / "truncated.pt"
+    data = open(checkpoints["mt"], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(finetune.FinetuneError, match="truncated, corrupt or unsafe"):
+        finetune.main(["--checkpoint", str(truncated), "--task", "Pong"])
+
+    procgen = tmp_path / "procgen.pt"
+    ckpt = torch.load(checkpoints["mt"], weights_only=True)
+    ckpt.update(module="ppo_mt_procgen", benchmark="procgen", method="mt", train_tasks=[0])
+    torch.save(ckpt, procgen)
+    with pytest.raises(finetune.FinetuneError, match="is a procgen checkpoint, but task 'Pong' is a atari task"):
+        finetune.main(["--checkpoint", str(procgen), "--task", "Pong", "--output-dir", str(tmp_path / "x")])
+
+    with pytest.raises(finetune.FinetuneError, match="unknown atari task 'Pongg'"):
+        finetune.main(["--scratch", "atari", "--task", "Pongg", "--output-dir", str(tmp_path / "y")])
