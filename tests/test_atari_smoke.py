@@ -110,7 +110,7 @@ def test_finetune_error_cases(checkpoints, tmp_path):
     ckpt = torch.load(checkpoints["mt"], weights_only=True)
     ckpt.update(module="ppo_mt_procgen", benchmark="procgen", method="mt", train_tasks=[0])
     torch.save(ckpt, procgen)
-    with pytest.raises(finetune.FinetuneError, match="is a procgen checkpoint, but task 'Pong' is a atari task"):
+    with pytest.raises(finetune.FinetuneError, match="from the procgen benchmark, but task 'Pong' belongs to atari"):
         finetune.main(["--checkpoint", str(procgen), "--task", "Pong", "--output-dir", str(tmp_path / "x")])
 
     with pytest.raises(finetune.FinetuneError, match="unknown atari task 'Pongg'"):
