@@ -204,8 +204,6 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
                                 f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
         for layer in q_network.noisy_layers():  # noisy sigmas re-initialised for the new game
             layer.reset_sigma()
-    elif opts.load_encoder_only:
-        raise FinetuneError("--load-encoder-only needs a --checkpoint")
     der.train(args, [opts.task], q_network=q_network, method="finetune" if ckpt else "scratch",
               writer=run.writer, log_eval=run.log_eval, eval_every=eval_every)
 
@@ -302,6 +300,9 @@ def main(argv: list[str] | None = None) -> str:
             source = f"checkpoint {opts.checkpoint} is from" if ckpt is not None else "--scratch asks for"
             raise FinetuneError(f"{source} the {benchmark} benchmark, but task '{opts.task}' belongs to {others[0]}")
         raise FinetuneError(f"unknown {benchmark} task '{opts.task}': expected {task_kind}")
+    if opts.load_encoder_only and (ckpt is None or benchmark == "procgen" or ckpt["method"] in ("rl2", "pearl")):
+        raise FinetuneError("--load-encoder-only needs an MT or Reptile checkpoint of Atari or RLBench "
+                            "(Procgen fine-tunes the whole network; RL2 and PEARL adapt without gradients)")
     label = f"{ckpt['module']}[{ckpt['method']}]" if ckpt else f"scratch[{benchmark}]"
     seed_tag = f"{int(time.time())}"
     output_dir = opts.output_dir or os.path.join("runs", f"finetune_{benchmark}_{ckpt['method'] if ckpt else 'scratch'}_{opts.task}_{seed_tag}")

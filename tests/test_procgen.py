@@ -260,6 +260,8 @@ def test_finetune_rejects_bad_input(pretrained, tmp_path):
         (["--checkpoint", str(foreign), "--task", "10000"], "not a checkpoint of this project"),
         (["--checkpoint", str(pretrained["ppo_mt_procgen"]), "--task", "level-7"], "unknown procgen task"),
         (["--scratch", "procgen", "--task", "abc"], "unknown procgen task"),
+        (["--checkpoint", str(pretrained["ppo_mt_procgen"]), "--task", "10000", "--load-encoder-only"],
+         "--load-encoder-only needs an MT or Reptile checkpoint of Atari or RLBench"),
     ]
     for argv, message in cases:
         proc = run_script("finetune.py", *argv)
