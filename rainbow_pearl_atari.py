@@ -531,7 +531,7 @@ def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.
              device) -> torch.Tensor:
     """Per-sample C51 cross-entropy with a double-Q target; z (B, latent) carries gradient into
     the context encoder through the online heads only."""
-    # uint8 frames become float in numpy: several times faster than torch's conversion on the CPU
+    # uint8 frames become float in numpy (faster than torch on a busy CPU, benchmarks/)
     t = {k: torch.as_tensor(v.astype(np.float32) if v.dtype == np.uint8 else v, device=device)
          for k, v in batch.items() if k != "indices"}
     rows = torch.arange(len(t["actions"]), device=device)

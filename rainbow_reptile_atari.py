@@ -452,7 +452,7 @@ class ReplayBuffer:
 
 def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device) -> torch.Tensor:
     """Per-sample C51 cross-entropy with a double-Q target (online net picks, target net rates)."""
-    # uint8 frames become float in numpy: several times faster than torch's conversion on the CPU
+    # uint8 frames become float in numpy (faster than torch on a busy CPU, benchmarks/)
     t = {k: torch.as_tensor(v.astype(np.float32) if v.dtype == np.uint8 else v, device=device)
          for k, v in batch.items() if k != "indices"}
     log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
