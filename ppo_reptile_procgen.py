@@ -47,7 +47,7 @@ class Args:
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
-    distribution_mode: str = "hard"
+    distribution_mode: Literal["easy", "hard", "extreme", "memory", "exploration"] = "hard"
     num_levels: int = 1000
     """training levels (the paper reports 100, 1000 and 10000); 0 means unlimited"""
     start_level: int = 0
@@ -108,6 +108,10 @@ class ProcgenVecEnv:
 
     def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int):
         procgen = import_procgen()
+        from procgen.env import ENV_NAMES
+
+        if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
+            raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
         self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,
                                       start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed)
         self.num_envs = num_envs

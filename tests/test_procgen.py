@@ -275,3 +275,6 @@ def test_script_rejects_impossible_flags():
     assert proc.returncode != 0 and "divisible" in proc.stderr.strip().splitlines()[-1]
     proc = run_script("ppo_rl2_procgen.py", "--num-envs", "4", "--num-minibatches", "3")
     assert proc.returncode != 0 and "whole env sequences" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("ppo_reptile_procgen.py", "--env-id", "coinrn", "--num-envs", "2", "--num-steps", "8",
+                      "--num-minibatches", "1", "--total-timesteps", "16", "--num-levels", "2")
+    assert proc.returncode != 0 and "unknown Procgen game 'coinrn'" in proc.stderr.strip().splitlines()[-1]
