@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> str:
         raise FinetuneError("--load-encoder-only needs an MT or Reptile checkpoint of Atari or RLBench "
                             "(Procgen fine-tunes the whole network; RL2 and PEARL adapt without gradients)")
     label = f"{ckpt['module']}[{ckpt['method']}]" if ckpt else f"scratch[{benchmark}]"
-    seed_tag = f"{int(time.time())}"
-    output_dir = opts.output_dir or os.path.join("runs", f"finetune_{benchmark}_{ckpt['method'] if ckpt else 'scratch'}_{opts.task}_{seed_tag}")
+    method = ckpt["method"] if ckpt else "scratch"
+    output_dir = opts.output_dir or os.path.join("runs", f"finetune_{benchmark}_{method}_{opts.task}_{int(time.time())}")
     opts.output_dir = output_dir
     print(f"fine-tuning {label} on {benchmark} task {opts.task} -> {output_dir}", flush=True)
     run = Run(output_dir, metric)
