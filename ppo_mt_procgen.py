@@ -404,6 +404,8 @@ def log_iteration(writer, iteration: int, num_iterations: int, global_step: int,
 def setup(args: Args, writer):
     """Checks the budget flags, seeds, and opens the output directory; returns
     (num_iterations, device, writer, owns_writer)."""
+    if args.num_envs < 1 or args.num_steps < 1:
+        raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
     batch_size = args.num_envs * args.num_steps
     if args.num_minibatches < 1 or batch_size % args.num_minibatches:
         raise SystemExit(f"error: --num-envs x --num-steps ({batch_size}) must be divisible by --num-minibatches ({args.num_minibatches})")

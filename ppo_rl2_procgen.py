@@ -452,6 +452,8 @@ def make_writer(args: Args, run_name: str):
 def setup(args: Args, writer):
     """Checks the budget flags, seeds, and opens the output directory; returns
     (num_iterations, device, writer, owns_writer)."""
+    if args.num_envs < 1 or args.num_steps < 1:
+        raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
     batch_size = args.num_envs * args.num_steps
     if args.num_trials < 1:
         raise SystemExit("error: --num-trials must be at least 1")

@@ -273,6 +273,8 @@ def test_finetune_rejects_bad_input(pretrained, tmp_path):
 def test_script_rejects_impossible_flags():
     proc = run_script("ppo_mt_procgen.py", "--num-envs", "3", "--num-steps", "5", "--num-minibatches", "2")
     assert proc.returncode != 0 and "divisible" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("ppo_mt_procgen.py", "--num-envs", "0")
+    assert proc.returncode != 0 and "must be at least 1" in proc.stderr.strip().splitlines()[-1]
     proc = run_script("ppo_rl2_procgen.py", "--num-envs", "4", "--num-minibatches", "3")
     assert proc.returncode != 0 and "whole env sequences" in proc.stderr.strip().splitlines()[-1]
     proc = run_script("ppo_reptile_procgen.py", "--env-id", "coinrn", "--num-envs", "2", "--num-steps", "8",
