@@ -18,6 +18,7 @@ Importable pieces (finetune.py and the tests use them): `AtariEnv`/`make_env`,
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import random
@@ -25,6 +26,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -51,6 +53,9 @@ class Args:
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     torch_threads: int = 1
     """torch CPU threads; DER's small network runs fastest on one (see benchmarks/)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """encoder and hidden layers in bfloat16 autocast (output layers, C51 loss and Adam stay fp32);
+    auto = bf16 where the hardware has native bfloat16 arithmetic"""
 
     # games
     train_games: int = 10
@@ -71,6 +76,8 @@ class Args:
     """epsilon-greedy during evaluation (DER protocol)"""
     eval_max_steps: int = 27_000
     """cap on agent steps per evaluation episode: 108k frames, the ALE standard"""
+    background_eval: bool = True
+    """finetune.py's evaluations run in a second process while training goes on (False: in the loop)"""
 
     # DER hyperparameters (van Hasselt et al. 2019, Table 1; same in the authors' fork)
     buffer_size: int = 1_000_000
@@ -271,17 +278,58 @@ class NoisyLinear(nn.Module):
         return F.linear(x, self.weight_mu, self.bias_mu)
 
 
+PATCHES, PATCH_PIXELS = 16 * 16, 5 * 5  # the first conv's 16x16 positions and its 5x5 window
+
+
+def frame_patches(frames: np.ndarray) -> np.ndarray:
+    """(..., 84, 84) frames -> (..., 256, 25): the non-overlapping 5x5 patches that DER's first conv
+    (kernel 5, stride 5) reads, row by row. It never reads the last 4 rows and columns."""
+    lead = frames.shape[:-2]
+    x = frames[..., :80, :80].reshape(*lead, 16, 5, 16, 5)
+    return np.swapaxes(x, -3, -2).reshape(*lead, PATCHES, PATCH_PIXELS)
+
+
+def to_patches(obs: np.ndarray) -> np.ndarray:
+    """(..., 4, 84, 84) frame stacks -> (..., 256, 100), the network's input: at each patch
+    position the 4 frames' 25 pixels, frame by frame (the order of the conv weight's inputs)."""
+    return np.swapaxes(frame_patches(obs), -3, -2).reshape(*obs.shape[:-3], PATCHES, 4 * PATCH_PIXELS)
+
+
+class Encoder(nn.Module):
+    """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
+    flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
+    so each conv is one matrix product over patches. Written that way, forward plus backward runs
+    about twice as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare); the
+    parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 32, 5, stride=5)
+        self.conv2 = nn.Conv2d(32, 64, 5, stride=5)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (B, 256, 100) from `to_patches`, scaled to [0, 1] -> features (B, 576)."""
+        b = patches.shape[0]
+        x = F.relu(F.linear(patches, self.conv1.weight.flatten(1), self.conv1.bias))  # (B, 16 * 16, 32)
+        # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
+        x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
+        x = F.relu(F.linear(x, self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))  # (B, 9, 64)
+        return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+
+
 class QNetwork(nn.Module):
-    """DER network: two 5x5 stride-5 convs (84x84 -> 576 features), dueling NoisyNet heads
-    over num_atoms return atoms. forward() gives log-probabilities (batch, actions, atoms)."""
+    """DER network: the conv `Encoder` (576 features), dueling NoisyNet heads over num_atoms return
+    atoms. forward() takes `to_patches` observations (uint8) and gives log-probabilities
+    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16
+    autocast; the output layers and the softmax stay fp32 (C51 needs the resolution)."""
 
     def __init__(self, num_actions: int, hidden_size: int = 256, num_atoms: int = 51, v_min: float = -10.0,
                  v_max: float = 10.0, noisy_std: float = 0.1):
         super().__init__()
         self.num_actions, self.num_atoms = num_actions, num_atoms
+        self.bf16 = False  # set from --precision by `use_bf16`; not part of the state dict
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
-        self.encoder = nn.Sequential(
-            nn.Conv2d(4, 32, 5, stride=5), nn.ReLU(), nn.Conv2d(32, 64, 5, stride=5), nn.ReLU(), nn.Flatten())
+        self.encoder = Encoder()
         self.value_hidden = NoisyLinear(576, hidden_size, noisy_std)
         self.value_out = NoisyLinear(hidden_size, num_atoms, noisy_std)
         self.advantage_hidden = NoisyLinear(576, hidden_size, noisy_std)
@@ -295,13 +343,24 @@ class QNetwork(nn.Module):
             layer.reset_noise()
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = self.encoder(obs.float().mul_(1 / 255))
-        value = self.value_out(F.relu(self.value_hidden(x))).view(-1, 1, self.num_atoms)
-        adv = self.advantage_out(F.relu(self.advantage_hidden(x))).view(-1, self.num_actions, self.num_atoms)
+        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
+            x = self.encoder(obs.to(torch.bfloat16 if self.bf16 else torch.float32).mul_(1 / 255))
+            value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
+        value = self.value_out(value_hidden.float()).view(-1, 1, self.num_atoms)
+        adv = self.advantage_out(advantage_hidden.float()).view(-1, self.num_actions, self.num_atoms)
         return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
 
     def q_values(self, obs: torch.Tensor) -> torch.Tensor:
         return (self.forward(obs).exp() * self.support).sum(2)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
@@ -341,12 +400,9 @@ class SumTree:
     def update(self, indices: np.ndarray, priorities: np.ndarray) -> None:
         idx = np.asarray(indices, np.int64) + self.leaf0
         self.nodes[idx] = priorities
-        idx = np.unique(idx // 2)
-        while idx[0] >= 1:
+        for _ in range(self.leaf0.bit_length() - 1):  # every ancestor, level by level up to the root
+            idx = idx // 2  # a parent shared by several leaves is recomputed to the same sum each time
             self.nodes[idx] = self.nodes[2 * idx] + self.nodes[2 * idx + 1]
-            if idx[0] == 1:
-                break
-            idx = np.unique(idx // 2)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self.nodes[np.asarray(indices, np.int64) + self.leaf0]
@@ -371,7 +427,8 @@ class SumTree:
 
 
 class ReplayBuffer:
-    """Prioritized n-step replay that stores every frame once. Entry i holds the newest frame
+    """Prioritized n-step replay that stores every frame once (as its 5x5 patches, the layout
+    the network reads; see `frame_patches`). Entry i holds the newest frame
     of observation s_i, the action, the (clipped) reward, whether the step ended the episode,
     and t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before
     the episode start replaced by zeros (what the env's stack shows). A transition becomes
@@ -380,7 +437,8 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, n_step: int, gamma: float, priority_exponent: float, seed: int = 0):
         self.capacity, self.n_step, self.gamma, self.alpha = capacity, n_step, gamma, priority_exponent
-        self.frames = np.zeros((capacity, 84, 84), np.uint8)
+        # frames as `frame_patches` gives them; the extra last one stays blank (zeros before an episode start)
+        self.frames = np.zeros((capacity + 1, PATCHES, PATCH_PIXELS), np.uint8)
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)
         self.dones = np.zeros(capacity, np.bool_)
@@ -394,7 +452,7 @@ class ReplayBuffer:
         i = self.pos
         # entries i..i+3 stop being valid: i is overwritten, i+1..i+3 would stack the new frame
         self.tree.update(np.arange(i, i + 4) % self.capacity, np.zeros(4))
-        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame, action, reward, done
+        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame_patches(frame), action, reward, done
         self.timesteps[i] = self.next_t
         self.next_t = 0 if done else self.next_t + 1
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
@@ -402,12 +460,15 @@ class ReplayBuffer:
             self.tree.update(np.array([(i - self.n_step) % self.capacity]), np.array([self.tree.max_priority]))
 
     def stacked(self, indices: np.ndarray) -> np.ndarray:
-        """Observations s_i (B, 4, 84, 84) rebuilt from single frames."""
+        """Observations s_i rebuilt from single frames, in the network's layout: `to_patches` of the
+        (B, 4, 84, 84) stacks, i.e. (B, 256, 100)."""
         offsets = np.arange(3, -1, -1)  # frame i-3 first, i last
-        idx = (indices[:, None] - offsets[None]) % self.capacity
-        obs = self.frames[idx]
-        obs[offsets[None] > self.timesteps[indices][:, None]] = 0
-        return obs
+        idx = (indices[:, None] - offsets[None]) % self.capacity  # (B, 4)
+        idx[offsets[None] > self.timesteps[indices][:, None]] = self.capacity  # before the episode start: blank
+        # one gather of 25-pixel rows: row (frame f, patch p) of the ((capacity + 1) * 256, 25) view
+        rows = idx[:, None, :] * PATCHES + np.arange(PATCHES)[None, :, None]  # (B, 256, 4)
+        obs = np.take(self.frames.reshape(-1, PATCH_PIXELS), rows, axis=0)  # (B, 256, 4, 25)
+        return obs.reshape(len(indices), PATCHES, 4 * PATCH_PIXELS)
 
     def nstep(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """n-step discounted return and bootstrap discount (gamma^n, or 0 if the episode ended)."""
@@ -445,7 +506,7 @@ def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float, rng: np.r
     games = rng.choice(ready, size=k, replace=False)
     sizes = [args.batch_size // k + (1 if j < args.batch_size % k else 0) for j in range(k)]
     parts = [(g, buffers[g].sample(s, beta)) for g, s in zip(games, sizes)]
-    batch = {key: np.concatenate([p[key] for _, p in parts]) for key in parts[0][1]}
+    batch = {key: np.concatenate([p[key] for _, p in parts]) for key in parts[0][1]} if k > 1 else parts[0][1]
     batch["weights"] = batch["weights"] / batch["weights"].max()
     return batch, [(g, len(p["indices"])) for g, p in parts]
 
@@ -455,9 +516,7 @@ def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float, rng: np.r
 
 def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device) -> torch.Tensor:
     """Per-sample C51 cross-entropy with a double-Q target (online net picks, target net rates)."""
-    # uint8 frames become float in numpy (faster than torch on a busy CPU, benchmarks/)
-    t = {k: torch.as_tensor(v.astype(np.float32) if v.dtype == np.uint8 else v, device=device)
-         for k, v in batch.items() if k != "indices"}
+    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
     log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
     with torch.no_grad():
         next_best = q_network.q_values(t["next_obs"]).argmax(1)
@@ -480,7 +539,7 @@ def optimize(q_network, target_network, optimizer, batch, args: Args, device) ->
 
 @torch.inference_mode()
 def act(q_network: QNetwork, obs: np.ndarray, device) -> int:
-    return int(q_network.q_values(torch.as_tensor(obs, device=device)[None]).argmax(1).item())
+    return int(q_network.q_values(torch.as_tensor(to_patches(obs), device=device)[None]).argmax(1).item())
 
 
 def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, device, seed: int) -> list[float]:
@@ -500,6 +559,46 @@ def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, devic
                 break
     q_network.train(was_training)
     return returns
+
+
+def evaluate_snapshot(state: dict, bf16: bool, game: str, args: Args, num_actions: int, seed: int) -> list[float]:
+    """`evaluate` on a network rebuilt from a state dict (what the background evaluator runs)."""
+    torch.set_num_threads(1)
+    q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
+    q_network.load_state_dict(state)
+    q_network.bf16 = bf16
+    return evaluate(q_network, game, args, num_actions, torch.device("cpu"), seed)
+
+
+class BackgroundEvaluator:
+    """Evaluates snapshots of the network in a second process while training goes on, and hands the
+    mean scores to log_eval in step order. The learner uses one core, so on a 2-core CPU the ~10
+    evaluations of a 100k-step run cost it almost no time. The scores are those of evaluating in
+    the loop: same snapshot, same seeds."""
+
+    def __init__(self, log_eval, game: str, args: Args, num_actions: int):
+        import concurrent.futures
+        import multiprocessing
+
+        self.log_eval, self.game, self.args, self.num_actions = log_eval, game, args, num_actions
+        self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.pending = []  # (step, future), oldest first
+
+    def submit(self, step: int, q_network: QNetwork) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in q_network.state_dict().items()}
+        self.pending.append((step, self.pool.submit(evaluate_snapshot, state, q_network.bf16, self.game, self.args,
+                                                    self.num_actions, self.args.seed + 10_000 + step)))
+
+    def log_finished(self, wait: bool = False) -> None:
+        while self.pending and (wait or self.pending[0][1].done()):
+            step, future = self.pending.pop(0)
+            self.log_eval(step, float(np.mean(future.result())))
+
+    def close(self) -> None:
+        try:
+            self.log_finished(wait=True)
+        finally:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
@@ -536,8 +635,22 @@ def resolve_games(args: Args) -> list[str]:
     return games
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse. By default it hands big freed blocks back to the OS
+    and page-faults them in again at the next allocation; DER allocates a few MB of batch and
+    activation tensors per update, and keeping them makes a CPU step about 8% faster
+    (benchmarks/bench_rainbow_atari.py). Does nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
+
+
 def seed_everything(args: Args) -> torch.device:
-    """Seeds and threads; returns the device."""
+    """Seeds, threads and the allocator; returns the device."""
+    keep_freed_memory()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -574,6 +687,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     target_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
                               args.noisy_std).to(device)
     target_network.load_state_dict(q_network.state_dict())
+    q_network.bf16 = target_network.bf16 = use_bf16(args.precision, device)
     # fused Adam: one kernel for all parameters (faster than the per-tensor loop on a busy CPU, benchmarks/)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     buffers = [ReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
@@ -582,8 +696,12 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     rng = np.random.default_rng(args.seed)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
+    evaluator = BackgroundEvaluator(log_eval, games[0], args, num_actions) if log_eval and args.background_eval else None
+
     def run_eval(step: int) -> None:
-        if log_eval is not None:
+        if evaluator is not None:
+            evaluator.submit(step, q_network)
+        elif log_eval is not None:
             scores = evaluate(q_network, games[0], args, num_actions, device, seed=args.seed + 10_000 + step)
             log_eval(step, float(np.mean(scores)))
 
@@ -628,11 +746,15 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
             print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
                   flush=True)
             writer.add_scalar("charts/SPS", sps, global_step)
+            if evaluator is not None:
+                evaluator.log_finished()
         if eval_every and global_step % eval_every == 0 and global_step != args.total_timesteps:
             run_eval(global_step)
         if global_step % args.save_every == 0 or global_step == args.total_timesteps:
             save_checkpoint(ckpt_path, args, q_network, optimizer, global_step, method, games, num_actions)
     run_eval(args.total_timesteps)
+    if evaluator is not None:
+        evaluator.close()
     return q_network
 
 

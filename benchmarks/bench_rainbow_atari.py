@@ -32,12 +32,14 @@ def parse():
     p.add_argument("--learning-starts", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compare", action="store_true", help="A/B the update variants instead")
     p.add_argument("--repeats", type=int, default=5, help="--compare: interleaved rounds of 20 updates")
     return p.parse_args()
 
 
 def full_loop(opts) -> None:
+    der.keep_freed_memory()
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False)
@@ -46,6 +48,7 @@ def full_loop(opts) -> None:
     q = der.QNetwork(num_actions)
     target = der.QNetwork(num_actions)
     target.load_state_dict(q.state_dict())
+    q.bf16 = target.bf16 = der.use_bf16(opts.precision, torch.device("cpu"))
     optimizer = torch.optim.Adam(q.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     buffer = der.ReplayBuffer(100_000, args.n_step, args.gamma, args.priority_exponent)
     rng = np.random.default_rng(0)
