@@ -169,15 +169,17 @@ class AtariEnv(gym.Env):
         self.episodic_life, self.max_noops, self.frame_skip = episodic_life, max_noops, frame_skip
         self.max_episode_steps = max_episode_steps
         self.rng = np.random.default_rng(seed)
-        self._rows, self._cols = _area_matrix(210, 84), _area_matrix(160, 84).T
+        # the resize runs in torch, which keeps to its thread setting; numpy's BLAS would start
+        # threads that spin on the other core after every frame
+        self._rows, self._cols = torch.from_numpy(_area_matrix(210, 84)), torch.from_numpy(_area_matrix(160, 84).T)
         self._screens = np.zeros((2, 210, 160), np.uint8)
         self.frames = np.zeros((4, 84, 84), np.uint8)
         self.lives, self.game_return, self.game_length, self.steps = 0, 0.0, 0, 0
         self.needs_game_reset = True
 
     def _frame(self) -> np.ndarray:
-        pooled = self._screens.max(0).astype(np.float32)
-        return np.rint(self._rows @ pooled @ self._cols).astype(np.uint8)
+        pooled = torch.from_numpy(self._screens.max(0)).float()
+        return (self._rows @ pooled @ self._cols).round_().to(torch.uint8).numpy()
 
     def _push(self, frame: np.ndarray) -> np.ndarray:
         self.frames[:-1] = self.frames[1:]
@@ -514,27 +516,47 @@ def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float, rng: np.r
 # --------------------------------------------------------------------------- learning
 
 
-def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device) -> torch.Tensor:
-    """Per-sample C51 cross-entropy with a double-Q target (online net picks, target net rates)."""
-    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
-    log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
+def target_distribution(q_network: QNetwork, target_network: QNetwork, t: dict[str, torch.Tensor], device):
+    """The C51 target with double Q: the online net picks the next action, the target net rates it."""
     with torch.no_grad():
         next_best = q_network.q_values(t["next_obs"]).argmax(1)
-        target_network.reset_noise()
         next_probs = target_network(t["next_obs"]).exp()[torch.arange(len(next_best), device=device), next_best]
-        target = project_distribution(next_probs, t["returns"], t["discounts"], q_network.support)
+        return project_distribution(next_probs, t["returns"], t["discounts"], q_network.support)
+
+
+def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device,
+             helper=None) -> torch.Tensor:
+    """Per-sample C51 cross-entropy against the double-Q target. With `helper` (a one-thread
+    executor) the target side runs there while this thread runs the online forward pass: torch
+    releases the GIL inside its kernels, so on a 2-core CPU the two overlap. Same result either way."""
+    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
+    target_network.reset_noise()
+    if helper is not None:
+        target = helper.submit(target_distribution, q_network, target_network, t, device)
+    log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
+    target = target.result() if helper is not None else target_distribution(q_network, target_network, t, device)
     return -(target * log_probs).sum(1)
 
 
-def optimize(q_network, target_network, optimizer, batch, args: Args, device) -> torch.Tensor:
+def optimize(q_network, target_network, optimizer, batch, args: Args, device, helper=None) -> torch.Tensor:
     """One prioritized, importance-weighted gradient step; returns per-sample losses."""
-    losses = dqn_loss(q_network, target_network, batch, device)
+    losses = dqn_loss(q_network, target_network, batch, device, helper)
     weights = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
     optimizer.zero_grad()
     (weights * losses).mean().backward()
     nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
     optimizer.step()
     return losses.detach()
+
+
+def target_helper(args: Args, device: torch.device):
+    """The thread `dqn_loss` computes targets in: on a CPU with a core to spare (torch keeps to
+    --torch-threads per thread, so the thread gets the same setting), else None."""
+    import concurrent.futures
+
+    if device.type != "cpu" or (os.cpu_count() or 1) <= args.torch_threads:
+        return None
+    return concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(args.torch_threads,))
 
 
 @torch.inference_mode()
@@ -694,6 +716,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
                             args.seed + g) for g in range(len(games))]
     envs = [make_env(game, args.seed + 1000 * g, num_actions, args=args) for g, game in enumerate(games)]
     rng = np.random.default_rng(args.seed)
+    helper = target_helper(args, device)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
     evaluator = BackgroundEvaluator(log_eval, games[0], args, num_actions) if log_eval and args.background_eval else None
@@ -729,7 +752,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
             for _ in range(args.replay_ratio):
                 q_network.reset_noise()
                 batch, parts = sample_games(buffers, args, beta, rng)
-                losses = optimize(q_network, target_network, optimizer, batch, args, device).cpu().numpy()
+                losses = optimize(q_network, target_network, optimizer, batch, args, device, helper).cpu().numpy()
                 start = 0
                 for g, size in parts:
                     buffers[g].update_priorities(batch["indices"][start:start + size], losses[start:start + size])
@@ -755,6 +778,8 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     run_eval(args.total_timesteps)
     if evaluator is not None:
         evaluator.close()
+    if helper is not None:
+        helper.shutdown()
     return q_network
 
 

@@ -22,6 +22,7 @@ DER as in rainbow_mt_atari.py, repeated here so this file stands alone.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import random
@@ -29,6 +30,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -55,6 +57,9 @@ class Args:
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     torch_threads: int = 1
     """torch CPU threads; DER's small network runs fastest on one (see benchmarks/)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """encoder and hidden layers in bfloat16 autocast (output layers, C51 loss and Adam stay fp32);
+    auto = bf16 where the hardware has native bfloat16 arithmetic"""
 
     # games
     train_games: int = 10
@@ -171,15 +176,17 @@ class AtariEnv(gym.Env):
         self.episodic_life, self.max_noops, self.frame_skip = episodic_life, max_noops, frame_skip
         self.max_episode_steps = max_episode_steps
         self.rng = np.random.default_rng(seed)
-        self._rows, self._cols = _area_matrix(210, 84), _area_matrix(160, 84).T
+        # the resize runs in torch, which keeps to its thread setting; numpy's BLAS would start
+        # threads that spin on the other core after every frame
+        self._rows, self._cols = torch.from_numpy(_area_matrix(210, 84)), torch.from_numpy(_area_matrix(160, 84).T)
         self._screens = np.zeros((2, 210, 160), np.uint8)
         self.frames = np.zeros((4, 84, 84), np.uint8)
         self.lives, self.game_return, self.game_length, self.steps = 0, 0.0, 0, 0
         self.needs_game_reset = True
 
     def _frame(self) -> np.ndarray:
-        pooled = self._screens.max(0).astype(np.float32)
-        return np.rint(self._rows @ pooled @ self._cols).astype(np.uint8)
+        pooled = torch.from_numpy(self._screens.max(0)).float()
+        return (self._rows @ pooled @ self._cols).round_().to(torch.uint8).numpy()
 
     def _push(self, frame: np.ndarray) -> np.ndarray:
         self.frames[:-1] = self.frames[1:]
@@ -280,17 +287,58 @@ class NoisyLinear(nn.Module):
         return F.linear(x, self.weight_mu, self.bias_mu)
 
 
+PATCHES, PATCH_PIXELS = 16 * 16, 5 * 5  # the first conv's 16x16 positions and its 5x5 window
+
+
+def frame_patches(frames: np.ndarray) -> np.ndarray:
+    """(..., 84, 84) frames -> (..., 256, 25): the non-overlapping 5x5 patches that DER's first conv
+    (kernel 5, stride 5) reads, row by row. It never reads the last 4 rows and columns."""
+    lead = frames.shape[:-2]
+    x = frames[..., :80, :80].reshape(*lead, 16, 5, 16, 5)
+    return np.swapaxes(x, -3, -2).reshape(*lead, PATCHES, PATCH_PIXELS)
+
+
+def to_patches(obs: np.ndarray) -> np.ndarray:
+    """(..., 4, 84, 84) frame stacks -> (..., 256, 100), the network's input: at each patch
+    position the 4 frames' 25 pixels, frame by frame (the order of the conv weight's inputs)."""
+    return np.swapaxes(frame_patches(obs), -3, -2).reshape(*obs.shape[:-3], PATCHES, 4 * PATCH_PIXELS)
+
+
+class Encoder(nn.Module):
+    """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
+    flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
+    so each conv is one matrix product over patches. Written that way, forward plus backward runs
+    about twice as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare); the
+    parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 32, 5, stride=5)
+        self.conv2 = nn.Conv2d(32, 64, 5, stride=5)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (B, 256, 100) from `to_patches`, scaled to [0, 1] -> features (B, 576)."""
+        b = patches.shape[0]
+        x = F.relu(F.linear(patches, self.conv1.weight.flatten(1), self.conv1.bias))  # (B, 16 * 16, 32)
+        # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
+        x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
+        x = F.relu(F.linear(x, self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))  # (B, 9, 64)
+        return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+
+
 class QNetwork(nn.Module):
-    """DER network: two 5x5 stride-5 convs (84x84 -> 576 features), dueling NoisyNet heads
-    over num_atoms return atoms. forward() gives log-probabilities (batch, actions, atoms)."""
+    """DER network: the conv `Encoder` (576 features), dueling NoisyNet heads over num_atoms return
+    atoms. forward() takes `to_patches` observations (uint8) and gives log-probabilities
+    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16
+    autocast; the output layers and the softmax stay fp32 (C51 needs the resolution)."""
 
     def __init__(self, num_actions: int, hidden_size: int = 256, num_atoms: int = 51, v_min: float = -10.0,
                  v_max: float = 10.0, noisy_std: float = 0.1):
         super().__init__()
         self.num_actions, self.num_atoms = num_actions, num_atoms
+        self.bf16 = False  # set from --precision by `use_bf16`; not part of the state dict
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
-        self.encoder = nn.Sequential(
-            nn.Conv2d(4, 32, 5, stride=5), nn.ReLU(), nn.Conv2d(32, 64, 5, stride=5), nn.ReLU(), nn.Flatten())
+        self.encoder = Encoder()
         self.value_hidden = NoisyLinear(576, hidden_size, noisy_std)
         self.value_out = NoisyLinear(hidden_size, num_atoms, noisy_std)
         self.advantage_hidden = NoisyLinear(576, hidden_size, noisy_std)
@@ -304,13 +352,24 @@ class QNetwork(nn.Module):
             layer.reset_noise()
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = self.encoder(obs.float().mul_(1 / 255))
-        value = self.value_out(F.relu(self.value_hidden(x))).view(-1, 1, self.num_atoms)
-        adv = self.advantage_out(F.relu(self.advantage_hidden(x))).view(-1, self.num_actions, self.num_atoms)
+        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
+            x = self.encoder(obs.to(torch.bfloat16 if self.bf16 else torch.float32).mul_(1 / 255))
+            value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
+        value = self.value_out(value_hidden.float()).view(-1, 1, self.num_atoms)
+        adv = self.advantage_out(advantage_hidden.float()).view(-1, self.num_actions, self.num_atoms)
         return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
 
     def q_values(self, obs: torch.Tensor) -> torch.Tensor:
         return (self.forward(obs).exp() * self.support).sum(2)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
@@ -350,12 +409,9 @@ class SumTree:
     def update(self, indices: np.ndarray, priorities: np.ndarray) -> None:
         idx = np.asarray(indices, np.int64) + self.leaf0
         self.nodes[idx] = priorities
-        idx = np.unique(idx // 2)
-        while idx[0] >= 1:
+        for _ in range(self.leaf0.bit_length() - 1):  # every ancestor, level by level up to the root
+            idx = idx // 2  # a parent shared by several leaves is recomputed to the same sum each time
             self.nodes[idx] = self.nodes[2 * idx] + self.nodes[2 * idx + 1]
-            if idx[0] == 1:
-                break
-            idx = np.unique(idx // 2)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self.nodes[np.asarray(indices, np.int64) + self.leaf0]
@@ -380,7 +436,8 @@ class SumTree:
 
 
 class ReplayBuffer:
-    """Prioritized n-step replay that stores every frame once. Entry i holds the newest frame
+    """Prioritized n-step replay that stores every frame once (as its 5x5 patches, the layout
+    the network reads; see `frame_patches`). Entry i holds the newest frame
     of observation s_i, the action, the (clipped) reward, whether the step ended the episode,
     and t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before
     the episode start replaced by zeros (what the env's stack shows). A transition becomes
@@ -389,7 +446,8 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, n_step: int, gamma: float, priority_exponent: float, seed: int = 0):
         self.capacity, self.n_step, self.gamma, self.alpha = capacity, n_step, gamma, priority_exponent
-        self.frames = np.zeros((capacity, 84, 84), np.uint8)
+        # frames as `frame_patches` gives them; the extra last one stays blank (zeros before an episode start)
+        self.frames = np.zeros((capacity + 1, PATCHES, PATCH_PIXELS), np.uint8)
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)
         self.dones = np.zeros(capacity, np.bool_)
@@ -403,7 +461,7 @@ class ReplayBuffer:
         i = self.pos
         # entries i..i+3 stop being valid: i is overwritten, i+1..i+3 would stack the new frame
         self.tree.update(np.arange(i, i + 4) % self.capacity, np.zeros(4))
-        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame, action, reward, done
+        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame_patches(frame), action, reward, done
         self.timesteps[i] = self.next_t
         self.next_t = 0 if done else self.next_t + 1
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
@@ -411,12 +469,15 @@ class ReplayBuffer:
             self.tree.update(np.array([(i - self.n_step) % self.capacity]), np.array([self.tree.max_priority]))
 
     def stacked(self, indices: np.ndarray) -> np.ndarray:
-        """Observations s_i (B, 4, 84, 84) rebuilt from single frames."""
+        """Observations s_i rebuilt from single frames, in the network's layout: `to_patches` of the
+        (B, 4, 84, 84) stacks, i.e. (B, 256, 100)."""
         offsets = np.arange(3, -1, -1)  # frame i-3 first, i last
-        idx = (indices[:, None] - offsets[None]) % self.capacity
-        obs = self.frames[idx]
-        obs[offsets[None] > self.timesteps[indices][:, None]] = 0
-        return obs
+        idx = (indices[:, None] - offsets[None]) % self.capacity  # (B, 4)
+        idx[offsets[None] > self.timesteps[indices][:, None]] = self.capacity  # before the episode start: blank
+        # one gather of 25-pixel rows: row (frame f, patch p) of the ((capacity + 1) * 256, 25) view
+        rows = idx[:, None, :] * PATCHES + np.arange(PATCHES)[None, :, None]  # (B, 256, 4)
+        obs = np.take(self.frames.reshape(-1, PATCH_PIXELS), rows, axis=0)  # (B, 256, 4, 25)
+        return obs.reshape(len(indices), PATCHES, 4 * PATCH_PIXELS)
 
     def nstep(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """n-step discounted return and bootstrap discount (gamma^n, or 0 if the episode ended)."""
@@ -452,9 +513,7 @@ class ReplayBuffer:
 
 def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device) -> torch.Tensor:
     """Per-sample C51 cross-entropy with a double-Q target (online net picks, target net rates)."""
-    # uint8 frames become float in numpy (faster than torch on a busy CPU, benchmarks/)
-    t = {k: torch.as_tensor(v.astype(np.float32) if v.dtype == np.uint8 else v, device=device)
-         for k, v in batch.items() if k != "indices"}
+    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
     log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
     with torch.no_grad():
         next_best = q_network.q_values(t["next_obs"]).argmax(1)
@@ -490,7 +549,7 @@ def optimize(q_network, target_network, optimizer, batch, args: Args, device) ->
 
 @torch.inference_mode()
 def act(q_network: QNetwork, obs: np.ndarray, device) -> int:
-    return int(q_network.q_values(torch.as_tensor(obs, device=device)[None]).argmax(1).item())
+    return int(q_network.q_values(torch.as_tensor(to_patches(obs), device=device)[None]).argmax(1).item())
 
 
 def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
@@ -527,8 +586,22 @@ def resolve_games(args: Args) -> list[str]:
     return games
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse. By default it hands big freed blocks back to the OS
+    and page-faults them in again at the next allocation; DER allocates a few MB of batch and
+    activation tensors per update, and keeping them makes a CPU step about 8% faster
+    (benchmarks/bench_rainbow_atari.py). Does nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
+
+
 def seed_everything(args: Args) -> torch.device:
-    """Seeds and threads; returns the device."""
+    """Seeds, threads and the allocator; returns the device."""
+    keep_freed_memory()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -563,6 +636,7 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
     target_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
                               args.noisy_std).to(device)
     target_network.load_state_dict(q_network.state_dict())
+    q_network.bf16 = target_network.bf16 = use_bf16(args.precision, device)
     # one Adam for the inner loops, its moments carried across outer steps (as in the authors' fork)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     buffers = [ReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,

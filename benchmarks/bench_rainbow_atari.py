@@ -6,9 +6,9 @@ goes (emulator, acting, replay, update). Prints numbers; asserts nothing.
     python benchmarks/bench_rainbow_atari.py --compare            # A/B of the update's speed-ups
 
 The loop is rainbow_mt_atari.train's step (same pieces, imported), with a timer around each part.
-`--compare` times one DER update under variants, interleaved so that a busy machine slows
-all of them alike: Adam fused vs. per-tensor (foreach=False), frames converted to float by
-numpy vs. torch, and 1 vs. 2 torch threads.
+`--compare` times the encoder (forward + backward) and one whole DER update under variants,
+interleaved so that a busy machine slows all of them alike: the patch-matmul encoder vs.
+nn.Conv2d, bf16 autocast vs. fp32, fused vs. per-tensor Adam, 1 vs. 2 torch threads.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rainbow_mt_atari as der  # noqa: E402
@@ -33,6 +34,8 @@ def parse():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-target-thread", dest="target_thread", action="store_false",
+                   help="compute the target distribution in the main thread (train() uses a helper thread)")
     p.add_argument("--compare", action="store_true", help="A/B the update variants instead")
     p.add_argument("--repeats", type=int, default=5, help="--compare: interleaved rounds of 20 updates")
     return p.parse_args()
@@ -42,7 +45,7 @@ def full_loop(opts) -> None:
     der.keep_freed_memory()
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
-    args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False)
+    args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False, torch_threads=opts.threads)
     env = der.make_env(opts.game, 0, args=args)
     num_actions = len(env.action_set)
     q = der.QNetwork(num_actions)
@@ -52,6 +55,7 @@ def full_loop(opts) -> None:
     optimizer = torch.optim.Adam(q.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     buffer = der.ReplayBuffer(100_000, args.n_step, args.gamma, args.priority_exponent)
     rng = np.random.default_rng(0)
+    helper = der.target_helper(args, torch.device("cpu")) if opts.target_thread else None
     timers = dict.fromkeys(["emulator", "acting", "replay", "update"], 0.0)
     obs, _ = env.reset()
 
@@ -82,14 +86,14 @@ def full_loop(opts) -> None:
         q.reset_noise()
         batch, parts = der.sample_games([buffer], args, 0.4, rng)
         t1 = time.perf_counter()
-        losses = der.optimize(q, target, optimizer, batch, args, "cpu").numpy()
+        losses = der.optimize(q, target, optimizer, batch, args, "cpu", helper).numpy()
         t2 = time.perf_counter()
         buffer.update_priorities(batch["indices"], losses)
         timers["replay"] += (t1 - t0) + (time.perf_counter() - t2)
         timers["update"] += t2 - t1
     total = time.perf_counter() - start
     sps = opts.steps / total
-    print(f"game {opts.game}, batch {opts.batch_size}, torch threads {opts.threads}, {opts.steps} steps after "
+    print(f"game {opts.game}, batch {opts.batch_size}, torch threads {opts.threads}, target thread {helper is not None}, {opts.steps} steps after "
           f"learning starts")
     print(f"env steps per second before learning starts (emulator + replay add): {fill_sps:.0f}")
     print(f"env steps per second after learning starts (one update per step):     {sps:.1f}")
@@ -99,61 +103,68 @@ def full_loop(opts) -> None:
     print(f"projected 100k-step DER run (without evaluation): {projected / 60:.1f} min")
 
 
+class ConvEncoder(der.Encoder):
+    """The same parameters run as nn.Conv2d on (B, 4, 84, 84) frames: what the patch encoder replaced."""
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(frames)))).flatten(1)
+
+
 def compare(opts) -> None:
+    der.keep_freed_memory()
     args = der.Args(batch_size=opts.batch_size)
     buffer = der.ReplayBuffer(10_000, args.n_step, args.gamma, args.priority_exponent)
     rng = np.random.default_rng(0)
     for _ in range(3000):
         buffer.add(rng.integers(0, 255, (84, 84), dtype=np.uint8), int(rng.integers(6)), 0.0, rng.random() < 0.01)
-    batch = buffer.sample(opts.batch_size, 0.4)
-    numpy_float, torch_batch = "numpy", "torch"
+    patch_batch = buffer.sample(opts.batch_size, 0.4)
+    # the conv variants read the same observations as (B, 4, 84, 84) frames (80x80 is all the convs see)
+    frame_batch = dict(patch_batch)
+    for key in ("obs", "next_obs"):
+        x = patch_batch[key].reshape(-1, 16, 16, 4, 5, 5).transpose(0, 3, 1, 4, 2, 5).reshape(-1, 4, 80, 80)
+        frame_batch[key] = np.pad(x, ((0, 0), (0, 0), (0, 4), (0, 4)))
 
-    def variant(fused: bool, threads: int, frames: str):
+    def variant(conv: bool, bf16: bool, fused: bool = True, threads: int = 1):
         q, t = der.QNetwork(6), der.QNetwork(6)
+        if conv:
+            q.encoder, t.encoder = ConvEncoder(), ConvEncoder()
+        q.bf16 = t.bf16 = bf16
         opt = torch.optim.Adam(q.parameters(), lr=1e-4, eps=1.5e-4, fused=fused, foreach=None if fused else False)
-        return q, t, opt, threads, frames
+        return q, t, opt, threads, frame_batch if conv else patch_batch
 
     variants = {
-        "fused Adam, numpy float, 1 thread (ours)": variant(True, 1, numpy_float),
-        "per-tensor Adam, numpy float, 1 thread": variant(False, 1, numpy_float),
-        "fused Adam, torch float, 1 thread": variant(True, 1, torch_batch),
-        "fused Adam, numpy float, 2 threads": variant(True, 2, numpy_float),
+        "patch encoder, bf16, fused Adam (ours)": variant(False, True),
+        "patch encoder, fp32 (--precision fp32)": variant(False, False),
+        "nn.Conv2d encoder, bf16": variant(True, True),
+        "nn.Conv2d encoder, fp32": variant(True, False),
+        "patch encoder, bf16, per-tensor Adam": variant(False, True, fused=False),
+        "patch encoder, bf16, 2 torch threads": variant(False, True, threads=2),
     }
-    times = {name: [] for name in variants}
+    encoder_times = {name: [] for name in variants if "Adam" not in name and "threads" not in name}
+    update_times = {name: [] for name in variants}
     for _ in range(opts.repeats):
-        for name, (q, t, opt, threads, frames) in variants.items():
+        for name, (q, t, opt, threads, batch) in variants.items():
             torch.set_num_threads(threads)
+            if name in encoder_times:  # encoder forward + backward, from uint8 frames
+                obs = torch.as_tensor(batch["obs"])
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    q.zero_grad()
+                    with torch.autocast("cpu", torch.bfloat16, enabled=q.bf16):
+                        features = q.encoder(obs.to(torch.bfloat16 if q.bf16 else torch.float32).mul_(1 / 255))
+                    features.float().sum().backward()
+                encoder_times[name].append((time.perf_counter() - t0) / 20 * 1000)
             t0 = time.perf_counter()
-            # der.optimize converts uint8 frames in numpy (.astype), as training does;
-            # the other path hands uint8 tensors to the network, which converts them in torch
-            update = _optimize_torch_convert if frames is torch_batch else der.optimize
             for _ in range(20):
                 q.reset_noise()
-                update(q, t, opt, batch, args, "cpu")
-            times[name].append((time.perf_counter() - t0) / 20 * 1000)
-    print(f"one DER update, batch {opts.batch_size}, median of {opts.repeats} interleaved rounds of 20:")
-    for name, v in times.items():
-        print(f"  {name:45s} {np.median(v):6.2f} ms")
-
-
-def _optimize_torch_convert(q, target, optimizer, batch, args, device):
-    """der.optimize, but with the frames handed to the network as uint8 torch tensors."""
-    obs, next_obs = torch.from_numpy(batch["obs"]), torch.from_numpy(batch["next_obs"])
-    actions = torch.from_numpy(batch["actions"])
-    rows = torch.arange(len(actions))
-    log_probs = q(obs)[rows, actions]
-    with torch.no_grad():
-        best = q.q_values(next_obs).argmax(1)
-        target.reset_noise()
-        probs = target(next_obs).exp()[rows, best]
-        m = der.project_distribution(probs, torch.from_numpy(batch["returns"]), torch.from_numpy(batch["discounts"]),
-                                     q.support)
-    losses = -(m * log_probs).sum(1)
-    optimizer.zero_grad()
-    (torch.from_numpy(batch["weights"]).float() * losses).mean().backward()
-    torch.nn.utils.clip_grad_norm_(q.parameters(), args.max_grad_norm)
-    optimizer.step()
-    return losses.detach()
+                der.optimize(q, t, opt, batch, args, "cpu")
+            update_times[name].append((time.perf_counter() - t0) / 20 * 1000)
+    torch.set_num_threads(1)
+    print(f"batch {opts.batch_size}, median of {opts.repeats} interleaved rounds of 20 (ms):")
+    print(f"  {'':42s} {'encoder fwd+bwd':>16s} {'whole update':>13s}")
+    for name, v in update_times.items():
+        enc = f"{np.median(encoder_times[name]):16.2f}" if name in encoder_times else f"{'':16s}"
+        print(f"  {name:42s} {enc} {np.median(v):13.2f}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ def test_projection_batch_rows_are_independent():
 # --------------------------------------------------------------------------- n-step returns
 
 
+def top_left_pixels(obs):
+    """(..., 256, 100) patch observations -> (..., 4): each frame's pixel (0, 0)."""
+    return obs[..., 0, ::25]
+
+
 def filled_buffer(rewards, dones, n=3, gamma=0.5, capacity=64):
     buf = mt.ReplayBuffer(capacity, n, gamma, 0.5)
     for t, (r, d) in enumerate(zip(rewards, dones)):
@@ -90,7 +95,7 @@ def test_transition_becomes_sampleable_after_n_more_steps():
     np.testing.assert_array_equal(buf.tree.get(np.arange(5)) > 0, [True, True, False, False, False])
     batch = buf.sample(16, 0.4)
     assert set(batch["indices"]) <= {0, 1}
-    np.testing.assert_array_equal(batch["next_obs"][:, -1, 0, 0], batch["indices"] + 3)
+    np.testing.assert_array_equal(top_left_pixels(batch["next_obs"])[:, -1], batch["indices"] + 3)
 
 
 def test_multitask_batch_takes_equal_shares_from_distinct_games():
@@ -167,7 +172,7 @@ def test_frame_stack_does_not_leak_across_episodes():
         buf.add(np.full((84, 84), 10 + t, np.uint8), 0, 0.0, t == 4)
     for t in range(5):
         buf.add(np.full((84, 84), 50 + t, np.uint8), 0, 0.0, False)
-    obs = buf.stacked(np.array([5, 6, 8, 9, 3]))[:, :, 0, 0]
+    obs = top_left_pixels(buf.stacked(np.array([5, 6, 8, 9, 3])))
     # B's first steps see zeros, never A's frames; A's step 3 sees A's frames 10..13
     np.testing.assert_array_equal(obs, [[0, 0, 0, 50], [0, 0, 50, 51], [50, 51, 52, 53], [51, 52, 53, 54],
                                         [10, 11, 12, 13]])
@@ -192,7 +197,7 @@ def test_frame_stack_matches_env_across_life_loss_and_wraparound():
             obs, _ = env.reset()
     assert starts >= 2  # several life losses happened
     live = [(buf.pos - 1 - k) % buf.capacity for k in range(buf.capacity - 4)]  # all but the 4 oldest
-    np.testing.assert_array_equal(buf.stacked(np.array(live)), np.stack([seen[i] for i in live]))
+    np.testing.assert_array_equal(buf.stacked(np.array(live)), mt.to_patches(np.stack([seen[i] for i in live])))
 
 
 # --------------------------------------------------------------------------- actions
@@ -233,9 +238,45 @@ def test_env_preprocessing_shapes_and_resize():
 # --------------------------------------------------------------------------- networks
 
 
+def test_patches_hold_each_pixel_where_the_first_conv_reads_it():
+    obs = np.random.default_rng(0).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8)
+    patches = mt.to_patches(obs)
+    assert patches.shape == (2, 256, 100)
+    expected = np.zeros_like(patches)
+    for row in range(16):
+        for col in range(16):
+            for f in range(4):
+                for i in range(5):
+                    for j in range(5):
+                        expected[:, row * 16 + col, f * 25 + i * 5 + j] = obs[:, f, 5 * row + i, 5 * col + j]
+    np.testing.assert_array_equal(patches, expected)
+    np.testing.assert_array_equal(mt.frame_patches(obs[0, 3]), patches[0].reshape(256, 4, 25)[:, 3])
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl])
+def test_patch_encoder_equals_the_two_convs(module):
+    torch.manual_seed(0)
+    encoder = module.Encoder()
+    x = torch.rand(3, 4, 84, 84)
+    conv = torch.nn.Sequential(encoder.conv1, torch.nn.ReLU(), encoder.conv2, torch.nn.ReLU(), torch.nn.Flatten())
+    out = encoder(torch.from_numpy(module.to_patches(x.numpy())))
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_network_stays_close_to_fp32():
+    torch.manual_seed(0)
+    net = mt.QNetwork(6).eval()
+    obs = torch.randint(0, 256, (8, 256, 100), dtype=torch.uint8)
+    exact = net(obs)
+    net.bf16 = True
+    approx = net(obs)
+    assert approx.dtype == torch.float32  # output layers and softmax stay fp32
+    torch.testing.assert_close(approx.exp(), exact.exp(), rtol=0, atol=2e-3)
+
+
 def test_network_shapes_and_noisy_eval_mode():
     net = mt.QNetwork(18)
-    out = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
+    out = net(torch.zeros(2, 256, 100, dtype=torch.uint8))
     assert out.shape == (2, 18, 51)
     torch.testing.assert_close(out.exp().sum(2), torch.ones(2, 18))
     layer = net.value_hidden
@@ -312,7 +353,8 @@ def test_checkpoint_round_trip(module, tmp_path):
     net = module.PearlAgent(18, args) if module is pearl else module.QNetwork(18)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     opt.zero_grad()
-    (net.q(torch.zeros(1, 4, 84, 84), torch.zeros(1, 32)) if module is pearl else net(torch.zeros(1, 4, 84, 84))).sum().backward()
+    obs = torch.zeros(1, 256, 100, dtype=torch.uint8)
+    (net.q(obs, torch.zeros(1, 32)) if module is pearl else net(obs)).sum().backward()
     opt.step()  # so the optimizer state holds tensors too
     path = str(tmp_path / "checkpoint.pt")
     if module is pearl:
