@@ -2,10 +2,13 @@
 goes (emulator, acting, replay, update). Prints numbers; asserts nothing.
 
     python benchmarks/bench_rainbow_atari.py                      # Pong, 600 learning steps
-    python benchmarks/bench_rainbow_atari.py --game Assault --steps 2000 --threads 2
+    python benchmarks/bench_rainbow_atari.py --game Assault --steps 2000
+    python benchmarks/bench_rainbow_atari.py --no-target-thread   # targets in the main thread
+    python benchmarks/bench_rainbow_atari.py --default-malloc     # glibc's default malloc settings
     python benchmarks/bench_rainbow_atari.py --compare            # A/B of the update's speed-ups
 
-The loop is rainbow_mt_atari.train's step (same pieces, imported), with a timer around each part.
+The loop is rainbow_mt_atari.train's step (same pieces, imported), with a timer around each part;
+it leaves out the evaluations, which train() runs in a second process (see BackgroundEvaluator).
 `--compare` times the encoder (forward + backward) and one whole DER update under variants,
 interleaved so that a busy machine slows all of them alike: the patch-matmul encoder vs.
 nn.Conv2d, bf16 autocast vs. fp32, fused vs. per-tensor Adam, 1 vs. 2 torch threads.
@@ -34,6 +37,8 @@ def parse():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (train() keeps freed memory, see keep_freed_memory)")
     p.add_argument("--no-target-thread", dest="target_thread", action="store_false",
                    help="compute the target distribution in the main thread (train() uses a helper thread)")
     p.add_argument("--compare", action="store_true", help="A/B the update variants instead")
@@ -42,7 +47,8 @@ def parse():
 
 
 def full_loop(opts) -> None:
-    der.keep_freed_memory()
+    if not opts.default_malloc:
+        der.keep_freed_memory()
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False, torch_threads=opts.threads)
