@@ -301,8 +301,8 @@ class Encoder(nn.Module):
     """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
     flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
     so each conv is one matrix product over patches. Written that way, forward plus backward runs
-    about twice as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare); the
-    parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+    1.3 to 1.5 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
+    the parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
 
     def __init__(self):
         super().__init__()
@@ -645,6 +645,20 @@ def _plain(value):
     return value
 
 
+def check_args(args: Args, num_games: int) -> None:
+    """One-line errors for settings that cannot run."""
+    for name in ("total_timesteps", "batch_size", "games_per_batch", "n_step", "target_network_frequency",
+                 "replay_ratio", "save_every", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.num_atoms < 2 or args.v_min >= args.v_max:
+        sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
+                 f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
+    if args.buffer_size // num_games <= args.n_step + 4:
+        sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
+                 f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
+
+
 def resolve_games(args: Args) -> list[str]:
     if args.games:
         games = list(args.games)
@@ -699,6 +713,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
           log_eval=None, eval_every: int | None = None) -> QNetwork:
     """DER on `games` (one buffer each, a random game per reset). With log_eval, evaluates every
     eval_every env steps and at the end on games[0] (fine-tuning has one game)."""
+    check_args(args, len(games))
     device = seed_everything(args)
     if writer is None:
         writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -719,7 +734,9 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     helper = target_helper(args, device)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
-    evaluator = BackgroundEvaluator(log_eval, games[0], args, num_actions) if log_eval and args.background_eval else None
+    evaluator = None
+    if log_eval is not None and args.background_eval:
+        evaluator = BackgroundEvaluator(log_eval, games[0], args, num_actions)
 
     def run_eval(step: int) -> None:
         if evaluator is not None:
@@ -745,7 +762,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
         if terminated or truncated:
             obs, _ = envs[game].reset()
 
-        if global_step >= args.learning_starts:
+        if global_step >= args.learning_starts and any(b.ready for b in buffers):
             t0 = time.time()
             beta = args.priority_weight + (1.0 - args.priority_weight) * min(
                 1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))

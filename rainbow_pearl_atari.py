@@ -310,8 +310,8 @@ class Encoder(nn.Module):
     """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
     flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
     so each conv is one matrix product over patches. Written that way, forward plus backward runs
-    about twice as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare); the
-    parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+    1.3 to 1.5 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
+    the parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
 
     def __init__(self):
         super().__init__()
@@ -678,6 +678,23 @@ def _plain(value):
     return value
 
 
+def check_args(args: Args, num_games: int) -> None:
+    """One-line errors for settings that cannot run."""
+    for name in ("total_timesteps", "batch_size", "games_per_batch", "n_step", "target_network_frequency",
+                 "save_every", "eval_episodes", "torch_threads", "latent_size", "context_size"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.num_atoms < 2 or args.v_min >= args.v_max:
+        sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
+                 f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
+    if args.buffer_size // num_games <= args.n_step + 4:
+        sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
+                 f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
+    if args.context_window < args.context_size:
+        sys.exit(f"error: --context-window ({args.context_window}) must hold --context-size "
+                 f"({args.context_size}) transitions")
+
+
 def resolve_games(args: Args) -> list[str]:
     if args.games:
         games = list(args.games)
@@ -731,6 +748,7 @@ def setup(args: Args, run_name: str):
 def train(args: Args, games: list[str], writer=None) -> PearlAgent:
     """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the
     current game's posterior at every episode start, one update per env step."""
+    check_args(args, len(games))
     device = seed_everything(args)
     if writer is None:
         writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -766,7 +784,7 @@ def train(args: Args, games: list[str], writer=None) -> PearlAgent:
             obs, _ = envs[game].reset()
             z = infer_z(agent, buffers[game], args, device)
 
-        if global_step >= args.learning_starts:
+        if global_step >= args.learning_starts and any(b.ready for b in buffers):
             t0 = time.time()
             beta = args.priority_weight + (1.0 - args.priority_weight) * min(
                 1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
@@ -803,6 +821,7 @@ def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=Non
     every episode start), and every eval_every steps and at the end evaluate with z = the
     posterior mean of a context from the last context_window transitions. Each evaluation point
     goes to log_eval(step, mean_return); returns the curve."""
+    check_args(args, 1)
     device = seed_everything(args)
     if writer is None:
         writer = setup(args, f"{args.exp_name}_adapt_{game}__{args.seed}__{int(time.time())}")

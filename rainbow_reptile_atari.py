@@ -308,8 +308,8 @@ class Encoder(nn.Module):
     """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
     flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
     so each conv is one matrix product over patches. Written that way, forward plus backward runs
-    about twice as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare); the
-    parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+    1.3 to 1.5 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
+    the parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
 
     def __init__(self):
         super().__init__()
@@ -574,6 +574,20 @@ def _plain(value):
     return value
 
 
+def check_args(args: Args, num_games: int) -> None:
+    """One-line errors for settings that cannot run."""
+    for name in ("total_timesteps", "batch_size", "reptile_k", "n_step", "target_network_frequency", "save_every",
+                 "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.num_atoms < 2 or args.v_min >= args.v_max:
+        sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
+                 f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
+    if args.buffer_size // num_games <= args.n_step + 4:
+        sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
+                 f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
+
+
 def resolve_games(args: Args) -> list[str]:
     if args.games:
         games = list(args.games)
@@ -627,6 +641,7 @@ def setup(args: Args, run_name: str):
 def train(args: Args, games: list[str], writer=None) -> QNetwork:
     """Reptile-DER on `games`: one buffer each, a random game per reset, k inner DER updates on
     one game's buffer per env step, then the outer interpolation."""
+    check_args(args, len(games))
     device = seed_everything(args)
     if writer is None:
         writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -662,7 +677,7 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
         if terminated or truncated:
             obs, _ = envs[game].reset()
 
-        if global_step >= args.learning_starts:
+        if global_step >= args.learning_starts and any(b.ready for b in buffers):
             t0 = time.time()
             beta = args.priority_weight + (1.0 - args.priority_weight) * min(
                 1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))

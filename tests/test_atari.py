@@ -1,7 +1,9 @@
 """Exact checks of the Atari (DER) pieces that can be wrong quietly. Expected values are worked
 out by hand in the comments."""
 
+import dataclasses
 import os
+import re
 import sys
 
 import numpy as np
@@ -342,6 +344,24 @@ def test_pearl_posterior_and_context_window():
     assert mu.shape == var.shape == (32,) and bool((var > 0).all())
     z = pearl.infer_z(agent, None, args, "cpu")
     assert z.shape == (1, 32)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl])
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=0), "error: --batch-size must be at least 1 (got 0)"),
+    (dict(total_timesteps=0), "error: --total-timesteps must be at least 1 (got 0)"),
+    (dict(n_step=0), "error: --n-step must be at least 1 (got 0)"),
+    (dict(buffer_size=48), "leaves 24 transitions per game; each needs more than --n-step + 4 = 24"),
+    (dict(num_atoms=1), "needs --num-atoms >= 2 and --v-min < --v-max (got 1, -10.0, 10.0)"),
+])
+def test_settings_that_cannot_run_are_refused(module, change, message):
+    args = dataclasses.replace(module.Args(games=("Pong", "Breakout")), **change)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        module.check_args(args, num_games=2)
+    module.check_args(module.Args(games=("Pong", "Breakout")), num_games=2)  # the defaults pass
 
 
 # --------------------------------------------------------------------------- checkpoints

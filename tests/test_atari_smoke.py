@@ -115,3 +115,14 @@ def test_finetune_error_cases(checkpoints, tmp_path):
 
     with pytest.raises(finetune.FinetuneError, match="unknown atari task 'Pongg'"):
         finetune.main(["--scratch", "atari", "--task", "Pongg", "--output-dir", str(tmp_path / "y")])
+
+
+def test_settings_that_cannot_run_are_one_line_errors(tmp_path):
+    proc = run("finetune.py", "--scratch", "atari", "--task", "Pong", *TINY, "--batch-size", "0", "--output-dir",
+               str(tmp_path / "ft"), ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --batch-size must be at least 1 (got 0)"
+    proc = run("rainbow_reptile_atari.py", "--games", "Pong", *TINY, "--buffer-size", "20", ok=False)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --buffer-size 20 leaves 20 transitions per game; "
+                                                    "each needs more than --n-step + 4 = 24")
