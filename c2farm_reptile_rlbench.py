@@ -1030,8 +1030,22 @@ def save_checkpoint(path: str, args: Args, learner: ReptileLearner, train_tasks:
     os.replace(path + ".tmp", path)
 
 
+def check_args(args: Args) -> None:
+    """Settings that cannot run raise TaskError, which the scripts report as one line."""
+    for name in ("total_timesteps", "batch_size", "image_size", "episode_length", "voxel_size", "depths",
+                 "replay_size", "updates_per_step", "eval_episodes", "checkpoint_interval", "unet_width",
+                 "reptile_k"):
+        if getattr(args, name) < 1:
+            raise TaskError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.demos < 0:
+        raise TaskError(f"--demos must be 0 or more (got {args.demos})")
+    if not 0 < args.rotation_resolution <= 180:
+        raise TaskError(f"--rotation-resolution must be in (0, 180] degrees (got {args.rotation_resolution})")
+
+
 def setup(args: Args, task_names: list[str], agent: C2FARM | None = None, latent: int = 0):
     """Seeds, device, tasks, agent and demo-filled buffers: the part every script shares."""
+    check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

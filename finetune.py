@@ -106,9 +106,12 @@ class Run:
         self.writer.add_scalar(f"eval/{self.metric}", value, step)
         print(f"[eval] step={int(step)} {self.metric}={float(value):.4g}", flush=True)
 
-    def close(self, label: str) -> str:
+    def close(self, label: str | None = None) -> str | None:
+        """Close the files; with a label, print and return the one-line summary."""
         self._csv_file.close()
         self.writer.close()
+        if label is None:
+            return None
         if self.curve:
             last = self.curve[-1][1]
             best = max(v for _, v in self.curve)
@@ -311,9 +314,10 @@ def main(argv: list[str] | None = None) -> str:
     run = Run(output_dir, metric)
     try:
         adapt(ckpt, opts, overrides, run)
-    finally:
-        summary = run.close(f"{label} on {opts.task}")
-    return summary
+    except BaseException:  # an error (or Ctrl-C) ends the run without a summary line
+        run.close()
+        raise
+    return run.close(f"{label} on {opts.task}")
 
 
 if __name__ == "__main__":

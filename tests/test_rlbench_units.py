@@ -440,3 +440,17 @@ def test_multitask_batch_has_an_equal_share_per_task():
     assert [t for t, _, _ in meta] == [0, 1] and batch["weight"].shape == (6,)
     logs = learner.update(0)  # batch_size 6 over two tasks: 3 from each
     assert np.isfinite(logs["losses/td_loss"])
+
+
+@pytest.mark.parametrize("module", [c2f, reptile, pearl])
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=0), "--batch-size must be at least 1 (got 0)"),
+    (dict(voxel_size=0), "--voxel-size must be at least 1 (got 0)"),
+    (dict(demos=-1), "--demos must be 0 or more (got -1)"),
+    (dict(rotation_resolution=0.0), "--rotation-resolution must be in (0, 180] degrees (got 0.0)"),
+])
+def test_settings_that_cannot_run_are_refused(module, change, message):
+    with pytest.raises(module.TaskError) as error:
+        module.check_args(dataclasses.replace(module.Args(), **change))
+    assert str(error.value) == message
+    module.check_args(module.Args())  # the defaults pass
