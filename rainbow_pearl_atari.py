@@ -365,7 +365,7 @@ class QNetwork(nn.Module):
 
 def scale(obs: torch.Tensor, bf16: bool) -> torch.Tensor:
     """uint8 pixels -> [0, 1], in bfloat16 when the encoder runs in it."""
-    return obs.to(torch.bfloat16 if bf16 else torch.float32).mul_(1 / 255)
+    return obs.to(torch.bfloat16 if bf16 else torch.float32, copy=True).mul_(1 / 255)  # never scales obs in place
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

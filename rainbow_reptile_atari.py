@@ -352,8 +352,9 @@ class QNetwork(nn.Module):
             layer.reset_noise()
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        pixels = obs.to(torch.bfloat16 if self.bf16 else torch.float32, copy=True).mul_(1 / 255)  # obs untouched
         with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
-            x = self.encoder(obs.to(torch.bfloat16 if self.bf16 else torch.float32).mul_(1 / 255))
+            x = self.encoder(pixels)
             value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
         value = self.value_out(value_hidden.float()).view(-1, 1, self.num_atoms)
         adv = self.advantage_out(advantage_hidden.float()).view(-1, self.num_actions, self.num_atoms)
