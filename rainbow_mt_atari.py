@@ -301,7 +301,7 @@ class Encoder(nn.Module):
     """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
     flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
     so each conv is one matrix product over patches. Written that way, forward plus backward runs
-    1.3 to 1.5 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
+    1.3 to 1.7 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
     the parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
 
     def __init__(self):
@@ -674,9 +674,9 @@ def resolve_games(args: Args) -> list[str]:
 
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse. By default it hands big freed blocks back to the OS
-    and page-faults them in again at the next allocation; DER allocates a few MB of batch and
-    activation tensors per update, and keeping them makes a CPU step about 8% faster
-    (benchmarks/bench_rainbow_atari.py). Does nothing where the C library is not glibc."""
+    and page-faults them in again at the next allocation, and DER allocates a few MB of batch and
+    activation tensors per update. Measured effect on a CPU step: from none (within noise) to 8%
+    faster (benchmarks/bench_rainbow_atari.py --default-malloc). Does nothing without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -37,6 +37,8 @@ def parse():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--full-actions", action="store_true",
+                   help="18 actions, as a network fine-tuned from a pretrained checkpoint has (default: the game's own)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings alone (train() keeps freed memory, see keep_freed_memory)")
     p.add_argument("--no-target-thread", dest="target_thread", action="store_false",
@@ -53,7 +55,7 @@ def full_loop(opts) -> None:
     torch.manual_seed(0)
     args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False, torch_threads=opts.threads)
     env = der.make_env(opts.game, 0, args=args)
-    num_actions = len(env.action_set)
+    num_actions = der.FULL_ACTIONS if opts.full_actions else len(env.action_set)
     q = der.QNetwork(num_actions)
     target = der.QNetwork(num_actions)
     target.load_state_dict(q.state_dict())
