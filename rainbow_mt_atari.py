@@ -12,8 +12,12 @@ fork: one replay buffer per game, a random game at every reset, each batch an eq
 from a few sampled games, and the action space padded to 18 (padding acts as NOOP).
 
 Importable pieces (finetune.py and the tests use them): `AtariEnv`/`make_env`,
-`QNetwork`, `NoisyLinear`, `SumTree`, `ReplayBuffer`, `project_distribution`,
-`evaluate`, `train`, `save_checkpoint`.
+`to_patches`, `Encoder`, `QNetwork`, `NoisyLinear`, `SumTree`, `ReplayBuffer`,
+`project_distribution`, `evaluate`, `check_args`, `train`, `save_checkpoint`.
+
+Speed on a CPU (README, Atari: Speed): the convs run as matrix products over the 5x5 patches the
+replay stores, in bf16 where the hardware has it; the target distribution is computed in a
+helper thread; finetune.py's evaluations run in a second process.
 """
 
 from __future__ import annotations
@@ -678,11 +682,11 @@ def keep_freed_memory() -> None:
     activation tensors per update. Measured effect on a CPU step: from none (within noise) to 8%
     faster (benchmarks/bench_rainbow_atari.py --default-malloc). Does nothing without glibc."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
         return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
 
 
 def seed_everything(args: Args) -> torch.device:
