@@ -265,15 +265,21 @@ def test_patch_encoder_equals_the_two_convs(module):
     torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_network_stays_close_to_fp32():
+def test_bf16_runs_encoder_and_hidden_layers_only():
     torch.manual_seed(0)
     net = mt.QNetwork(6).eval()
     obs = torch.randint(0, 256, (8, 256, 100), dtype=torch.uint8)
     exact = net(obs)
     net.bf16 = True
+    seen = {}
+    for name in ("encoder", "value_hidden", "advantage_hidden", "value_out", "advantage_out"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0].dtype, o.dtype)}))
     approx = net(obs)
-    assert approx.dtype == torch.float32  # output layers and softmax stay fp32
-    torch.testing.assert_close(approx.exp(), exact.exp(), rtol=0, atol=2e-3)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert seen == {"encoder": (bf16, bf16), "value_hidden": (bf16, bf16), "advantage_hidden": (bf16, bf16),
+                    "value_out": (fp32, fp32), "advantage_out": (fp32, fp32)}
+    assert approx.dtype == fp32
+    torch.testing.assert_close(approx.exp(), exact.exp(), rtol=0, atol=1e-4)
 
 
 def test_network_shapes_and_noisy_eval_mode():
