@@ -155,23 +155,8 @@ def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
 # --------------------------------------------------------------------------- Atari
 
 
-def atari_rom_id(task: str) -> str | None:
-    """'MsPacman' / 'ms_pacman' / 'ALE/MsPacman-v5' -> 'ms_pacman' when ale-py has that ROM."""
-    import re
-
-    name = re.sub(r"^ALE/(\w+)-v\d+$", r"\1", task)  # ALE/Pong-v5 -> Pong; Meta-World's xxx-v3 stays
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
-        return None
-    rid = name if name.islower() else re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-    try:
-        from ale_py import roms
-    except ImportError:
-        return None
-    return rid if rid in roms.get_all_rom_ids() else None
-
-
 def is_atari_task(task: str) -> bool:
-    return atari_rom_id(task) is not None
+    return importlib.import_module(BASE_MODULES["atari"]).find_rom_id(task) is not None
 
 
 def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:

@@ -118,13 +118,23 @@ class Args:
 # --------------------------------------------------------------------------- environment
 
 
-def rom_id(game: str) -> str:
-    """'MsPacman' -> 'ms_pacman' (ale-py's ROM id); exits with one line for unknown games."""
-    from ale_py import roms
-
-    name = game.split("/")[-1].split("-")[0]  # accept ALE/Pong-v5 too
+def find_rom_id(game: str) -> str | None:
+    """'MsPacman' / 'ms_pacman' / 'ALE/MsPacman-v5' -> 'ms_pacman' when ale-py has that ROM, else None."""
+    name = re.sub(r"^ALE/(\w+)-v\d+$", r"\1", game)  # ALE/Pong-v5 -> Pong; Meta-World's xxx-v3 stays
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        return None
     rid = name if name.islower() else re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-    if rid not in roms.get_all_rom_ids():
+    try:
+        from ale_py import roms
+    except ImportError:
+        return None
+    return rid if rid in roms.get_all_rom_ids() else None
+
+
+def rom_id(game: str) -> str:
+    """ale-py's ROM id of a game; exits with one line for unknown games."""
+    rid = find_rom_id(game)
+    if rid is None:
         sys.exit(f"error: unknown Atari game '{game}' (expected an ALE game name such as Pong or MsPacman)")
     return rid
 
