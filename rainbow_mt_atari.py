@@ -55,10 +55,12 @@ class Args:
     wandb_project_name: str = "finetune-vs-meta-rl"
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
-    torch_threads: int = 1
-    """torch CPU threads; DER's small network runs fastest on one (see benchmarks/)"""
+    torch_threads: int = 2
+    """torch CPU threads for the learner. DER's small network gains from a second thread (about 20%
+    more env steps per second on a 2-core CPU, benchmarks/); while a background evaluation runs,
+    the learner uses one, leaving the other core to the evaluation"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """encoder and hidden layers in bfloat16 autocast (output layers, C51 loss and Adam stay fp32);
+    """encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay fp32);
     auto = bf16 where the hardware has native bfloat16 arithmetic"""
 
     # games
@@ -284,14 +286,18 @@ class NoisyLinear(nn.Module):
     @torch.no_grad()
     def reset_noise(self) -> None:
         eps_in, eps_out = self._scaled(self.in_features), self._scaled(self.out_features)
-        self.weight_epsilon.copy_(torch.outer(eps_out, eps_in))
+        torch.outer(eps_out, eps_in, out=self.weight_epsilon)
         self.bias_epsilon.copy_(eps_out)
 
+    def noisy_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) as the layer uses them: mu + sigma * epsilon in train() mode, mu in eval()."""
+        if not self.training:
+            return self.weight_mu, self.bias_mu
+        return (torch.addcmul(self.weight_mu, self.weight_sigma, self.weight_epsilon),
+                torch.addcmul(self.bias_mu, self.bias_sigma, self.bias_epsilon))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return F.linear(x, self.weight_mu + self.weight_sigma * self.weight_epsilon,
-                            self.bias_mu + self.bias_sigma * self.bias_epsilon)
-        return F.linear(x, self.weight_mu, self.bias_mu)
+        return F.linear(x, *self.noisy_weights())
 
 
 PATCHES, PATCH_PIXELS = 16 * 16, 5 * 5  # the first conv's 16x16 positions and its 5x5 window
@@ -323,21 +329,33 @@ class Encoder(nn.Module):
         self.conv1 = nn.Conv2d(4, 32, 5, stride=5)
         self.conv2 = nn.Conv2d(32, 64, 5, stride=5)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches (B, 256, 100) from `to_patches`, scaled to [0, 1] -> features (B, 576)."""
+    def matrices(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The two convs as (weight, bias) of linear maps over patches: conv1 reads `to_patches`'
+        100 values (frame, row, column), conv2 a 5x5 block of conv1's outputs (row, column, channel)."""
+        return ((self.conv1.weight.flatten(1), self.conv1.bias),
+                (self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))
+
+    def forward(self, patches: torch.Tensor, matrices=None) -> torch.Tensor:
+        """patches (B, 256, 100) from `to_patches` -> features (B, 576); `matrices` as `matrices()`
+        gives them (QNetwork passes its own, with the pixel scale folded in)."""
+        (w1, b1), (w2, b2) = self.matrices() if matrices is None else matrices
         b = patches.shape[0]
-        x = F.relu(F.linear(patches, self.conv1.weight.flatten(1), self.conv1.bias))  # (B, 16 * 16, 32)
+        x = F.relu(F.linear(patches, w1, b1))  # (B, 16 * 16, 32)
         # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
         x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
-        x = F.relu(F.linear(x, self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))  # (B, 9, 64)
+        x = F.relu(F.linear(x, w2, b2))  # (B, 9, 64)
         return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
 
 
 class QNetwork(nn.Module):
     """DER network: the conv `Encoder` (576 features), dueling NoisyNet heads over num_atoms return
     atoms. forward() takes `to_patches` observations (uint8) and gives log-probabilities
-    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16
-    autocast; the output layers and the softmax stay fp32 (C51 needs the resolution)."""
+    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16;
+    the output layers and the softmax stay fp32 (C51 needs the resolution).
+
+    The layers' weights for a step come from `weights()`: noise added, cast, the pixel scale folded
+    in. A DER step computes them once and passes them to acting and to both online passes of the
+    update (each forward computing its own cost about 0.4 ms a pass on a CPU)."""
 
     def __init__(self, num_actions: int, hidden_size: int = 256, num_atoms: int = 51, v_min: float = -10.0,
                  v_max: float = 10.0, noisy_std: float = 0.1):
@@ -358,17 +376,33 @@ class QNetwork(nn.Module):
         for layer in self.noisy_layers():
             layer.reset_noise()
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        pixels = obs.to(torch.bfloat16 if self.bf16 else torch.float32, copy=True).mul_(1 / 255)  # obs untouched
-        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
-            x = self.encoder(pixels)
-            value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
-        value = self.value_out(value_hidden.float()).view(-1, 1, self.num_atoms)
-        adv = self.advantage_out(advantage_hidden.float()).view(-1, self.num_actions, self.num_atoms)
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (weight, bias) as forward() uses them, current noise included (train mode).
+        The first layer takes pixel values 0..255 (exact in bf16) and carries the 1/255 scale; the
+        encoder and hidden layers are in `input_dtype`, the output layers fp32."""
+        (w1, b1), conv2 = self.encoder.matrices()
+        low = {"conv1": (w1 / 255, b1), "conv2": conv2, "value_hidden": self.value_hidden.noisy_weights(),
+               "advantage_hidden": self.advantage_hidden.noisy_weights()}
+        weights = {name: (w.to(self.input_dtype), b.to(self.input_dtype)) for name, (w, b) in low.items()}
+        return weights | {"value_out": self.value_out.noisy_weights(),
+                          "advantage_out": self.advantage_out.noisy_weights()}
+
+    def forward(self, obs: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+        """obs: uint8 `to_patches` observations (or those values already in `input_dtype`, to convert
+        once for several passes). weights: from `weights()`, computed here if not given."""
+        w = self.weights() if weights is None else weights
+        x = self.encoder(obs.to(self.input_dtype), (w["conv1"], w["conv2"]))
+        value = F.linear(F.relu(F.linear(x, *w["value_hidden"])).float(), *w["value_out"])
+        adv = F.linear(F.relu(F.linear(x, *w["advantage_hidden"])).float(), *w["advantage_out"])
+        value, adv = value.view(-1, 1, self.num_atoms), adv.view(-1, self.num_actions, self.num_atoms)
         return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
 
-    def q_values(self, obs: torch.Tensor) -> torch.Tensor:
-        return (self.forward(obs).exp() * self.support).sum(2)
+    def q_values(self, obs: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+        return (self.forward(obs, weights).exp() * self.support).sum(2)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -531,65 +565,63 @@ def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float, rng: np.r
 # --------------------------------------------------------------------------- learning
 
 
-def target_distribution(q_network: QNetwork, target_network: QNetwork, t: dict[str, torch.Tensor], device):
-    """The C51 target with double Q: the online net picks the next action, the target net rates it."""
+def target_distribution(q_network: QNetwork, target_network: QNetwork, weights: dict, next_obs: torch.Tensor,
+                        returns: torch.Tensor, discounts: torch.Tensor) -> torch.Tensor:
+    """The C51 target with double Q: the online net (this step's `weights`) picks the next action,
+    the target net rates it."""
     with torch.no_grad():
-        next_best = q_network.q_values(t["next_obs"]).argmax(1)
-        next_probs = target_network(t["next_obs"]).exp()[torch.arange(len(next_best), device=device), next_best]
-        return project_distribution(next_probs, t["returns"], t["discounts"], q_network.support)
+        next_best = q_network.q_values(next_obs, weights).argmax(1)
+        next_probs = target_network(next_obs).exp()[torch.arange(len(next_best), device=next_obs.device), next_best]
+        return project_distribution(next_probs, returns, discounts, q_network.support)
 
 
 def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device,
-             helper=None) -> torch.Tensor:
-    """Per-sample C51 cross-entropy against the double-Q target. With `helper` (a one-thread
-    executor) the target side runs there while this thread runs the online forward pass: torch
-    releases the GIL inside its kernels, so on a 2-core CPU the two overlap. Same result either way."""
+             weights: dict | None = None) -> torch.Tensor:
+    """Per-sample C51 cross-entropy against the double-Q target; `weights`: the online net's for this
+    step (`QNetwork.weights`), computed here if not given."""
     t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
+    weights = q_network.weights() if weights is None else weights
+    next_obs = t["next_obs"].to(q_network.input_dtype)  # converted once for the online and the target pass
     target_network.reset_noise()
-    if helper is not None:
-        target = helper.submit(target_distribution, q_network, target_network, t, device)
-    log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
-    target = target.result() if helper is not None else target_distribution(q_network, target_network, t, device)
+    target = target_distribution(q_network, target_network, weights, next_obs, t["returns"], t["discounts"])
+    log_probs = q_network(t["obs"], weights)[torch.arange(len(t["actions"]), device=device), t["actions"]]
     return -(target * log_probs).sum(1)
 
 
-def optimize(q_network, target_network, optimizer, batch, args: Args, device, helper=None) -> torch.Tensor:
+def optimize(q_network, target_network, optimizer, batch, args: Args, device, weights: dict | None = None) -> torch.Tensor:
     """One prioritized, importance-weighted gradient step; returns per-sample losses."""
-    losses = dqn_loss(q_network, target_network, batch, device, helper)
-    weights = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
+    losses = dqn_loss(q_network, target_network, batch, device, weights)
+    importance = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
     optimizer.zero_grad()
-    (weights * losses).mean().backward()
-    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+    (importance * losses).mean().backward()
+    # gradient clipping, with the rescaling pass skipped when the norm is under the cap (most steps)
+    params = list(q_network.parameters())
+    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if grad_norm > args.max_grad_norm:
+        nn.utils.clip_grads_with_norm_(params, args.max_grad_norm, grad_norm)
     optimizer.step()
     return losses.detach()
 
 
-def target_helper(args: Args, device: torch.device):
-    """The thread `dqn_loss` computes targets in: on a CPU with a core to spare (torch keeps to
-    --torch-threads per thread, so the thread gets the same setting), else None."""
-    import concurrent.futures
-
-    if device.type != "cpu" or (os.cpu_count() or 1) <= args.torch_threads:
-        return None
-    return concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(args.torch_threads,))
-
-
 @torch.inference_mode()
-def act(q_network: QNetwork, obs: np.ndarray, device) -> int:
-    return int(q_network.q_values(torch.as_tensor(to_patches(obs), device=device)[None]).argmax(1).item())
+def act(q_network: QNetwork, obs: np.ndarray, device, weights: dict | None = None) -> int:
+    obs = torch.as_tensor(to_patches(obs), device=device)[None]
+    return int(q_network.q_values(obs, weights).argmax(1).item())
 
 
+@torch.no_grad()
 def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, device, seed: int) -> list[float]:
     """DER protocol: real game over, unclipped scores, epsilon 0.001, mean weights (no noise)."""
     env = make_env(game, seed, num_actions, episodic_life=False, args=args)
     rng = np.random.default_rng(seed)
     was_training = q_network.training
     q_network.eval()
+    weights = q_network.weights()
     returns = []
     for _ in range(args.eval_episodes):
         obs, _ = env.reset()
         while True:
-            a = rng.integers(num_actions) if rng.random() < args.eval_epsilon else act(q_network, obs, device)
+            a = rng.integers(num_actions) if rng.random() < args.eval_epsilon else act(q_network, obs, device, weights)
             obs, _, terminated, truncated, info = env.step(a)
             if terminated or truncated:
                 returns.append(info["episode"]["r"])
@@ -609,9 +641,10 @@ def evaluate_snapshot(state: dict, bf16: bool, game: str, args: Args, num_action
 
 class BackgroundEvaluator:
     """Evaluates snapshots of the network in a second process while training goes on, and hands the
-    mean scores to log_eval in step order. The learner uses one core, so on a 2-core CPU the ~10
-    evaluations of a 100k-step run cost it almost no time. The scores are those of evaluating in
-    the loop: same snapshot, same seeds."""
+    mean scores to log_eval in step order. While one runs (`busy`), train() drops the learner to
+    one torch thread, so the two processes do not fight over the cores (with both on a 2-core CPU,
+    OpenMP's waiting thread and the evaluation slowed the learner by a third). The scores are those
+    of evaluating in the loop: same snapshot, same seeds."""
 
     def __init__(self, log_eval, game: str, args: Args, num_actions: int):
         import concurrent.futures
@@ -620,6 +653,10 @@ class BackgroundEvaluator:
         self.log_eval, self.game, self.args, self.num_actions = log_eval, game, args, num_actions
         self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         self.pending = []  # (step, future), oldest first
+
+    @property
+    def busy(self) -> bool:
+        return any(not future.done() for _, future in self.pending)
 
     def submit(self, step: int, q_network: QNetwork) -> None:
         state = {k: v.detach().cpu().clone() for k, v in q_network.state_dict().items()}
@@ -746,7 +783,6 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
                             args.seed + g) for g in range(len(games))]
     envs = [make_env(game, args.seed + 1000 * g, num_actions, args=args) for g, game in enumerate(games)]
     rng = np.random.default_rng(args.seed)
-    helper = target_helper(args, device)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
     evaluator = None
@@ -764,7 +800,11 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     obs, _ = envs[game].reset()
     updates, start_time, update_time = 0, time.time(), 0.0
     for global_step in range(1, args.total_timesteps + 1):
-        action = act(q_network, obs, device)
+        # fresh noise, then act and learn with the same noisy weights (Kaixhin/Rainbow's order); the
+        # weights are computed once, with their graph for the update's backward pass
+        q_network.reset_noise()
+        weights = q_network.weights()
+        action = act(q_network, obs, device, weights)
         next_obs, reward, terminated, truncated, info = envs[game].step(action)
         # learning sees clipped rewards and life loss as terminal; logging sees the real game
         buffers[game].add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
@@ -781,10 +821,12 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
             t0 = time.time()
             beta = args.priority_weight + (1.0 - args.priority_weight) * min(
                 1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
-            for _ in range(args.replay_ratio):
-                q_network.reset_noise()
+            for k in range(args.replay_ratio):
+                if k > 0:  # the parameters changed: new noise and weights for the next update
+                    q_network.reset_noise()
+                    weights = q_network.weights()
                 batch, parts = sample_games(buffers, args, beta, rng)
-                losses = optimize(q_network, target_network, optimizer, batch, args, device, helper).cpu().numpy()
+                losses = optimize(q_network, target_network, optimizer, batch, args, device, weights).cpu().numpy()
                 start = 0
                 for g, size in parts:
                     buffers[g].update_priorities(batch["indices"][start:start + size], losses[start:start + size])
@@ -796,6 +838,11 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
             if global_step % 100 == 0:
                 writer.add_scalar("losses/loss", float(losses.mean()), global_step)
                 writer.add_scalar("charts/beta", beta, global_step)
+
+        if evaluator is not None:  # one learner thread while an evaluation has the other core
+            threads = 1 if evaluator.busy else args.torch_threads
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
         if global_step % 1000 == 0 or global_step == args.total_timesteps:
             sps = int(global_step / (time.time() - start_time))
             print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
@@ -810,8 +857,6 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     run_eval(args.total_timesteps)
     if evaluator is not None:
         evaluator.close()
-    if helper is not None:
-        helper.shutdown()
     return q_network
 
 

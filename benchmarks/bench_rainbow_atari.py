@@ -87,14 +87,15 @@ def full_loop(opts) -> None:
     start = time.perf_counter()
     for _ in range(opts.steps):
         t0 = time.perf_counter()
-        action = der.act(q, obs, "cpu")
+        q.reset_noise()
+        weights = q.weights()
+        action = der.act(q, obs, "cpu", weights)
         timers["acting"] += time.perf_counter() - t0
         env_step(action)
         t0 = time.perf_counter()
-        q.reset_noise()
         batch, parts = der.sample_games([buffer], args, 0.4, rng)
         t1 = time.perf_counter()
-        losses = der.optimize(q, target, optimizer, batch, args, "cpu", helper).numpy()
+        losses = der.optimize(q, target, optimizer, batch, args, "cpu", weights, helper).numpy()
         t2 = time.perf_counter()
         buffer.update_priorities(batch["indices"], losses)
         timers["replay"] += (t1 - t0) + (time.perf_counter() - t2)
