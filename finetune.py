@@ -68,12 +68,17 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+# settings of the machine and the run, not of the agent: a checkpoint's values do not carry over
+MACHINE_SETTINGS = {"cuda", "torch_threads", "precision", "track", "wandb_project_name", "background_eval"}
+
+
 def script_args(module, ckpt: dict | None, overrides: list[str], **finetune_defaults):
-    """The base script's Args: its own defaults, then the checkpoint's values, then the
-    fine-tuning defaults, then whatever flags the user passed (same names as the script)."""
+    """The base script's Args: its own defaults, then the checkpoint's values (all but
+    MACHINE_SETTINGS), then the fine-tuning defaults, then whatever flags the user passed (same
+    names as the script)."""
     import tyro
 
-    names = {f.name for f in dataclasses.fields(module.Args)}
+    names = {f.name for f in dataclasses.fields(module.Args)} - MACHINE_SETTINGS
     saved = {k: v for k, v in (ckpt["args"] if ckpt else {}).items() if k in names}
     types = {f.name: f.type for f in dataclasses.fields(module.Args)}
     for k, v in saved.items():  # lists round-trip from tuples through the checkpoint

@@ -55,10 +55,11 @@ class Args:
     wandb_project_name: str = "finetune-vs-meta-rl"
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
-    torch_threads: int = 1
-    """torch CPU threads; DER's small network runs fastest on one (see benchmarks/)"""
+    torch_threads: int = 2
+    """torch CPU threads; DER's small network gains from a second thread (about 20% more env steps
+    per second on a 2-core CPU, benchmarks/bench_rainbow_atari.py)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """encoder and hidden layers in bfloat16 autocast (output layers, C51 loss and Adam stay fp32);
+    """encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay fp32);
     auto = bf16 where the hardware has native bfloat16 arithmetic"""
 
     # games
@@ -270,21 +271,29 @@ class NoisyLinear(nn.Module):
         self.bias_sigma.fill_(self.std_init / self.out_features**0.5)
 
     @staticmethod
-    def _scaled(n: int) -> torch.Tensor:
+    def scaled_noise(n: int) -> torch.Tensor:
+        """n draws of f(x) = sign(x) sqrt(|x|), x ~ N(0, 1): the factorised noise."""
         x = torch.randn(n)
         return x.sign() * x.abs().sqrt()
 
     @torch.no_grad()
-    def reset_noise(self) -> None:
-        eps_in, eps_out = self._scaled(self.in_features), self._scaled(self.out_features)
-        self.weight_epsilon.copy_(torch.outer(eps_out, eps_in))
+    def reset_noise(self, eps: torch.Tensor | None = None) -> None:
+        """New noise: eps (in_features + out_features values of `scaled_noise`, drawn here if not
+        given) gives the weight noise eps_out x eps_in and the bias noise eps_out."""
+        eps = self.scaled_noise(self.in_features + self.out_features) if eps is None else eps
+        eps_in, eps_out = eps[:self.in_features], eps[self.in_features:]
+        torch.outer(eps_out, eps_in, out=self.weight_epsilon)
         self.bias_epsilon.copy_(eps_out)
 
+    def noisy_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) as the layer uses them: mu + sigma * epsilon in train() mode, mu in eval()."""
+        if not self.training:
+            return self.weight_mu, self.bias_mu
+        return (torch.addcmul(self.weight_mu, self.weight_sigma, self.weight_epsilon),
+                torch.addcmul(self.bias_mu, self.bias_sigma, self.bias_epsilon))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return F.linear(x, self.weight_mu + self.weight_sigma * self.weight_epsilon,
-                            self.bias_mu + self.bias_sigma * self.bias_epsilon)
-        return F.linear(x, self.weight_mu, self.bias_mu)
+        return F.linear(x, *self.noisy_weights())
 
 
 PATCHES, PATCH_PIXELS = 16 * 16, 5 * 5  # the first conv's 16x16 positions and its 5x5 window
@@ -316,21 +325,33 @@ class Encoder(nn.Module):
         self.conv1 = nn.Conv2d(4, 32, 5, stride=5)
         self.conv2 = nn.Conv2d(32, 64, 5, stride=5)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches (B, 256, 100) from `to_patches`, scaled to [0, 1] -> features (B, 576)."""
+    def matrices(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The two convs as (weight, bias) of linear maps over patches: conv1 reads `to_patches`'
+        100 values (frame, row, column), conv2 a 5x5 block of conv1's outputs (row, column, channel)."""
+        return ((self.conv1.weight.flatten(1), self.conv1.bias),
+                (self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))
+
+    def forward(self, patches: torch.Tensor, matrices=None) -> torch.Tensor:
+        """patches (B, 256, 100) from `to_patches` -> features (B, 576); `matrices` as `matrices()`
+        gives them (QNetwork passes its own, with the pixel scale folded in)."""
+        (w1, b1), (w2, b2) = self.matrices() if matrices is None else matrices
         b = patches.shape[0]
-        x = F.relu(F.linear(patches, self.conv1.weight.flatten(1), self.conv1.bias))  # (B, 16 * 16, 32)
+        x = F.relu(F.linear(patches, w1, b1))  # (B, 16 * 16, 32)
         # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
         x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
-        x = F.relu(F.linear(x, self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))  # (B, 9, 64)
+        x = F.relu(F.linear(x, w2, b2))  # (B, 9, 64)
         return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
 
 
 class QNetwork(nn.Module):
     """DER network: the conv `Encoder` (576 features), dueling NoisyNet heads over num_atoms return
     atoms. forward() takes `to_patches` observations (uint8) and gives log-probabilities
-    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16
-    autocast; the output layers and the softmax stay fp32 (C51 needs the resolution)."""
+    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16;
+    the output layers and the softmax stay fp32 (C51 needs the resolution).
+
+    The layers' weights for a step come from `weights()`: noise added, cast, the pixel scale folded
+    in. dqn_loss computes them once and shares them between both online passes of an update,
+    instead of each pass composing the noisy weights again."""
 
     def __init__(self, num_actions: int, hidden_size: int = 256, num_atoms: int = 51, v_min: float = -10.0,
                  v_max: float = 10.0, noisy_std: float = 0.1):
@@ -348,20 +369,38 @@ class QNetwork(nn.Module):
         return [m for m in self.modules() if isinstance(m, NoisyLinear)]
 
     def reset_noise(self) -> None:
-        for layer in self.noisy_layers():
-            layer.reset_noise()
+        """New noise in every NoisyNet layer, drawn in one call (fewer small ops than one per layer)."""
+        sizes = [layer.in_features + layer.out_features for layer in self.noisy_layers()]
+        for layer, eps in zip(self.noisy_layers(), NoisyLinear.scaled_noise(sum(sizes)).split(sizes)):
+            layer.reset_noise(eps)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        pixels = obs.to(torch.bfloat16 if self.bf16 else torch.float32, copy=True).mul_(1 / 255)  # obs untouched
-        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
-            x = self.encoder(pixels)
-            value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
-        value = self.value_out(value_hidden.float()).view(-1, 1, self.num_atoms)
-        adv = self.advantage_out(advantage_hidden.float()).view(-1, self.num_actions, self.num_atoms)
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (weight, bias) as forward() uses them, current noise included (train mode).
+        The first layer takes pixel values 0..255 (exact in bf16) and carries the 1/255 scale; the
+        encoder and hidden layers are in `input_dtype`, the output layers fp32."""
+        (w1, b1), conv2 = self.encoder.matrices()
+        low = {"conv1": (w1 / 255, b1), "conv2": conv2, "value_hidden": self.value_hidden.noisy_weights(),
+               "advantage_hidden": self.advantage_hidden.noisy_weights()}
+        weights = {name: (w.to(self.input_dtype), b.to(self.input_dtype)) for name, (w, b) in low.items()}
+        return weights | {"value_out": self.value_out.noisy_weights(),
+                          "advantage_out": self.advantage_out.noisy_weights()}
+
+    def forward(self, obs: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+        """obs: uint8 `to_patches` observations (or those values already in `input_dtype`, to convert
+        once for several passes). weights: from `weights()`, computed here if not given."""
+        w = self.weights() if weights is None else weights
+        x = self.encoder(obs.to(self.input_dtype), (w["conv1"], w["conv2"]))
+        value = F.linear(F.relu(F.linear(x, *w["value_hidden"])).float(), *w["value_out"])
+        adv = F.linear(F.relu(F.linear(x, *w["advantage_hidden"])).float(), *w["advantage_out"])
+        value, adv = value.view(-1, 1, self.num_atoms), adv.view(-1, self.num_actions, self.num_atoms)
         return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
 
-    def q_values(self, obs: torch.Tensor) -> torch.Tensor:
-        return (self.forward(obs).exp() * self.support).sum(2)
+    def q_values(self, obs: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+        return (self.forward(obs, weights).exp() * self.support).sum(2)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -460,14 +499,17 @@ class ReplayBuffer:
 
     def add(self, frame: np.ndarray, action: int, reward: float, done: bool) -> None:
         i = self.pos
-        # entries i..i+3 stop being valid: i is overwritten, i+1..i+3 would stack the new frame
-        self.tree.update(np.arange(i, i + 4) % self.capacity, np.zeros(4))
         self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame_patches(frame), action, reward, done
         self.timesteps[i] = self.next_t
         self.next_t = 0 if done else self.next_t + 1
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
-        if self.size > self.n_step:  # the entry n steps back now has its full n-step window
-            self.tree.update(np.array([(i - self.n_step) % self.capacity]), np.array([self.tree.max_priority]))
+        # entries i..i+3 stop being valid (i is overwritten, i+1..i+3 would stack the new frame); the
+        # entry n steps back now has its full n-step window (one tree update for both)
+        indices, priorities = np.arange(i, i + 4) % self.capacity, np.zeros(4)
+        if self.size > self.n_step:
+            indices = np.append(indices, (i - self.n_step) % self.capacity)
+            priorities = np.append(priorities, self.tree.max_priority)
+        self.tree.update(indices, priorities)
 
     def stacked(self, indices: np.ndarray) -> np.ndarray:
         """Observations s_i rebuilt from single frames, in the network's layout: `to_patches` of the
@@ -512,15 +554,26 @@ class ReplayBuffer:
 # --------------------------------------------------------------------------- learning
 
 
-def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device) -> torch.Tensor:
-    """Per-sample C51 cross-entropy with a double-Q target (online net picks, target net rates)."""
-    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
-    log_probs = q_network(t["obs"])[torch.arange(len(t["actions"]), device=device), t["actions"]]
+def target_distribution(q_network: QNetwork, target_network: QNetwork, weights: dict, next_obs: torch.Tensor,
+                        returns: torch.Tensor, discounts: torch.Tensor) -> torch.Tensor:
+    """The C51 target with double Q: the online net (this step's `weights`) picks the next action,
+    the target net rates it."""
     with torch.no_grad():
-        next_best = q_network.q_values(t["next_obs"]).argmax(1)
-        target_network.reset_noise()
-        next_probs = target_network(t["next_obs"]).exp()[torch.arange(len(next_best), device=device), next_best]
-        target = project_distribution(next_probs, t["returns"], t["discounts"], q_network.support)
+        next_best = q_network.q_values(next_obs, weights).argmax(1)
+        next_probs = target_network(next_obs).exp()[torch.arange(len(next_best), device=next_obs.device), next_best]
+        return project_distribution(next_probs, returns, discounts, q_network.support)
+
+
+def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device,
+             weights: dict | None = None) -> torch.Tensor:
+    """Per-sample C51 cross-entropy against the double-Q target; `weights`: the online net's for this
+    step (`QNetwork.weights`), computed here if not given."""
+    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
+    weights = q_network.weights() if weights is None else weights
+    next_obs = t["next_obs"].to(q_network.input_dtype)  # converted once for the online and the target pass
+    target_network.reset_noise()
+    target = target_distribution(q_network, target_network, weights, next_obs, t["returns"], t["discounts"])
+    log_probs = q_network(t["obs"], weights)[torch.arange(len(t["actions"]), device=device), t["actions"]]
     return -(target * log_probs).sum(1)
 
 
@@ -537,20 +590,29 @@ def reptile_eps(args: Args, global_step: int) -> float:
     return args.reptile_eps_start + frac * (args.reptile_eps_end - args.reptile_eps_start)
 
 
-def optimize(q_network, target_network, optimizer, batch, args: Args, device) -> torch.Tensor:
+def optimize(q_network, target_network, optimizer, batch, args: Args, device, weights: dict | None = None) -> torch.Tensor:
     """One prioritized, importance-weighted gradient step; returns per-sample losses."""
-    losses = dqn_loss(q_network, target_network, batch, device)
-    weights = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
+    losses = dqn_loss(q_network, target_network, batch, device, weights)
+    importance = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
     optimizer.zero_grad()
-    (weights * losses).mean().backward()
-    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+    (importance * losses).mean().backward()
+    clip_gradients(list(q_network.parameters()), args.max_grad_norm)
     optimizer.step()
     return losses.detach()
 
 
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_, without its rescaling pass when the norm is under the cap (most
+    steps): the same gradients, one pass over them fewer."""
+    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if grad_norm > max_norm:
+        nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+
+
 @torch.inference_mode()
-def act(q_network: QNetwork, obs: np.ndarray, device) -> int:
-    return int(q_network.q_values(torch.as_tensor(to_patches(obs), device=device)[None]).argmax(1).item())
+def act(q_network: QNetwork, obs: np.ndarray, device, weights: dict | None = None) -> int:
+    obs = torch.as_tensor(to_patches(obs), device=device)[None]
+    return int(q_network.q_values(obs, weights).argmax(1).item())
 
 
 def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,

@@ -2,16 +2,18 @@
 goes (emulator, acting, replay, update). Prints numbers; asserts nothing.
 
     python benchmarks/bench_rainbow_atari.py                      # Pong, 600 learning steps
-    python benchmarks/bench_rainbow_atari.py --game Assault --steps 2000
-    python benchmarks/bench_rainbow_atari.py --no-target-thread   # targets in the main thread
+    python benchmarks/bench_rainbow_atari.py --full-actions       # 18 actions, as in fine-tuning
+    python benchmarks/bench_rainbow_atari.py --threads 1          # one torch thread
     python benchmarks/bench_rainbow_atari.py --default-malloc     # glibc's default malloc settings
     python benchmarks/bench_rainbow_atari.py --compare            # A/B of the update's speed-ups
 
 The loop is rainbow_mt_atari.train's step (same pieces, imported), with a timer around each part;
 it leaves out the evaluations, which train() runs in a second process (see BackgroundEvaluator).
+Before the timed steps the replay is filled to --replay-fill transitions of random frames, the
+mean replay size of a 100k-step run: sampling from a large replay is slower (cache misses).
 `--compare` times the encoder (forward + backward) and one whole DER update under variants,
 interleaved so that a busy machine slows all of them alike: the patch-matmul encoder vs.
-nn.Conv2d, bf16 autocast vs. fp32, fused vs. per-tensor Adam, 1 vs. 2 torch threads.
+nn.Conv2d, bf16 vs. fp32, fused vs. per-tensor Adam, 2 vs. 1 torch threads.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ def parse():
     p.add_argument("--game", default="Pong")
     p.add_argument("--steps", type=int, default=600, help="timed env steps after learning starts")
     p.add_argument("--learning-starts", type=int, default=1600)
+    p.add_argument("--replay-fill", type=int, default=50_000,
+                   help="random-frame transitions put in the replay before the timed steps")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=der.Args.torch_threads)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--full-actions", action="store_true",
                    help="18 actions, as a network fine-tuned from a pretrained checkpoint has (default: the game's own)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings alone (train() keeps freed memory, see keep_freed_memory)")
-    p.add_argument("--no-target-thread", dest="target_thread", action="store_false",
-                   help="compute the target distribution in the main thread (train() uses a helper thread)")
     p.add_argument("--compare", action="store_true", help="A/B the update variants instead")
     p.add_argument("--repeats", type=int, default=5, help="--compare: interleaved rounds of 20 updates")
     return p.parse_args()
@@ -63,7 +65,9 @@ def full_loop(opts) -> None:
     optimizer = torch.optim.Adam(q.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     buffer = der.ReplayBuffer(100_000, args.n_step, args.gamma, args.priority_exponent)
     rng = np.random.default_rng(0)
-    helper = der.target_helper(args, torch.device("cpu")) if opts.target_thread else None
+    for _ in range(opts.replay_fill):
+        buffer.add(rng.integers(0, 256, (84, 84), dtype=np.uint8), int(rng.integers(num_actions)), 0.0,
+                   bool(rng.random() < 0.002))
     timers = dict.fromkeys(["emulator", "acting", "replay", "update"], 0.0)
     obs, _ = env.reset()
 
@@ -95,15 +99,15 @@ def full_loop(opts) -> None:
         t0 = time.perf_counter()
         batch, parts = der.sample_games([buffer], args, 0.4, rng)
         t1 = time.perf_counter()
-        losses = der.optimize(q, target, optimizer, batch, args, "cpu", weights, helper).numpy()
+        losses = der.optimize(q, target, optimizer, batch, args, "cpu", weights).numpy()
         t2 = time.perf_counter()
         buffer.update_priorities(batch["indices"], losses)
         timers["replay"] += (t1 - t0) + (time.perf_counter() - t2)
         timers["update"] += t2 - t1
     total = time.perf_counter() - start
     sps = opts.steps / total
-    print(f"game {opts.game}, batch {opts.batch_size}, torch threads {opts.threads}, target thread {helper is not None}, {opts.steps} steps after "
-          f"learning starts")
+    print(f"game {opts.game}, {num_actions} actions, batch {opts.batch_size}, torch threads {opts.threads}, "
+          f"replay {buffer.size} transitions at the end, {opts.steps} steps after learning starts")
     print(f"env steps per second before learning starts (emulator + replay add): {fill_sps:.0f}")
     print(f"env steps per second after learning starts (one update per step):     {sps:.1f}")
     for k, v in timers.items():
@@ -113,10 +117,13 @@ def full_loop(opts) -> None:
 
 
 class ConvEncoder(der.Encoder):
-    """The same parameters run as nn.Conv2d on (B, 4, 84, 84) frames: what the patch encoder replaced."""
+    """The same parameters run as nn.Conv2d on (B, 4, 84, 84) frames: what the patch encoder replaced.
+    Like the patch encoder inside QNetwork, it reads raw pixel values and carries the 1/255 scale."""
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv2(F.relu(self.conv1(frames)))).flatten(1)
+    def forward(self, frames: torch.Tensor, matrices=None) -> torch.Tensor:
+        conv1, conv2 = self.conv1, self.conv2
+        x = F.relu(F.conv2d(frames, (conv1.weight / 255).to(frames.dtype), conv1.bias.to(frames.dtype), stride=5))
+        return F.relu(F.conv2d(x, conv2.weight.to(x.dtype), conv2.bias.to(x.dtype), stride=5)).flatten(1)
 
 
 def compare(opts) -> None:
@@ -133,7 +140,7 @@ def compare(opts) -> None:
         x = patch_batch[key].reshape(-1, 16, 16, 4, 5, 5).transpose(0, 3, 1, 4, 2, 5).reshape(-1, 4, 80, 80)
         frame_batch[key] = np.pad(x, ((0, 0), (0, 0), (0, 4), (0, 4)))
 
-    def variant(conv: bool, bf16: bool, fused: bool = True, threads: int = 1):
+    def variant(conv: bool, bf16: bool, fused: bool = True, threads: int = der.Args.torch_threads):
         q, t = der.QNetwork(6), der.QNetwork(6)
         if conv:
             q.encoder, t.encoder = ConvEncoder(), ConvEncoder()
@@ -147,7 +154,7 @@ def compare(opts) -> None:
         "nn.Conv2d encoder, bf16": variant(True, True),
         "nn.Conv2d encoder, fp32": variant(True, False),
         "patch encoder, bf16, per-tensor Adam": variant(False, True, fused=False),
-        "patch encoder, bf16, 2 torch threads": variant(False, True, threads=2),
+        "patch encoder, bf16, 1 torch thread": variant(False, True, threads=1),
     }
     encoder_times = {name: [] for name in list(variants)[:4]}  # the encoder differs in the first four only
     update_times = {name: [] for name in variants}
@@ -159,16 +166,14 @@ def compare(opts) -> None:
                 t0 = time.perf_counter()
                 for _ in range(20):
                     q.zero_grad()
-                    with torch.autocast("cpu", torch.bfloat16, enabled=q.bf16):
-                        features = q.encoder(obs.to(torch.bfloat16 if q.bf16 else torch.float32).mul_(1 / 255))
-                    features.float().sum().backward()
+                    w = q.weights()
+                    q.encoder(obs.to(q.input_dtype), (w["conv1"], w["conv2"])).float().sum().backward()
                 encoder_times[name].append((time.perf_counter() - t0) / 20 * 1000)
             t0 = time.perf_counter()
             for _ in range(20):
                 q.reset_noise()
                 der.optimize(q, t, opt, batch, args, "cpu")
             update_times[name].append((time.perf_counter() - t0) / 20 * 1000)
-    torch.set_num_threads(1)
     print(f"batch {opts.batch_size}, median of {opts.repeats} interleaved rounds of 20 (ms):")
     print(f"  {'':42s} {'encoder fwd+bwd':>16s} {'whole update':>13s}")
     for name, v in update_times.items():

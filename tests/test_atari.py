@@ -265,21 +265,62 @@ def test_patch_encoder_equals_the_two_convs(module):
     torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
 
 
+def reference_log_probs(net, obs):
+    """DER's network written plainly: nn.Conv2d on [0, 1] frames, each NoisyLinear as its own module."""
+    frames = torch.from_numpy(obs.reshape(-1, 16, 16, 4, 5, 5).transpose(0, 3, 1, 4, 2, 5).reshape(-1, 4, 80, 80))
+    x = frames.float() / 255
+    x = torch.relu(net.encoder.conv2(torch.relu(net.encoder.conv1(x)))).flatten(1)
+    value = net.value_out(torch.relu(net.value_hidden(x))).view(-1, 1, net.num_atoms)
+    adv = net.advantage_out(torch.relu(net.advantage_hidden(x))).view(-1, net.num_actions, net.num_atoms)
+    return torch.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_step_weights_give_the_plain_network_and_its_gradients(mode):
+    """forward(obs, weights()) (noise added once, 1/255 folded into the first layer) computes the
+    plain network, and the gradients reach every mu and sigma as through the plain layers."""
+    torch.manual_seed(0)
+    net = mt.QNetwork(6).train(mode == "train")
+    obs = np.random.default_rng(0).integers(0, 256, (5, 256, 100), dtype=np.uint8)
+    ours = net(torch.from_numpy(obs), net.weights())
+    ours.exp().mul(torch.arange(6.0)[:, None]).sum().backward()
+    ours_grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+    ref = reference_log_probs(net, obs)
+    ref.exp().mul(torch.arange(6.0)[:, None]).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    noisy = {k for k in ours_grads if "sigma" in k}
+    assert bool(noisy) == (mode == "train")  # eval mode: mean weights, no sigma in the graph
+    for k, p in net.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ours_grads[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_runs_encoder_and_hidden_layers_only():
     torch.manual_seed(0)
     net = mt.QNetwork(6).eval()
     obs = torch.randint(0, 256, (8, 256, 100), dtype=torch.uint8)
     exact = net(obs)
     net.bf16 = True
-    seen = {}
-    for name in ("encoder", "value_hidden", "advantage_hidden", "value_out", "advantage_out"):
-        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0].dtype, o.dtype)}))
-    approx = net(obs)
+    weights = net.weights()
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert seen == {"encoder": (bf16, bf16), "value_hidden": (bf16, bf16), "advantage_hidden": (bf16, bf16),
-                    "value_out": (fp32, fp32), "advantage_out": (fp32, fp32)}
+    assert {k: (w.dtype, b.dtype) for k, (w, b) in weights.items()} == {
+        "conv1": (bf16, bf16), "conv2": (bf16, bf16), "value_hidden": (bf16, bf16),
+        "advantage_hidden": (bf16, bf16), "value_out": (fp32, fp32), "advantage_out": (fp32, fp32)}
+    assert torch.equal(torch.arange(256.0).to(bf16).float(), torch.arange(256.0))  # raw pixels are exact in bf16
+    approx = net(obs, weights)
     assert approx.dtype == fp32
     torch.testing.assert_close(approx.exp(), exact.exp(), rtol=0, atol=1e-4)
+
+
+def test_gradient_clipping_rescales_only_above_the_cap():
+    small, big = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    small.grad, big.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])  # norm 5
+    mt.clip_gradients([small, big], 10.0)
+    assert torch.equal(small.grad, torch.tensor([3.0, 4.0]))  # under the cap: untouched
+    small.grad, big.grad = torch.tensor([12.0, 16.0]), torch.tensor([0.0, 0.0])  # norm 20
+    mt.clip_gradients([small, big], 10.0)
+    torch.testing.assert_close(small.grad, torch.tensor([6.0, 8.0]), rtol=1e-6, atol=0)  # x 10 / 20
 
 
 def test_network_shapes_and_noisy_eval_mode():
@@ -410,6 +451,13 @@ def test_is_atari_task():
         assert finetune.is_atari_task(name), name
     for name in ("10000", "drawer-open-v3", "push_button", "Foo", "MsPacMan2", "boxing-v3", "ALE/Foo-v5"):
         assert not finetune.is_atari_task(name), name
+
+
+def test_finetuning_keeps_the_checkpoints_agent_settings_but_not_its_machine_settings():
+    saved = dataclasses.asdict(mt.Args(batch_size=8, learning_rate=3e-4, torch_threads=1, precision="fp32"))
+    args = finetune.script_args(mt, {"args": saved}, ["--n-step", "10"], total_timesteps=100_000)
+    assert (args.batch_size, args.learning_rate, args.n_step, args.total_timesteps) == (8, 3e-4, 10, 100_000)
+    assert (args.torch_threads, args.precision) == (mt.Args.torch_threads, "auto")
 
 
 def test_unknown_game_exits_with_one_line():
