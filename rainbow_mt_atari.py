@@ -356,7 +356,7 @@ class QNetwork(nn.Module):
     """DER network: the conv `Encoder` (576 features), dueling NoisyNet heads over num_atoms return
     atoms. forward() takes `to_patches` observations (uint8) and gives log-probabilities
     (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16;
-    the output layers and the softmax stay fp32 (C51 needs the resolution).
+    the output layers and the softmax stay fp32 (bf16 there was no faster, README: Atari: Speed).
 
     The layers' weights for a step come from `weights()`: noise added, cast, the pixel scale folded
     in. train() computes them once per env step and shares them between acting and both online
