@@ -59,7 +59,8 @@ class Args:
     torch_threads: int = 2
     """torch CPU threads for the learner. DER's small network gains from a second thread (about 20%
     more env steps per second on a 2-core CPU, benchmarks/); while a background evaluation runs,
-    the learner uses one, leaving the other core to the evaluation"""
+    the learner uses one, leaving the other core to the evaluation. Use 1 on a machine busy with
+    other work (OpenMP's second thread then waits for a core)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay fp32);
     auto = bf16 where the hardware has native bfloat16 arithmetic"""

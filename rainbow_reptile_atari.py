@@ -57,7 +57,8 @@ class Args:
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     torch_threads: int = 2
     """torch CPU threads; DER's small network gains from a second thread (about 20% more env steps
-    per second on a 2-core CPU, benchmarks/bench_rainbow_atari.py)"""
+    per second on a 2-core CPU, benchmarks/bench_rainbow_atari.py). Use 1 on a machine busy with
+    other work (OpenMP's second thread then waits for a core)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay fp32);
     auto = bf16 where the hardware has native bfloat16 arithmetic"""
