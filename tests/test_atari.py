@@ -318,9 +318,10 @@ def test_gradient_clipping_rescales_only_above_the_cap():
     small.grad, big.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])  # norm 5
     mt.clip_gradients([small, big], 10.0)
     assert torch.equal(small.grad, torch.tensor([3.0, 4.0]))  # under the cap: untouched
-    small.grad, big.grad = torch.tensor([12.0, 16.0]), torch.tensor([0.0, 0.0])  # norm 20
+    small.grad, big.grad = torch.tensor([12.0, 0.0]), torch.tensor([0.0, 16.0])  # one norm over both: 20
     mt.clip_gradients([small, big], 10.0)
-    torch.testing.assert_close(small.grad, torch.tensor([6.0, 8.0]), rtol=1e-6, atol=0)  # x 10 / 20
+    torch.testing.assert_close(small.grad, torch.tensor([6.0, 0.0]), rtol=1e-6, atol=0)  # x 10 / 20
+    torch.testing.assert_close(big.grad, torch.tensor([0.0, 8.0]), rtol=1e-6, atol=0)
 
 
 def test_network_shapes_and_noisy_eval_mode():
