@@ -431,7 +431,9 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
     v_min, v_max, atoms = support[0], support[-1], support.numel()
     delta = (v_max - v_min) / (atoms - 1)
     tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
-    b = (tz - v_min) / delta
+    # clamped again: (v_max - v_min) / delta can round to just over atoms - 1 (fp32 support [-1, 1]
+    # with 62 atoms on the CPU; [-10, 10] with 51 on CUDA), and its ceil would index past the end
+    b = ((tz - v_min) / delta).clamp(0, atoms - 1)
     lower, upper = b.floor(), b.ceil()
     exact = (lower == upper).to(next_probs.dtype)
     offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]

@@ -272,16 +272,17 @@ class NoisyLinear(nn.Module):
         self.bias_sigma.fill_(self.std_init / self.out_features**0.5)
 
     @staticmethod
-    def scaled_noise(n: int) -> torch.Tensor:
+    def scaled_noise(n: int, device: torch.device) -> torch.Tensor:
         """n draws of f(x) = sign(x) sqrt(|x|), x ~ N(0, 1): the factorised noise."""
-        x = torch.randn(n)
+        x = torch.randn(n, device=device)
         return x.sign() * x.abs().sqrt()
 
     @torch.no_grad()
     def reset_noise(self, eps: torch.Tensor | None = None) -> None:
         """New noise: eps (in_features + out_features values of `scaled_noise`, drawn here if not
         given) gives the weight noise eps_out x eps_in and the bias noise eps_out."""
-        eps = self.scaled_noise(self.in_features + self.out_features) if eps is None else eps
+        if eps is None:
+            eps = self.scaled_noise(self.in_features + self.out_features, self.weight_epsilon.device)
         eps_in, eps_out = eps[:self.in_features], eps[self.in_features:]
         torch.outer(eps_out, eps_in, out=self.weight_epsilon)
         self.bias_epsilon.copy_(eps_out)
@@ -372,7 +373,8 @@ class QNetwork(nn.Module):
     def reset_noise(self) -> None:
         """New noise in every NoisyNet layer, drawn in one call (fewer small ops than one per layer)."""
         sizes = [layer.in_features + layer.out_features for layer in self.noisy_layers()]
-        for layer, eps in zip(self.noisy_layers(), NoisyLinear.scaled_noise(sum(sizes)).split(sizes)):
+        noise = NoisyLinear.scaled_noise(sum(sizes), self.support.device)
+        for layer, eps in zip(self.noisy_layers(), noise.split(sizes)):
             layer.reset_noise(eps)
 
     @property
@@ -421,7 +423,9 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
     v_min, v_max, atoms = support[0], support[-1], support.numel()
     delta = (v_max - v_min) / (atoms - 1)
     tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
-    b = (tz - v_min) / delta
+    # clamped again: (v_max - v_min) / delta can round to just over atoms - 1 (fp32 support [-1, 1]
+    # with 62 atoms on the CPU; [-10, 10] with 51 on CUDA), and its ceil would index past the end
+    b = ((tz - v_min) / delta).clamp(0, atoms - 1)
     lower, upper = b.floor(), b.ceil()
     exact = (lower == upper).to(next_probs.dtype)
     offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]

@@ -6,12 +6,17 @@ unlimited levels (CleanRL's hard-coded environment). SPS is each script's own fi
 env steps / wall seconds since its training loop started, read from its last report.
 
     python benchmarks/bench_ppo_procgen.py --iterations 10
+    python benchmarks/bench_ppo_procgen.py --paper --cuda --iterations 10   # 256 envs x 256 steps, on a GPU
     python benchmarks/bench_ppo_procgen.py --cleanrl-script /path/to/cleanrl/ppo_procgen.py \\
         --cleanrl-python /path/to/venv-with-gym-0.23.1/bin/python
 
 CleanRL's script needs gym==0.23.1, which conflicts with nothing here but is not in our
 requirements: give it its own virtual environment (`python -m venv --system-site-packages`).
 Other processes on the machine distort both numbers; run it on an idle machine.
+
+`--paper` runs ppo_mt_procgen.py alone at its defaults, the paper's settings (hard CoinRun, 1000
+levels, 256 envs x 256 steps, 3 epochs, 32 minibatches, KL early stopping); with `--cuda` on a GPU.
+At 20,000 SPS the paper's 100M-step pretraining takes about 1.4 hours.
 """
 
 import argparse
@@ -42,19 +47,35 @@ def run(cmd: list[str], pattern: str, cwd: str) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=10, help="PPO iterations per run (1024 env steps each)")
+    parser.add_argument("--iterations", type=int, default=10, help="PPO iterations per run (num envs x num steps env steps each)")
     parser.add_argument("--repeats", type=int, default=1, help="alternate the runs this many times, report each")
     parser.add_argument("--cleanrl-script", default=None, help="path to CleanRL's cleanrl/ppo_procgen.py")
     parser.add_argument("--cleanrl-python", default=sys.executable, help="interpreter with gym==0.23.1 for CleanRL")
+    parser.add_argument("--paper", action="store_true", help="ppo_mt_procgen.py alone at the paper's settings")
+    parser.add_argument("--cuda", action="store_true", help="let ppo_mt_procgen.py use CUDA (default: CPU)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra flags for ppo_mt_procgen.py")
     opts = parser.parse_args()
-    steps = opts.iterations * NUM_ENVS * NUM_STEPS
-    common = ["--num-envs", str(NUM_ENVS), "--num-steps", str(NUM_STEPS), "--update-epochs", str(EPOCHS),
-              "--num-minibatches", str(MINIBATCHES), "--total-timesteps", str(steps)]
-    ours_cmd = [sys.executable, os.path.join(ROOT, "ppo_mt_procgen.py"), *common, "--num-levels", "0", "--distribution-mode", "easy",
-                "--target-kl", "None", "--no-cuda", *opts.extra]
-    print(f"settings: coinrun, {NUM_ENVS} envs x {NUM_STEPS} steps, {EPOCHS} epochs, {MINIBATCHES} minibatches, "
-          f"{steps} env steps per run, torch threads = {os.cpu_count()} cores")
+    script = [sys.executable, os.path.join(ROOT, "ppo_mt_procgen.py"), "--cuda" if opts.cuda else "--no-cuda"]
+    if opts.paper:
+        if opts.cleanrl_script:
+            raise SystemExit("error: --paper runs ppo_mt_procgen.py alone; drop --cleanrl-script")
+        sys.path.insert(0, ROOT)
+        from ppo_mt_procgen import Args
+
+        d = Args()
+        steps = opts.iterations * d.num_envs * d.num_steps
+        ours_cmd = [*script, "--total-timesteps", str(steps), *opts.extra]
+        print(f"settings: the paper's ({d.distribution_mode} {d.env_id}, {d.num_levels} levels, {d.num_envs} envs x "
+              f"{d.num_steps} steps, {d.update_epochs} epochs, {d.num_minibatches} minibatches), {steps} env steps "
+              f"per run, {'CUDA' if opts.cuda else 'CPU'}")
+    else:
+        steps = opts.iterations * NUM_ENVS * NUM_STEPS
+        common = ["--num-envs", str(NUM_ENVS), "--num-steps", str(NUM_STEPS), "--update-epochs", str(EPOCHS),
+                  "--num-minibatches", str(MINIBATCHES), "--total-timesteps", str(steps)]
+        ours_cmd = [*script, *common, "--num-levels", "0", "--distribution-mode", "easy", "--target-kl", "None",
+                    *opts.extra]
+        print(f"settings: coinrun, {NUM_ENVS} envs x {NUM_STEPS} steps, {EPOCHS} epochs, {MINIBATCHES} minibatches, "
+              f"{steps} env steps per run, torch threads = {os.cpu_count()} cores")
     results = {"ours": [], "cleanrl": []}
     for r in range(opts.repeats):
         with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +83,7 @@ def main():
             print(f"[{r}] ppo_mt_procgen.py: {results['ours'][-1]} SPS", flush=True)
             if opts.cleanrl_script:
                 cl_cmd = [opts.cleanrl_python, os.path.abspath(opts.cleanrl_script), "--env-id", "coinrun", *common,
-                          "--no-cuda"]
+                          "--cuda" if opts.cuda else "--no-cuda"]
                 results["cleanrl"].append(run(cl_cmd, r"SPS: (\d+)", tmp))
                 print(f"[{r}] CleanRL ppo_procgen.py: {results['cleanrl'][-1]} SPS", flush=True)
     ours = statistics.median(results["ours"])

@@ -1,4 +1,4 @@
-"""Speed of DER on the CPU: env steps per second once learning has started, and where the time
+"""Speed of DER on the CPU (or a GPU, --cuda): env steps per second once learning has started, and where the time
 goes (emulator, acting, replay, update). Prints numbers; asserts nothing.
 
     python benchmarks/bench_rainbow_atari.py                      # Pong, 600 learning steps
@@ -6,6 +6,7 @@ goes (emulator, acting, replay, update). Prints numbers; asserts nothing.
     python benchmarks/bench_rainbow_atari.py --threads 1          # one torch thread
     python benchmarks/bench_rainbow_atari.py --default-malloc     # glibc's default malloc settings
     python benchmarks/bench_rainbow_atari.py --compare            # A/B of the update's speed-ups
+    python benchmarks/bench_rainbow_atari.py --full-actions --cuda  # the learner on a GPU
 
 The loop is rainbow_mt_atari.train's step (same pieces, imported), with a timer around each part;
 it leaves out the evaluations, which train() runs in a second process (see BackgroundEvaluator).
@@ -45,6 +46,7 @@ def parse():
                    help="18 actions, as a network fine-tuned from a pretrained checkpoint has (default: the game's own)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings alone (train() keeps freed memory, see keep_freed_memory)")
+    p.add_argument("--cuda", action="store_true", help="the networks and the update on the GPU")
     p.add_argument("--compare", action="store_true", help="A/B the update variants instead")
     p.add_argument("--repeats", type=int, default=5, help="--compare: interleaved rounds of 20 updates")
     return p.parse_args()
@@ -58,10 +60,13 @@ def full_loop(opts) -> None:
     args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False, torch_threads=opts.threads)
     env = der.make_env(opts.game, 0, args=args)
     num_actions = der.FULL_ACTIONS if opts.full_actions else len(env.action_set)
-    q = der.QNetwork(num_actions)
-    target = der.QNetwork(num_actions)
+    if opts.cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --cuda given but torch sees no CUDA device")
+    device = torch.device("cuda" if opts.cuda else "cpu")
+    q = der.QNetwork(num_actions).to(device)
+    target = der.QNetwork(num_actions).to(device)
     target.load_state_dict(q.state_dict())
-    q.bf16 = target.bf16 = der.use_bf16(opts.precision, torch.device("cpu"))
+    q.bf16 = target.bf16 = der.use_bf16(opts.precision, device)
     optimizer = torch.optim.Adam(q.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     buffer = der.ReplayBuffer(100_000, args.n_step, args.gamma, args.priority_exponent)
     rng = np.random.default_rng(0)
@@ -93,20 +98,21 @@ def full_loop(opts) -> None:
         t0 = time.perf_counter()
         q.reset_noise()
         weights = q.weights()
-        action = der.act(q, obs, "cpu", weights)
+        action = der.act(q, obs, device, weights)
         timers["acting"] += time.perf_counter() - t0
         env_step(action)
         t0 = time.perf_counter()
         batch, parts = der.sample_games([buffer], args, 0.4, rng)
         t1 = time.perf_counter()
-        losses = der.optimize(q, target, optimizer, batch, args, "cpu", weights).numpy()
+        losses = der.optimize(q, target, optimizer, batch, args, device, weights).cpu().numpy()
         t2 = time.perf_counter()
         buffer.update_priorities(batch["indices"], losses)
         timers["replay"] += (t1 - t0) + (time.perf_counter() - t2)
         timers["update"] += t2 - t1
     total = time.perf_counter() - start
     sps = opts.steps / total
-    print(f"game {opts.game}, {num_actions} actions, batch {opts.batch_size}, torch threads {opts.threads}, "
+    where = torch.cuda.get_device_name() if opts.cuda else f"CPU, torch threads {opts.threads}"
+    print(f"game {opts.game}, {num_actions} actions, batch {opts.batch_size}, {where}, bf16 {q.bf16}, "
           f"replay {buffer.size} transitions at the end, {opts.steps} steps after learning starts")
     print(f"env steps per second before learning starts (emulator + replay add): {fill_sps:.0f}")
     print(f"env steps per second after learning starts (one update per step):     {sps:.1f}")

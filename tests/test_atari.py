@@ -51,6 +51,21 @@ def test_projection_l_equals_u_keeps_all_mass():
     torch.testing.assert_close(project([0.2] * 5, -3.0, 0.0), torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_projection_support_end_despite_rounding(module):
+    # fp32 support [-1, 1] with 62 atoms: (v_max - v_min) / delta rounds to 61.0000038, so a return
+    # at v_max once gave ceil(b) = 62, one past the last atom (an IndexError here, a device-side
+    # assert on CUDA). All mass must land on the last atom, and R = v_min on the first.
+    support = torch.linspace(-1.0, 1.0, 62)
+    for ret, atom in ((1.0, -1), (-1.0, 0)):  # one row each: a spilled index would land in no other row
+        probs = torch.zeros(1, 62)
+        probs[0, 30] = 1.0  # discount 0: every atom goes to R, so one atom's mass is enough
+        out = module.project_distribution(probs, torch.tensor([ret]), torch.zeros(1), support)
+        expected = torch.zeros(1, 62)
+        expected[0, atom] = 1.0
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_projection_batch_rows_are_independent():
     probs = torch.tensor([[0.1, 0.2, 0.4, 0.2, 0.1], [0.2] * 5], dtype=torch.float64)
     out = mt.project_distribution(probs, torch.tensor([0.5, 1.0], dtype=torch.float64),
