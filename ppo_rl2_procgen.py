@@ -54,6 +54,9 @@ class Args:
     """training levels (the paper reports 100, 1000 and 10000)"""
     start_level: int = 0
     """first training level; held-out test levels start at 10000"""
+    env_threads: Optional[int] = None
+    """procgen's threads stepping the envs (default: one per CPU core; procgen's own default is 4).
+    On a 16-core GPU machine, 16 threads halved the env time of a 256-env rollout (README)"""
     num_trials: int = 2
     """episodes per meta-episode on one level (authors: 2)"""
 
@@ -106,14 +109,16 @@ class ProcgenVecEnv:
     Procgen resets finished environments itself; `obs` is then the new episode's first frame.
     """
 
-    def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int):
+    def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int,
+                 threads: Optional[int] = None):
         procgen = import_procgen()
         from procgen.env import ENV_NAMES
 
         if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
             raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
         self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,
-                                      start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed)
+                                      start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed,
+                                      num_threads=threads or os.cpu_count() or 4)
         self.num_envs = num_envs
         self.returns = np.zeros(num_envs, dtype=np.float64)
         self.lengths = np.zeros(num_envs, dtype=np.int64)
@@ -370,10 +375,10 @@ def ppo_update(agent: RL2Agent, optimizer: torch.optim.Optimizer, rollout: dict,
                 rollout["actions"][:, mb])
             logratio = newlogprob - rollout["logprobs"][:, mb]
             ratio = logratio.exp()
-            with torch.no_grad():
+            with torch.no_grad():  # statistics stay on the device: one host sync per update, not five per minibatch
                 approx_kl = ((ratio - 1) - logratio).mean()  # the k3 estimator (Schulman 2020)
-                stats["approx_kl"].append(approx_kl.item())
-                stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                stats["approx_kl"].append(approx_kl)
+                stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
             if args.target_kl is not None and approx_kl.item() > 1.5 * args.target_kl:
                 stopped = True  # SB3 early stopping: skip this minibatch and all that follow
                 break
@@ -388,12 +393,12 @@ def ppo_update(agent: RL2Agent, optimizer: torch.optim.Optimizer, rollout: dict,
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
-            stats["pg_loss"].append(pg_loss.item())
-            stats["v_loss"].append(v_loss.item())
-            stats["entropy"].append(entropy_loss.item())
+            stats["pg_loss"].append(pg_loss.detach())
+            stats["v_loss"].append(v_loss.detach())
+            stats["entropy"].append(entropy_loss.detach())
         if stopped:
             break
-    out = {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+    out = {k: torch.stack(v).mean().item() if v else float("nan") for k, v in stats.items()}
     y_pred, y_true = rollout["values"], rollout["returns"]
     var_y = y_true.var()
     out["explained_variance"] = float("nan") if var_y == 0 else float(1 - (y_true - y_pred).var() / var_y)
@@ -557,7 +562,7 @@ def train(args: Args, writer=None) -> RL2Agent:
     generator = torch.Generator().manual_seed(args.seed)
     train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
     envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, args.num_levels, args.start_level,
-                             args.distribution_mode, args.seed)
+                             args.distribution_mode, args.seed, args.env_threads)
     agent = make_agent(args, device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     normalize = RewardNormalizer(args.num_envs, args.gamma) if args.norm_reward else None
@@ -589,7 +594,8 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
     recurrent state reset at the start of each (as in training), no gradient step. `log_eval`
     receives the mean episodic return of the episodes finished every `eval_every` env steps."""
     num_iterations, device, writer, own_writer = setup(args, writer)
-    envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed)
+    envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed,
+                             args.env_threads)
     agent = make_agent(args, device)
     agent.load_state_dict(model_state)
     agent.eval()

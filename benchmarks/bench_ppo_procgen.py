@@ -38,11 +38,22 @@ def last_sps(output: str, pattern: str) -> int:
     return int(found[-1])
 
 
-def run(cmd: list[str], pattern: str, cwd: str) -> int:
+def steady_sps(output: str) -> int | None:
+    """ppo_mt_procgen.py's SPS after its first iteration (start-up, cuDNN and CUDA-graph warm-up
+    left out), from its cumulative reports: iteration i ended at step_i / SPS_i seconds."""
+    reports = [(int(step), int(sps)) for step, sps in re.findall(r"step=(\d+) .*SPS=(\d+)", output)]
+    if len(reports) < 2:
+        return None
+    (s1, r1), (sn, rn) = reports[0], reports[-1]
+    return round((sn - s1) / (sn / rn - s1 / r1))
+
+
+def run(cmd: list[str], pattern: str, cwd: str, steady: bool = False):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return last_sps(proc.stdout + proc.stderr, pattern)
+    sps = last_sps(proc.stdout + proc.stderr, pattern)
+    return (sps, steady_sps(proc.stdout)) if steady else sps
 
 
 def main():
@@ -79,8 +90,9 @@ def main():
     results = {"ours": [], "cleanrl": []}
     for r in range(opts.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            results["ours"].append(run(ours_cmd + ["--output-dir", tmp], r"SPS=(\d+)", tmp))
-            print(f"[{r}] ppo_mt_procgen.py: {results['ours'][-1]} SPS", flush=True)
+            sps, steady = run(ours_cmd + ["--output-dir", tmp], r"SPS=(\d+)", tmp, steady=True)
+            results["ours"].append(sps)
+            print(f"[{r}] ppo_mt_procgen.py: {sps} SPS ({steady} SPS after the first iteration)", flush=True)
             if opts.cleanrl_script:
                 cl_cmd = [opts.cleanrl_python, os.path.abspath(opts.cleanrl_script), "--env-id", "coinrun", *common,
                           "--cuda" if opts.cuda else "--no-cuda"]
