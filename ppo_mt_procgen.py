@@ -107,6 +107,8 @@ class ProcgenVecEnv:
 
         if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
             raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
+        if threads is not None and threads < 1:
+            raise SystemExit(f"error: --env-threads must be at least 1 (got {threads})")
         self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,
                                       start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed,
                                       num_threads=threads or os.cpu_count() or 4)

@@ -280,3 +280,9 @@ def test_script_rejects_impossible_flags():
     proc = run_script("ppo_reptile_procgen.py", "--env-id", "coinrn", "--num-envs", "2", "--num-steps", "8",
                       "--num-minibatches", "1", "--total-timesteps", "16", "--num-levels", "2")
     assert proc.returncode != 0 and "unknown Procgen game 'coinrn'" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("module", [mt, reptile, rl2], ids=["mt", "reptile", "rl2"])
+def test_env_threads_must_be_positive(module):
+    with pytest.raises(SystemExit, match=r"--env-threads must be at least 1 \(got 0\)"):
+        module.ProcgenVecEnv(2, "coinrun", 1, 0, "easy", 0, threads=0)
