@@ -448,45 +448,59 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
 
 
 class SumTree:
-    """Binary sum tree over `capacity` leaves; vectorised update and stratified sampling."""
+    """Sum tree over `capacity` leaves with FANOUT children per node; vectorised update and
+    stratified sampling. Each level is one array padded to whole blocks of FANOUT children, so the
+    children of node j are entries j*FANOUT .. j*FANOUT+FANOUT-1 of the level below. With 64
+    children, a 100k-leaf tree has 4 levels under the root instead of a binary tree's 17: each
+    sample, add and priority update makes a quarter of the numpy calls (README, Atari: Speed)."""
+
+    FANOUT = 64
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.leaf0 = 1 << max(0, (capacity - 1).bit_length())  # leaves start here (power of two)
-        self.nodes = np.zeros(2 * self.leaf0, np.float64)  # node 1 is the root
+        sizes, n = [], capacity
+        while True:
+            n = -(-n // self.FANOUT) * self.FANOUT  # whole blocks of children
+            sizes.append(n)
+            if n == self.FANOUT:
+                break
+            n //= self.FANOUT
+        self.levels = [np.zeros(1)] + [np.zeros(size) for size in reversed(sizes)]  # root first
+        self.leaves = self.levels[-1]
         self.max_priority = 1.0
 
     @property
     def total(self) -> float:
-        return float(self.nodes[1])
+        return float(self.levels[0][0])
 
     def update(self, indices: np.ndarray, priorities: np.ndarray) -> None:
-        idx = np.asarray(indices, np.int64) + self.leaf0
-        self.nodes[idx] = priorities
-        for _ in range(self.leaf0.bit_length() - 1):  # every ancestor, level by level up to the root
-            idx = idx // 2  # a parent shared by several leaves is recomputed to the same sum each time
-            self.nodes[idx] = self.nodes[2 * idx] + self.nodes[2 * idx + 1]
+        idx = np.asarray(indices, np.int64)
+        self.leaves[idx] = priorities
+        for children, parents in zip(self.levels[:0:-1], self.levels[-2::-1]):  # leaves up to the root
+            idx = idx // self.FANOUT  # a parent shared by several leaves is recomputed to the same sum each time
+            parents[idx] = children.reshape(-1, self.FANOUT)[idx].sum(1)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        return self.nodes[np.asarray(indices, np.int64) + self.leaf0]
+        return self.leaves[np.asarray(indices, np.int64)]
 
     def find(self, values: np.ndarray) -> np.ndarray:
         """Leaf index whose cumulative-priority interval contains each value."""
         values = np.array(values, np.float64)
-        idx = np.ones(len(values), np.int64)
-        while idx[0] < self.leaf0:
-            left = self.nodes[2 * idx]
-            # an empty right subtree is never entered (guards against float round-off at the edge)
-            go_right = (values >= left) & (self.nodes[2 * idx + 1] > 0)
-            values = np.where(go_right, values - left, values)
-            idx = 2 * idx + go_right
-        return np.minimum(idx - self.leaf0, self.capacity - 1)
+        rows, idx = np.arange(len(values)), np.zeros(len(values), np.int64)
+        for level in self.levels[1:]:
+            block = level.reshape(-1, self.FANOUT)[idx]  # (n, FANOUT) children of each current node
+            ends = np.cumsum(block, 1)  # each child's interval ends here
+            child = (values[:, None] >= ends).sum(1)  # zero-priority children are skipped: equal ends
+            # never past the last nonzero child (guards against float round-off at the edge)
+            child = np.minimum(child, self.FANOUT - 1 - np.argmax(block[:, ::-1] > 0, 1))
+            values = values - np.where(child > 0, ends[rows, child - 1], 0.0)
+            idx = idx * self.FANOUT + child
+        return np.minimum(idx, self.capacity - 1)
 
     def sample_stratified(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """One leaf from each of n equal slices of the total priority."""
         values = (np.arange(n) + rng.random(n)) * (self.total / n)
-        leaves = self.find(np.minimum(values, np.nextafter(self.total, 0)))
-        return leaves
+        return self.find(np.minimum(values, np.nextafter(self.total, 0)))
 
 
 class ReplayBuffer:
@@ -552,7 +566,7 @@ class ReplayBuffer:
     def sample(self, batch_size: int, beta: float) -> dict[str, np.ndarray]:
         indices = self.tree.sample_stratified(batch_size, self.rng)
         probs = self.tree.get(indices) / self.tree.total
-        valid = int((self.tree.nodes[self.tree.leaf0:self.tree.leaf0 + self.capacity] > 0).sum())
+        valid = int((self.tree.leaves > 0).sum())
         weights = (valid * probs) ** -beta
         returns, discounts = self.nstep(indices)
         return {"indices": indices, "obs": self.stacked(indices), "actions": self.actions[indices],

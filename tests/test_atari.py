@@ -132,7 +132,7 @@ def test_multitask_batch_takes_equal_shares_from_distinct_games():
 
 
 def test_sum_tree_totals_and_find():
-    tree = mt.SumTree(5)  # not a power of two: 8 leaves, 3 unused
+    tree = mt.SumTree(5)  # one block of 64 leaves, 59 unused
     tree.update(np.arange(5), np.array([1.0, 2.0, 3.0, 4.0, 0.0]))
     assert tree.total == 10.0
     # cumulative intervals: leaf0 [0,1), leaf1 [1,3), leaf2 [3,6), leaf3 [6,10)
@@ -140,7 +140,7 @@ def test_sum_tree_totals_and_find():
     np.testing.assert_array_equal(tree.find(values), [0, 0, 1, 1, 2, 2, 3, 3])
     tree.update(np.array([2]), np.array([0.5]))
     assert tree.total == 7.5
-    assert tree.nodes[1] == tree.nodes[2] + tree.nodes[3]
+    assert tree.total == tree.leaves.sum() == tree.levels[1].sum()
     np.testing.assert_array_equal(tree.find([3.0, 3.49, 3.5]), [2, 2, 3])
 
 
@@ -149,6 +149,37 @@ def test_sum_tree_never_returns_an_empty_leaf():
     tree.update(np.arange(8), np.array([1.0, 1.0, 1.0, 0, 0, 0, 0, 0]))
     # values at or past the total (float round-off) fall back to the last nonzero leaf, never 3..7
     np.testing.assert_array_equal(tree.find([2.5, 3.0, 3.5]), [2, 2, 2])
+
+
+def assert_levels_sum_their_children(tree):
+    for level, below in zip(tree.levels[:-1], tree.levels[1:]):
+        sums = below.reshape(-1, 64).sum(1)
+        np.testing.assert_array_equal(level[:len(sums)], sums)
+        assert not level[len(sums):].any()  # padding nodes stay empty
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_sum_tree_with_several_levels_matches_a_flat_search(module):
+    # 5000 leaves: 5056 padded leaves, 128 nodes, 64 nodes and the root. Each found leaf must be
+    # the one a flat cumulative sum puts the value in (searchsorted, side="right"), with runs of
+    # empty leaves (a whole block among them) and values at interval ends included
+    rng = np.random.default_rng(0)
+    tree = module.SumTree(5000)
+    assert [len(level) for level in tree.levels] == [1, 64, 128, 5056]
+    priorities = np.round(rng.random(5000) * 4) / 4  # quarters: many exact interval ends, many zeros
+    priorities[64 * 10:64 * 11] = 0.0
+    priorities[4990:] = 0.0
+    tree.update(np.arange(5000), priorities)
+    assert tree.total == priorities.sum()
+    assert_levels_sum_their_children(tree)
+    ends = np.cumsum(priorities)
+    values = np.concatenate([rng.random(300) * tree.total, ends[rng.integers(0, 4989, 100)]])
+    values = values[values < tree.total]
+    np.testing.assert_array_equal(tree.find(values), np.searchsorted(ends, values, side="right"))
+    assert tree.find([tree.total])[0] == np.flatnonzero(priorities)[-1]  # past the end: the last nonzero leaf
+    # a batch update with a repeated index keeps every level the sum of its children
+    tree.update(np.array([7, 7, 4000]), np.array([9.0, 9.0, 2.5]))
+    assert_levels_sum_their_children(tree)
 
 
 def test_sum_tree_stratified_sampling_hits_known_leaves():
