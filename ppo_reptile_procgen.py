@@ -292,7 +292,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args
             _, newlogprob, entropy, newvalue = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
             logratio = newlogprob - batch["logprobs"][mb]
             ratio = logratio.exp()
-            with torch.no_grad():  # statistics stay on the device: one host sync per update, not five per minibatch
+            with torch.no_grad():  # statistics stay on the device: one host sync per minibatch (the KL check), not five
                 approx_kl = ((ratio - 1) - logratio).mean()  # the k3 estimator (Schulman 2020)
                 stats["approx_kl"].append(approx_kl)
                 stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
