@@ -189,4 +189,6 @@ def compare(opts) -> None:
 
 if __name__ == "__main__":
     opts = parse()
+    if opts.compare and opts.cuda:
+        raise SystemExit("error: --compare times the CPU variants only; drop --cuda (or --compare for the GPU loop)")
     compare(opts) if opts.compare else full_loop(opts)
