@@ -100,16 +100,18 @@ class Run:
         self.writer = SummaryWriter(output_dir)
         self._csv_file = open(os.path.join(output_dir, "eval.csv"), "w", newline="")
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(["env_step", metric])
+        self._csv.writerow(["env_step", metric, "episodes"])
         self.curve: list[tuple[int, float]] = []
         self.start = time.time()
 
-    def log_eval(self, step: int, value: float) -> None:
+    def log_eval(self, step: int, value: float, episodes: int | None = None) -> None:
+        """One evaluation point: `value` is the mean of `episodes` evaluation episodes."""
         self.curve.append((int(step), float(value)))
-        self._csv.writerow([int(step), f"{float(value):.6g}"])
+        self._csv.writerow([int(step), f"{float(value):.6g}", "" if episodes is None else int(episodes)])
         self._csv_file.flush()
         self.writer.add_scalar(f"eval/{self.metric}", value, step)
-        print(f"[eval] step={int(step)} {self.metric}={float(value):.4g}", flush=True)
+        print(f"[eval] step={int(step)} {self.metric}={float(value):.4g}"
+              + ("" if episodes is None else f" ({int(episodes)} episodes)"), flush=True)
 
     def close(self, label: str | None = None) -> str | None:
         """Close the files; with a label, print and return the one-line summary."""
