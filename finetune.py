@@ -267,21 +267,62 @@ BENCHMARKS: dict[str, tuple[Callable[[str], bool], Callable, str, str]] = {
 }
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune.py",
         description=__doc__.split("\n\n")[0],
-        epilog="Any other flag is passed to the base script's Args (e.g. --num-envs 4 --total-timesteps 100000).",
+        epilog="Any other flag is passed to the base script's Args (e.g. --num-envs 4 --total-timesteps 100000); "
+               "`finetune.py --checkpoint X --task T --help` lists them with the values this run would use.",
+        add_help=False,  # --help is handled in main, so that it can show the base script's flags too
     )
-    src = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help (and, with a checkpoint or "
+                        "--scratch and a --task, the base script's flags) and exit")
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="checkpoint.pt written by one of the pretraining scripts")
     src.add_argument("--scratch", choices=sorted(BENCHMARKS), help="train a fresh network on BENCHMARK (the baseline)")
-    parser.add_argument("--task", required=True, help="held-out task: Procgen level, Atari game, or RLBench/Meta-World task")
+    parser.add_argument("--task", help="held-out task: Procgen level, Atari game, or RLBench/Meta-World task")
     parser.add_argument("--output-dir", default=None, help="where eval.csv, logs and checkpoint.pt go (default runs/finetune_...)")
     parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (default: the benchmark's)")
     parser.add_argument("--load-encoder-only", action="store_true",
                         help="Atari/RLBench: keep the pretrained encoder, re-initialise the heads (paper appendix)")
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
+    opts, overrides = parser.parse_known_args(argv)
+    if opts.help and (opts.task is None or not (opts.checkpoint or opts.scratch)):
+        parser.print_help()  # nothing to adapt yet: finetune.py's own flags only
+        raise SystemExit(0)
+    if not (opts.checkpoint or opts.scratch):
+        parser.error("one of the arguments --checkpoint --scratch is required")
+    if opts.task is None:
+        parser.error("the following arguments are required: --task")
+    return opts, overrides
+
+
+def check_output_dir(path: str) -> None:
+    """A one-line error, before anything is created, for an --output-dir that cannot hold a new run."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FinetuneError(f"--output-dir {path} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise FinetuneError(f"--output-dir {path} is under {parent}, which is a file")
+    if not os.access(parent if not os.path.isdir(path) else path, os.W_OK):
+        raise FinetuneError(f"--output-dir {path} is not writable")
+    taken = [name for name in ("eval.csv", "checkpoint.pt") if os.path.exists(os.path.join(path, name))]
+    if taken:
+        raise FinetuneError(f"--output-dir {path} already holds a run ({', '.join(taken)}); "
+                            "choose another --output-dir (nothing was changed)")
+
+
+class _HelpRun:
+    """Stands in for Run while `--help` asks the base script's parser for its flags: creates nothing."""
+
+    def __init__(self, output_dir: str, metric: str):
+        self.output_dir, self.metric, self.writer = output_dir, metric, None
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -302,6 +343,13 @@ def main(argv: list[str] | None = None) -> str:
     method = ckpt["method"] if ckpt else "scratch"
     output_dir = opts.output_dir or os.path.join("runs", f"finetune_{benchmark}_{method}_{opts.task}_{int(time.time())}")
     opts.output_dir = output_dir
+    if opts.help:  # finetune.py's flags, then the base script's with the values this run would use
+        build_parser().print_help()
+        print(f"\nFlags of the base script for {label} (defaults: the script's, then the checkpoint's, "
+              "then fine-tuning's):\n", flush=True)
+        adapt(ckpt, opts, overrides + ["--help"], _HelpRun(output_dir, metric))  # tyro prints and exits
+        raise SystemExit(0)
+    check_output_dir(output_dir)
     print(f"fine-tuning {label} on {benchmark} task {opts.task} -> {output_dir}", flush=True)
     run = Run(output_dir, metric)
     try:

@@ -1,0 +1,65 @@
+"""finetune.py's own command line: --help with the base script's flags, and --output-dir checks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(ROOT, "finetune.py")
+
+
+def run_finetune(args, cwd):
+    return subprocess.run([sys.executable, FINETUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_help_without_a_task_shows_finetune_flags_only(tmp_path):
+    out = run_finetune(["--help"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "--load-encoder-only" in out.stdout
+    assert "--num-steps" not in out.stdout  # the base script's flags need a task
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("benchmark,task,script_flag", [
+    ("procgen", "10000", "--num-envs"),
+    ("atari", "Pong", "--buffer-size"),
+    ("rlbench", "drawer-open-v3", "--demos"),
+])
+def test_help_with_a_task_shows_the_base_script_flags(tmp_path, benchmark, task, script_flag):
+    out = run_finetune(["--scratch", benchmark, "--task", task, "--help"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "--load-encoder-only" in out.stdout  # finetune.py's own flags first
+    assert script_flag in out.stdout  # then the base script's
+    assert os.listdir(tmp_path) == []  # --help creates nothing
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    out = run_finetune(["--scratch", "procgen", "--task", "10000", "--output-dir", "taken"], tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == ["finetune.py: error: --output-dir taken exists and is not a directory"]
+    out = run_finetune(["--scratch", "procgen", "--task", "10000", "--output-dir", "taken/run"], tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("finetune.py: error: --output-dir taken/run is under ")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_output_dir_with_a_run_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "done_run"
+    run_dir.mkdir()
+    (run_dir / "eval.csv").write_text("env_step,mean_return,episodes\n0,5,100\n")
+    out = run_finetune(["--scratch", "procgen", "--task", "10000", "--output-dir", "done_run"], tmp_path)
+    assert out.returncode == 1
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("finetune.py: error: --output-dir done_run already holds a run (eval.csv)")
+    assert (run_dir / "eval.csv").read_text() == "env_step,mean_return,episodes\n0,5,100\n"
+    assert os.listdir(run_dir) == ["eval.csv"]
+
+
+def test_missing_task_or_source_is_a_usage_error(tmp_path):
+    out = run_finetune(["--scratch", "procgen"], tmp_path)
+    assert out.returncode == 2 and "--task" in out.stderr
+    out = run_finetune(["--task", "10000"], tmp_path)
+    assert out.returncode == 2 and "--checkpoint --scratch" in out.stderr
