@@ -26,22 +26,20 @@ import ctypes
 import dataclasses
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from envs import atari
+from envs.atari import FIVE_GAMES, FULL_ACTIONS, TEN_GAMES, AtariEnv, find_rom_id, pad_action, rom_id  # noqa: F401
+
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
-FIVE_GAMES = ("Breakout", "DemonAttack", "Robotank", "BankHeist", "Solaris")  # paper's 5-task set
-TEN_GAMES = FIVE_GAMES + ("Alien", "Seaquest", "Asteroids", "Krull", "Frostbite")  # paper's 10-task set
-FULL_ACTIONS = 18  # ALE's full action set; pretrained agents pad every game to it
 
 
 @dataclass
@@ -123,125 +121,12 @@ class Args:
 # --------------------------------------------------------------------------- environment
 
 
-def rom_id(game: str) -> str:
-    """'MsPacman' -> 'ms_pacman' (ale-py's ROM id); exits with one line for unknown games."""
-    from ale_py import roms
-
-    name = game.split("/")[-1].split("-")[0]  # accept ALE/Pong-v5 too
-    rid = name if name.islower() else re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-    if rid not in roms.get_all_rom_ids():
-        sys.exit(f"error: unknown Atari game '{game}' (expected an ALE game name such as Pong or MsPacman)")
-    return rid
-
-
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of an area (box-filter) resize along one axis."""
-    m = np.zeros((n_out, n_in), np.float32)
-    scale = n_in / n_out
-    for i in range(n_out):
-        lo, hi = i * scale, (i + 1) * scale
-        for j in range(int(lo), min(int(np.ceil(hi)), n_in)):
-            m[i, j] = min(hi, j + 1) - max(lo, j)
-    return m / scale
-
-
-def pad_action(action: int, num_legal: int) -> int:
-    """Index into the game's minimal action set; padded indices play NOOP (index 0)."""
-    return action if action < num_legal else 0
-
-
-class AtariEnv(gym.Env):
-    """ALE with the DER preprocessing, talking to ale-py's ALEInterface directly (faster
-    than gym.make + wrappers): no sticky actions, frame skip 4 with a max-pool over the
-    last two frames, 84x84 grayscale (area resize), a stack of 4 frames, up to 30 no-ops on
-    reset. With `episodic_life` a lost life ends the episode (terminated=True) and the
-    next reset continues the same game with one no-op, as for learning; evaluation uses
-    real game over. The frame stack restarts with zeros at every episode start, which is
-    what the replay buffer reconstructs. Rewards are returned unclipped;
-    info['episode'] holds the real game's return and length at game over."""
-
-    def __init__(self, game: str, seed: int = 0, num_actions: int | None = None, episodic_life: bool = True,
-                 max_noops: int = 30, frame_skip: int = 4, max_episode_steps: int = 27_000):
-        import ale_py
-        from ale_py import roms
-
-        self.game = game
-        self.ale = ale_py.ALEInterface()
-        self.ale.setLoggerMode(ale_py.LoggerMode.Error)
-        self.ale.setInt("random_seed", seed % (2**31))
-        self.ale.setFloat("repeat_action_probability", 0.0)  # DER: no sticky actions
-        self.ale.loadROM(roms.get_rom_path(rom_id(game)))
-        self.action_set = self.ale.getMinimalActionSet()
-        self.num_actions = num_actions or len(self.action_set)
-        self.action_space = gym.spaces.Discrete(self.num_actions)
-        self.observation_space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
-        self.episodic_life, self.max_noops, self.frame_skip = episodic_life, max_noops, frame_skip
-        self.max_episode_steps = max_episode_steps
-        self.rng = np.random.default_rng(seed)
-        # the resize runs in torch, which keeps to its thread setting; numpy's BLAS would start
-        # threads that spin on the other core after every frame
-        self._rows, self._cols = torch.from_numpy(_area_matrix(210, 84)), torch.from_numpy(_area_matrix(160, 84).T)
-        self._screens = np.zeros((2, 210, 160), np.uint8)
-        self.frames = np.zeros((4, 84, 84), np.uint8)
-        self.lives, self.game_return, self.game_length, self.steps = 0, 0.0, 0, 0
-        self.needs_game_reset = True
-
-    def _frame(self) -> np.ndarray:
-        pooled = torch.from_numpy(self._screens.max(0)).float()
-        return (self._rows @ pooled @ self._cols).round_().to(torch.uint8).numpy()
-
-    def _push(self, frame: np.ndarray) -> np.ndarray:
-        self.frames[:-1] = self.frames[1:]
-        self.frames[-1] = frame
-        return self.frames.copy()
-
-    def reset(self, *, seed: int | None = None, options=None):
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-        if self.needs_game_reset:
-            self.ale.reset_game()
-            self.lives, self.game_return, self.game_length, self.steps = self.ale.lives(), 0.0, 0, 0
-            for _ in range(self.rng.integers(0, self.max_noops + 1)):
-                self.ale.act(self.action_set[0])
-                if self.ale.game_over():
-                    self.ale.reset_game()
-            self.needs_game_reset = False
-        else:  # continue after a lost life
-            self.ale.act(self.action_set[0])
-        self.ale.getScreenGrayscale(self._screens[0])
-        self._screens[1] = self._screens[0]
-        self.frames[:] = 0
-        return self._push(self._frame()), {}
-
-    def step(self, action: int):
-        ale_action = self.action_set[pad_action(int(action), len(self.action_set))]
-        reward = 0.0
-        for k in range(self.frame_skip):
-            reward += self.ale.act(ale_action)
-            if k >= self.frame_skip - 2:
-                self.ale.getScreenGrayscale(self._screens[k - self.frame_skip + 2])
-            if self.ale.game_over():
-                break
-        self.game_return += reward
-        self.game_length += 1
-        self.steps += 1
-        game_over = self.ale.game_over()
-        lives = self.ale.lives()
-        life_lost = self.episodic_life and 0 < lives < self.lives
-        self.lives = lives
-        truncated = self.game_length >= self.max_episode_steps and not game_over
-        info = {}
-        if game_over or truncated:
-            self.needs_game_reset = True
-            info["episode"] = {"r": self.game_return, "l": self.game_length}
-        return self._push(self._frame()), reward, game_over or life_lost, truncated, info
-
-
 def make_env(game: str, seed: int, num_actions: int | None = None, episodic_life: bool = True,
              args: Args | None = None) -> AtariEnv:
+    """envs.atari.make_env with this script's settings (episode caps, no-ops)."""
     args = args or Args()
-    return AtariEnv(game, seed, num_actions, episodic_life, args.max_noops,
-                    max_episode_steps=args.max_episode_steps if episodic_life else args.eval_max_steps)
+    return atari.make_env(game, seed, num_actions, episodic_life, args.max_noops,
+                          args.max_episode_steps if episodic_life else args.eval_max_steps)
 
 
 # --------------------------------------------------------------------------- network
