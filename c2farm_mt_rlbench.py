@@ -1,52 +1,61 @@
 """Multi-task C2F-ARM (coarse-to-fine Q-attention) on RLBench or its Meta-World stand-in.
 
-    python c2farm_mt_rlbench.py --backend metaworld                      # ML10 train split
+    python c2farm_mt_rlbench.py --backend metaworld                             # ML10 train split
     python c2farm_mt_rlbench.py --backend rlbench --held-out-task push_button   # the paper
 
-One agent learns all training tasks. Every task keeps its own prioritized replay buffer,
-seeded with `--demos` expert demonstrations (keypoint discovery + demo augmentation), and
-every batch takes an equal share from every task (paper: 15 from each of 10 tasks = 150).
+Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
+Learning" (NeurIPS 2022), Sec. 5.2 (RLBench): MT-C2F-ARM is pretrained on ten RLBench tasks
+and fine-tuned on the eleventh (finetune.py). C2F-ARM: James et al., "Coarse-to-Fine
+Q-attention" (CVPR 2022). One agent learns all training tasks; every task keeps its own
+prioritized replay buffer, seeded with `--demos` expert demos (keypoint discovery and demo
+augmentation), and every batch takes an equal share of every task (15 from each of 10 = 150).
 
-Layout, top to bottom: Args; task lists; the two backends behind one task API
-(`reset() -> (descriptions, obs)`, `step(8-D action) -> (obs, reward, terminate)`,
-`get_demos(n)`); geometry (quaternions, point clouds, voxels); demo processing; the
-C2F-ARM network and agent; the replay buffer; the learner (double-Q update); the training
-loop; checkpointing. `c2farm_reptile_rlbench.py` and `c2farm_pearl_rlbench.py` repeat this
-code (one file per algorithm, CleanRL style) and add their own learner.
+Top to bottom: Args; C2F-ARM's discrete action (voxels per depth, rotation bins, gripper);
+the voxel grid; the Q-attention network; the replay buffer; demos into the replay; the
+learner (the double-Q update); the training loop; checkpoints. The environments (RLBench and
+the Meta-World stand-in) come from envs/rlbench.py. finetune.py imports `train`, `setup`,
+`C2FARMLearner` and `save_checkpoint` to fine-tune and to train the scratch baseline.
 """
 
 from __future__ import annotations
 
-import os
-
-# Headless MuJoCo rendering on the CPU (must be set before mujoco is imported).
-os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("EGL_PLATFORM", "surfaceless")
-
 import copy
 import dataclasses
+import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
+    BACKEND_TASKS, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS, ZOOM_HALF_WIDTH,
+    Observation, TaskError, default_tasks, discover_keypoints, euler_to_quaternion, make_task, quaternion_to_euler)
+
+METHOD = "mt"  # the checkpoint's method
+
 
 @dataclass
 class Args:
     exp_name: str = "c2farm_mt_rlbench"
+    """the name of this experiment (run directories are runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
+    """seed of random, numpy, torch and the tasks"""
     cuda: bool = False
+    """use the GPU if there is one"""
     track: bool = False
+    """log to Weights & Biases (wandb is imported only then)"""
     wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project"""
     wandb_entity: str | None = None
-    capture_video: bool = False  # accepted for CLI uniformity; RLBench frames are in the replay instead
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """accepted for CLI uniformity; the front camera's frames are in the replay instead"""
     output_dir: str | None = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
 
@@ -57,32 +66,48 @@ class Args:
     """training tasks; empty = the backend's default split minus --held-out-task"""
     held_out_task: str | None = None
     """RLBench: leave this task out (paper: train on the other ten)"""
-    image_size: int = 128  # paper: front camera 128x128
-    episode_length: int = 10  # paper: 10 next-best-pose actions per episode
-    demos: int = 5  # paper: 5 demos per training task
+    image_size: int = 128
+    """front camera resolution (paper: 128x128)"""
+    episode_length: int = 10
+    """next-best-pose actions per episode (paper: 10)"""
+    demos: int = 5
+    """expert demos per training task put into its replay (paper: 5)"""
 
-    # C2F-ARM (paper / authors' ARM fork)
+    # C2F-ARM (paper Sec. 5.2 and C2F-ARM's settings)
     total_timesteps: int = 100_000
     """env steps (next-best-pose actions) over all tasks"""
-    batch_size: int = 150  # paper: 15 transitions from each of 10 tasks
-    learning_rate: float = 5e-4  # C2F-ARM
+    batch_size: int = 150
+    """transitions per update, an equal share from every task (paper: 15 from each of 10 tasks)"""
+    learning_rate: float = 5e-4
+    """Adam learning rate (C2F-ARM: 5e-4)"""
     gamma: float = 0.99
-    tau: float = 0.0025  # soft target update
-    replay_size: int = 100_000  # split evenly over the tasks' buffers
-    priority_exponent: float = 0.7  # prioritized replay alpha
-    importance_exponent: float = 1.0  # IS weights beta
-    voxel_size: int = 16  # 16^3 voxels per depth
+    """discount factor"""
+    tau: float = 0.0025
+    """soft target update rate (C2F-ARM: 0.0025)"""
+    replay_size: int = 100_000
+    """replay capacity, split evenly over the tasks' buffers (C2F-ARM: 1e5)"""
+    priority_exponent: float = 0.7
+    """prioritized replay alpha (C2F-ARM: 0.7)"""
+    importance_exponent: float = 1.0
+    """importance-sampling exponent beta of the loss weights (ARM's REPLAY_BETA: 1.0)"""
+    voxel_size: int = 16
+    """voxels per axis at every depth (C2F-ARM: 16^3)"""
     depths: int = 2
-    rotation_resolution: float = 5.0  # degrees -> 72 bins per axis
-    demo_augmentation_every: int = 10  # every 10th demo frame starts a chain to the next keypoints
+    """coarse-to-fine depths (C2F-ARM: 2)"""
+    rotation_resolution: float = 5.0
+    """degrees per rotation bin (C2F-ARM: 5, i.e. 72 bins per Euler axis)"""
+    demo_augmentation_every: int = 10
+    """every n-th demo frame starts a chain to the next keypoints (C2F-ARM: 10)"""
     unet_width: int = 16
-    """channels of the first 3D U-Net level (doubled per level); small for the CPU"""
+    """CPU sizing: channels of the first 3D U-Net level (doubled per level)"""
     learning_starts: int = 0
     """env steps before updates begin (the demo transitions are there from the start)"""
     updates_per_step: int = 1
+    """learner updates per env step"""
     epsilon: float = 0.1
-    """exploration: chance that each action head (depth-0 voxel, depth-1 voxel, rotation, gripper) acts at random"""
+    """exploration: chance that each action head (voxel per depth, rotations, gripper) acts at random"""
     grad_clip: float = 10.0
+    """gradient clipping (global norm)"""
 
     # logging / evaluation
     eval_episodes: int = 5
@@ -90,356 +115,13 @@ class Args:
     eval_interval: int = 0
     """env steps between evaluations during pretraining (0: only at the end)"""
     checkpoint_interval: int = 5_000
+    """env steps between checkpoints (and one at the end)"""
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small 3D convolutions on a busy 2-core machine; 0 = torch's default)"""
 
 
-# --------------------------------------------------------------------------- tasks
-
-# The paper's eleven RLBench tasks (variation 0).
-RLBENCH_TASKS = (
-    "pick_up_cup", "phone_on_base", "pick_and_lift", "put_rubbish_in_bin", "push_button", "reach_target",
-    "lamp_on", "take_lid_off_saucepan", "stack_wine", "open_door", "take_usb_out_of_computer",
-)
-# Meta-World ML10 split (v3 names).
-METAWORLD_TRAIN_TASKS = (
-    "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-close-v3", "button-press-topdown-v3",
-    "peg-insert-side-v3", "window-open-v3", "sweep-v3", "basketball-v3",
-)
-METAWORLD_TEST_TASKS = ("drawer-open-v3", "door-close-v3", "shelf-place-v3", "sweep-into-v3", "lever-pull-v3")
-
-# Scene bounds [x0, y0, z0, x1, y1, z1] in metres and the half-width of the depth-1 zoom.
-# RLBench: the C2F-ARM values. Meta-World: a 0.8 m cube over its table workspace (the hand's
-# mocap range is x -0.5..0.5, y 0.4..1.0, z 0.05..0.5; objects and goals lie in
-# x -0.35..0.35, y 0.4..0.95, z 0..0.35), with the zoom scaled by 0.8 as well: 0.15 * 0.8 = 0.12.
-SCENE_BOUNDS = {
-    "rlbench": (-0.3, -0.5, 0.6, 0.7, 0.5, 1.6),
-    "metaworld": (-0.4, 0.3, -0.1, 0.4, 1.1, 0.7),
-}
-ZOOM_HALF_WIDTH = {"rlbench": 0.15, "metaworld": 0.12}
-
-
-class TaskError(ValueError):
-    """Unknown task or unavailable backend: reported as one line."""
-
-
-def default_tasks(backend: str, train_tasks, held_out: str | None) -> list[str]:
-    """The training tasks for a run, validated; raises TaskError with one line."""
-    known = RLBENCH_TASKS if backend == "rlbench" else METAWORLD_TRAIN_TASKS + METAWORLD_TEST_TASKS
-    if backend not in SCENE_BOUNDS:
-        raise TaskError(f"unknown backend '{backend}': expected metaworld or rlbench")
-    for t in list(train_tasks) + ([held_out] if held_out else []):
-        if t not in known:
-            raise TaskError(f"unknown {backend} task '{t}': expected one of {', '.join(known)}")
-    tasks = list(train_tasks) or list(RLBENCH_TASKS if backend == "rlbench" else METAWORLD_TRAIN_TASKS)
-    return [t for t in tasks if t != held_out]
-
-
-# --------------------------------------------------------------------------- backends
-
-
-@dataclass
-class Observation:
-    """The fields of an RLBench Observation that the agent reads (same names)."""
-
-    front_rgb: np.ndarray | None  # (H, W, 3) uint8
-    front_point_cloud: np.ndarray | None  # (H, W, 3) world frame, metres
-    gripper_pose: np.ndarray  # (7,) xyz + quaternion xyzw
-    gripper_open: float  # 1.0 open, 0.0 closed
-    gripper_joint_positions: np.ndarray  # (2,)
-    joint_velocities: np.ndarray  # (7,)
-    misc: dict
-
-
-class MetaWorldTask:
-    """A Meta-World task behind RLBench's task API.
-
-    The 8-D next-best pose (xyz, quaternion xyzw, gripper open) is executed by driving
-    Meta-World's low-level controller (4-D: xyz delta of the mocap, gripper effort) with a
-    proportional law until the hand is at the target (the stand-in for RLBench's motion
-    planner), then actuating the gripper. A target outside the hand's reachable box is a
-    planning failure: the episode ends unsuccessfully. Meta-World's Sawyer keeps a fixed
-    hand orientation, so the quaternion is accepted but not executed. Reward is sparse:
-    1 and terminate as soon as `info["success"]` holds during the motion.
-    """
-
-    # the front camera: a free camera looking at the table from across it, slightly oblique
-    CAMERA = dict(lookat=(0.0, 0.65, 0.1), distance=1.25, azimuth=-70.0, elevation=-40.0)
-    MOVE_GAIN = 10.0  # the scripted experts' proportional gain (10, 15, 20, 30 tried: 10 replays the most demos)
-    MAX_MOVE_STEPS = 60  # low-level steps per arm motion (each moves the mocap <= 1 cm)
-    GRIPPER_STEPS = 20  # low-level steps to open/close the fingers
-    CLOSED_EFFORT = 0.6  # the scripted experts' grasp effort (a full 1.0 squeezes objects out of the fingers)
-    REACH_TOLERANCE = 0.003  # metres: the motion is done
-    POST_SUCCESS_STEPS = 20  # expert steps kept after the first success in a demo
-    ARM_JOINTS = tuple(f"right_j{i}" for i in range(7))
-
-    def __init__(self, name: str, image_size: int = 128, seed: int = 0):
-        import mujoco
-        from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
-        from metaworld.policies import ENV_POLICY_MAP
-
-        if name not in METAWORLD_TRAIN_TASKS + METAWORLD_TEST_TASKS:
-            raise TaskError(f"unknown metaworld task '{name}'")
-        self.name, self.image_size, self._mj = name, image_size, mujoco
-        # goal-observable: object and goal positions are re-sampled on every reset (like RLBench's
-        # randomised scenes) and the scripted expert can read the goal.
-        self.env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{name}-goal-observable"](seed=seed)
-        self.env.max_path_length = 10**9  # episodes are bounded by our 10 actions instead
-        self.expert = ENV_POLICY_MAP[name]()
-        m = self.env.model
-        self._arm_dofs = np.array([m.jnt_dofadr[m.joint(j).id] for j in self.ARM_JOINTS])
-        self._finger_qpos = np.array([m.jnt_qposadr[m.joint(j).id] for j in ("r_close", "l_close")])
-        self.workspace = (np.array(self.env.mocap_low), np.array(self.env.mocap_high))
-        self.renderer = mujoco.Renderer(m, image_size, image_size)
-        # cheap rendering: no shadows, reflections or skybox (about 5x faster on the CPU)
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
-            self.renderer.scene.flags[flag] = 0
-        self.camera = mujoco.MjvCamera()
-        self.camera.type = mujoco.mjtCamera.mjCAMERA_FREE
-        self.camera.lookat[:] = self.CAMERA["lookat"]
-        self.camera.distance, self.camera.azimuth, self.camera.elevation = (
-            self.CAMERA["distance"], self.CAMERA["azimuth"], self.CAMERA["elevation"])
-        self.grip_effort = -1.0
-        self._raw_obs = None
-        self.last_failure: str | None = None
-
-    # -- RLBench-style API
-    def reset(self):
-        self._raw_obs, _ = self.env.reset()
-        self.grip_effort = -1.0
-        self.last_failure = None
-        return [self.name], self.get_observation()
-
-    def reset_to_demo(self, demo: "list[Observation]"):
-        """Reset to the scene a demo started from (its sampled object/goal positions)."""
-        env = self.env
-        env._last_rand_vec, env._freeze_rand_vec = np.array(demo[0].misc["rand_vec"]), True
-        try:
-            return self.reset()
-        finally:
-            env._freeze_rand_vec = False
-
-    def step(self, action):
-        action = np.asarray(action, dtype=np.float64)
-        target, gripper_open = action[:3], action[7] > 0.5
-        lo, hi = self.workspace
-        if np.any(target < lo - 0.02) or np.any(target > hi + 0.02):
-            self.last_failure = f"target {np.round(target, 3).tolist()} is outside the reachable workspace"
-            return self.get_observation(), 0.0, True
-        success = self._move_to(target, self.MAX_MOVE_STEPS)
-        new_effort = -1.0 if gripper_open else self.CLOSED_EFFORT
-        if not success and new_effort != self.grip_effort:
-            self.grip_effort = new_effort
-            success = self._move_to(target, self.GRIPPER_STEPS, until_reached=False)
-        obs = self.get_observation()
-        return obs, float(success), bool(success)
-
-    def _move_to(self, target, steps: int, until_reached: bool = True) -> bool:
-        for _ in range(steps):
-            hand = self.env.get_endeff_pos()
-            if until_reached and np.linalg.norm(target - hand) < self.REACH_TOLERANCE:
-                break
-            delta = np.clip(self.MOVE_GAIN * (target - hand), -1.0, 1.0)
-            self._raw_obs, _, _, _, info = self.env.step(np.append(delta, self.grip_effort).astype(np.float32))
-            if info["success"]:
-                return True
-        return False
-
-    def get_demos(self, amount: int, live_demos: bool = True, frames: Callable | None = None,
-                  max_steps: int = 500, max_tries: int | None = None) -> "list[list[Observation]]":
-        """Successful demos from Meta-World's scripted expert. Every low-level step is one
-        frame; images are rendered (afterwards, from saved simulator states) only for the frames
-        `frames(demo)` selects, because rendering dominates the cost (default: all frames)."""
-        demos, tries = [], 0
-        while len(demos) < amount:
-            tries += 1
-            if tries > (max_tries or 3 * amount + 3):
-                raise RuntimeError(f"the {self.name} expert failed too often ({len(demos)}/{amount} demos)")
-            _, obs = self.reset()
-            rand_vec = np.array(self.env._last_rand_vec)
-            demo, states, success_steps = [obs], [self._sim_state()], 0
-            for _ in range(max_steps):
-                with warnings.catch_warnings():  # the experts' gains trip a harmless "too high" warning
-                    warnings.simplefilter("ignore", UserWarning)
-                    a = np.asarray(self.expert.get_action(self._raw_obs), dtype=np.float32)
-                self.grip_effort = self.CLOSED_EFFORT if a[3] > 0 else -1.0
-                self._raw_obs, _, _, _, info = self.env.step(np.append(a[:3], self.grip_effort).astype(np.float32))
-                if success_steps and not info["success"]:
-                    break  # keep only frames where the task is (still) solved
-                demo.append(self.get_observation(render=False))
-                states.append(self._sim_state())
-                success_steps += int(bool(info["success"]))
-                # Meta-World declares success at a threshold crossing; the expert goes on for a
-                # few steps so that the demo's last keypoint lies inside the success region.
-                if success_steps > self.POST_SUCCESS_STEPS:
-                    break
-            if not success_steps:
-                continue
-            demo[0].misc["rand_vec"] = rand_vec
-            wanted = range(len(demo)) if frames is None else frames(demo)
-            for i in sorted(set(wanted)):
-                self._set_sim_state(states[i])
-                demo[i].front_rgb, demo[i].front_point_cloud = self.render()
-            self._set_sim_state(states[-1])
-            demos.append(demo)
-        return demos
-
-    # -- observations
-    def get_observation(self, render: bool = True) -> Observation:
-        env, d = self.env, self.env.data
-        hand_quat_wxyz = d.body("hand").xquat
-        rgb, pcd = self.render() if render else (None, None)
-        return Observation(
-            front_rgb=rgb,
-            front_point_cloud=pcd,
-            gripper_pose=np.concatenate([env.get_endeff_pos(), hand_quat_wxyz[[1, 2, 3, 0]]]).astype(np.float32),
-            gripper_open=float(self.grip_effort < 0),
-            gripper_joint_positions=d.qpos[self._finger_qpos].astype(np.float32),
-            joint_velocities=d.qvel[self._arm_dofs].astype(np.float32),
-            misc={},
-        )
-
-    def render(self):
-        """Front RGB and a world-frame point cloud from rendered depth (one scene update)."""
-        self.renderer.update_scene(self.env.data, camera=self.camera)
-        rgb = self.renderer.render().copy()
-        self.renderer.enable_depth_rendering()
-        depth = self.renderer.render().copy()
-        self.renderer.disable_depth_rendering()
-        intrinsics, extrinsics = self.camera_matrices()
-        return rgb, pointcloud_from_depth(depth, intrinsics, extrinsics)
-
-    def camera_matrices(self):
-        """OpenCV-convention intrinsics (3x3) and camera-to-world extrinsics (4x4), as RLBench's misc."""
-        # mono rendering uses the average of the scene's two (stereo-eye) cameras
-        gl = self._mj.mjv_averageCamera(self.renderer.scene.camera[0], self.renderer.scene.camera[1])
-        forward, up = np.array(gl.forward, dtype=np.float64), np.array(gl.up, dtype=np.float64)
-        extrinsics = np.eye(4)
-        extrinsics[:3, :3] = np.stack([np.cross(forward, up), -up, forward], axis=1)  # x right, y down, z forward
-        extrinsics[:3, 3] = gl.pos
-        size = self.image_size
-        f = 0.5 * size / np.tan(np.deg2rad(self.env.model.vis.global_.fovy) / 2)
-        intrinsics = np.array([[f, 0, (size - 1) / 2], [0, f, (size - 1) / 2], [0, 0, 1.0]])
-        return intrinsics, extrinsics
-
-    def _sim_state(self):
-        d = self.env.data
-        return d.qpos.copy(), d.qvel.copy(), d.mocap_pos.copy(), d.mocap_quat.copy()
-
-    def _set_sim_state(self, state):
-        d = self.env.data
-        d.qpos[:], d.qvel[:], d.mocap_pos[:], d.mocap_quat[:] = state
-        self._mj.mj_forward(self.env.model, d)
-
-    def close(self):
-        self.renderer.close()
-        self.env.close()
-
-
-class RLBenchTask:
-    """The real RLBench 1.2 task (CoppeliaSim through PyRep), imported only when asked for.
-
-    Same API as MetaWorldTask. A motion-planning failure (InvalidActionError, IKError,
-    ConfigurationPathError) ends the episode as a failure instead of crashing the run.
-    """
-
-    def __init__(self, name: str, image_size: int = 128, seed: int = 0, headless: bool = True):
-        try:
-            import rlbench.tasks
-            from pyrep.errors import ConfigurationPathError, IKError
-            from rlbench.action_modes.action_mode import MoveArmThenGripper
-            from rlbench.action_modes.arm_action_modes import EndEffectorPoseViaPlanning
-            from rlbench.action_modes.gripper_action_modes import Discrete
-            from rlbench.backend.exceptions import InvalidActionError
-            from rlbench.environment import Environment
-            from rlbench.observation_config import CameraConfig, ObservationConfig
-        except ImportError as e:
-            raise TaskError(f"--backend rlbench needs RLBench 1.2, PyRep and CoppeliaSim, which are not importable "
-                            f"here ({e}); install them (see requirements.txt) or use --backend metaworld") from None
-        if name not in RLBENCH_TASKS:
-            raise TaskError(f"unknown rlbench task '{name}'")
-        self.name = name
-        self.planning_errors = (InvalidActionError, IKError, ConfigurationPathError)
-        obs_config = ObservationConfig()
-        obs_config.set_all(False)
-        obs_config.front_camera = CameraConfig(rgb=True, depth=False, point_cloud=True, mask=False,
-                                               image_size=(image_size, image_size))
-        for low_dim in ("gripper_pose", "gripper_open", "gripper_joint_positions", "joint_velocities"):
-            setattr(obs_config, low_dim, True)
-        self.env = Environment(action_mode=MoveArmThenGripper(EndEffectorPoseViaPlanning(), Discrete()),
-                               obs_config=obs_config, headless=headless)
-        self.env.launch()
-        task_class = getattr(rlbench.tasks, "".join(w.capitalize() for w in name.split("_")))
-        self.task = self.env.get_task(task_class)
-        self.task.set_variation(0)  # paper: variation 0
-        self._last_obs = None
-        self.last_failure: str | None = None
-
-    def reset(self):
-        descriptions, self._last_obs = self.task.reset()
-        self.last_failure = None
-        return descriptions, self._last_obs
-
-    def reset_to_demo(self, demo):
-        descriptions, self._last_obs = self.task.reset_to_demo(demo)
-        return descriptions, self._last_obs
-
-    def step(self, action):
-        action = np.asarray(action, dtype=np.float64).copy()
-        action[3:7] /= np.linalg.norm(action[3:7])  # RLBench wants a unit quaternion (xyzw)
-        action[7] = float(action[7] > 0.5)
-        try:
-            obs, reward, terminate = self.task.step(action)
-        except self.planning_errors as e:
-            self.last_failure = f"{type(e).__name__}: {e}"
-            return self._last_obs, 0.0, True
-        self._last_obs = obs
-        return obs, float(reward), bool(terminate)
-
-    def get_demos(self, amount: int, live_demos: bool = True, frames=None):
-        return [list(demo) for demo in self.task.get_demos(amount, live_demos=live_demos)]
-
-    def close(self):
-        self.env.shutdown()
-
-
-def make_task(backend: str, name: str, image_size: int = 128, seed: int = 0):
-    """The task factory: the agent code is the same for both backends."""
-    if backend == "rlbench":
-        return RLBenchTask(name, image_size, seed)
-    if backend == "metaworld":
-        return MetaWorldTask(name, image_size, seed)
-    raise TaskError(f"unknown backend '{backend}': expected metaworld or rlbench")
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def pointcloud_from_depth(depth: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
-    """World-frame points (H, W, 3) from planar depth (H, W); OpenCV pinhole camera (x right,
-    y down, z forward), pixel (row v, column u), camera-to-world 4x4 extrinsics."""
-    h, w = depth.shape
-    v, u = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    fx, fy, cx, cy = intrinsics[0, 0], intrinsics[1, 1], intrinsics[0, 2], intrinsics[1, 2]
-    cam = np.stack([(u - cx) * depth / fx, (v - cy) * depth / fy, depth], axis=-1)
-    return (cam @ extrinsics[:3, :3].T + extrinsics[:3, 3]).astype(np.float32)
-
-
-def quaternion_to_euler(q: np.ndarray) -> np.ndarray:
-    """Unit quaternion xyzw -> extrinsic xyz Euler angles in degrees (R = Rz @ Ry @ Rx)."""
-    x, y, z, w = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
-    roll = np.arctan2(2 * (w * x + y * z), 1 - 2 * (x * x + y * y))
-    pitch = np.arcsin(np.clip(2 * (w * y - z * x), -1.0, 1.0))
-    yaw = np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
-    return np.rad2deg([roll, pitch, yaw])
-
-
-def euler_to_quaternion(euler_deg: np.ndarray) -> np.ndarray:
-    """Extrinsic xyz Euler angles in degrees -> unit quaternion xyzw."""
-    r, p, y = np.deg2rad(np.asarray(euler_deg, dtype=np.float64)) / 2
-    cr, sr, cp, sp, cy, sy = np.cos(r), np.sin(r), np.cos(p), np.sin(p), np.cos(y), np.sin(y)
-    return np.array([sr * cp * cy - cr * sp * sy, cr * sp * cy + sr * cp * sy,
-                     cr * cp * sy - sr * sp * cy, cr * cp * cy + sr * sp * sy])
+# --------------------------------------------------------------------------- ALGO LOGIC: the discrete action
+# A C2F-ARM action is (voxel index per depth (flattened i*V*V + j*V + k), rot x, rot y, rot z bins, gripper open).
 
 
 def discretize_rotation(q: np.ndarray, resolution: float = 5.0) -> np.ndarray:
@@ -449,6 +131,7 @@ def discretize_rotation(q: np.ndarray, resolution: float = 5.0) -> np.ndarray:
 
 
 def undiscretize_rotation(bins: np.ndarray, resolution: float = 5.0) -> np.ndarray:
+    """Rotation bins -> quaternion xyzw: angle = bin * resolution - 180."""
     return euler_to_quaternion(np.asarray(bins, dtype=np.float64) * resolution - 180.0)
 
 
@@ -494,63 +177,7 @@ def voxelize(points: torch.Tensor, colors: torch.Tensor, bounds: torch.Tensor, v
     return torch.cat([grid[:, :6], index, grid[:, 6:]], 1)
 
 
-# --------------------------------------------------------------------------- demos
-
-
-def discover_keypoints(demo, rest_fraction: float = 0.5, rest_window: int = 4, settle: float = 5e-4) -> list[int]:
-    """Keypoints of a demo: frames where a gripper state change has completed or the arm
-    comes to rest, plus the last frame.
-
-    Gripper change: the first frame after `gripper_open` flips at which the fingers have
-    stopped moving (finger positions change by less than `settle`), i.e. the grasp or release
-    is done. On RLBench the arm is still while the gripper acts, so this is the pose of the
-    flip itself; Meta-World's experts close the gripper while still moving, and the pose where
-    the fingers settle is the one a move-then-grip action must reach.
-    At rest: read from the end effector's speed (central difference of gripper positions): a
-    frame whose speed is the minimum within +-`rest_window` frames and below `rest_fraction`
-    of the demo's peak speed, gripper steady. RLBench's planner stops at every waypoint (speed
-    ~0 there); Meta-World's mocap-driven joints never rest, hence speed rather than ARM's
-    joint-velocity threshold."""
-    n = len(demo)
-    pos = np.array([o.gripper_pose[:3] for o in demo], dtype=np.float64)
-    fingers = np.array([o.gripper_joint_positions[:2] for o in demo], dtype=np.float64)
-    frames = np.arange(n)
-    speed = np.linalg.norm(pos[np.minimum(frames + 1, n - 1)] - pos[np.maximum(frames - 1, 0)], axis=1)
-    peak = speed.max() if n else 0.0
-    keypoints, pending_change = [], None
-    for i in range(1, n - 1):
-        if demo[i].gripper_open != demo[i - 1].gripper_open:
-            pending_change = i
-        # fingers still for two frames, at least two frames after the flip
-        settled = i >= 2 and np.abs(np.diff(fingers[i - 2:i + 1], axis=0)).max() < settle
-        steady = demo[i + 1].gripper_open == demo[i].gripper_open == demo[i - 1].gripper_open
-        window = speed[max(0, i - rest_window):i + rest_window + 1]
-        at_rest = steady and speed[i] <= window.min() and speed[i] < rest_fraction * peak
-        if pending_change is not None and i - pending_change >= 2 and settled:
-            keypoints.append(i)
-            pending_change = None
-        elif at_rest and i - (keypoints[-1] if keypoints else 0) > rest_window:
-            keypoints.append(i)
-    keypoints.append(n - 1)
-    return keypoints
-
-
-def demo_chains(keypoints: list[int], every: int = 10) -> list[list[int]]:
-    """Demo augmentation: every `every`-th frame before the last keypoint starts a chain of
-    frames [start, next keypoint, following keypoints..., last keypoint]."""
-    chains = []
-    for start in range(0, keypoints[-1], every):
-        chains.append([start] + [k for k in keypoints if k > start])
-    return chains
-
-
-def demo_frames(demo, every: int = 10) -> list[int]:
-    """The frames the demo pipeline reads images from (so a backend may render only these)."""
-    keypoints = discover_keypoints(demo)
-    return sorted({i for chain in demo_chains(keypoints, every) for i in chain})
-
-
-# --------------------------------------------------------------------------- agent
+# --------------------------------------------------------------------------- ALGO LOGIC: Q-attention network
 
 
 def lowdim_state(obs, t: int, episode_length: int) -> np.ndarray:
@@ -604,9 +231,7 @@ class UNet3D(nn.Module):
 class C2FARM(nn.Module):
     """Coarse-to-fine Q-attention: depth 0 picks a voxel in the scene bounds, depth d+1 picks a
     voxel in a cube of +-zoom around the centre of depth d's choice; the last depth also picks
-    the rotation (one of 72 bins per Euler axis) and the gripper state.
-
-    A discrete action is (voxel index per depth (flattened), rot x, rot y, rot z, gripper)."""
+    the rotation (one of 72 bins per Euler axis) and the gripper state."""
 
     def __init__(self, scene_bounds, zoom_half_width: float, voxels: int = 16, depths: int = 2, width: int = 16,
                  rotation_resolution: float = 5.0, latent: int = 0):
@@ -695,7 +320,22 @@ def make_agent(args: Args, latent: int = 0) -> C2FARM:
                   args.unet_width, args.rotation_resolution, latent)
 
 
-# --------------------------------------------------------------------------- replay
+# --------------------------------------------------------------------------- ALGO LOGIC: replay
+
+
+class Batch(NamedTuple):
+    """Transitions (observation, discrete action, reward, done, next observation) as arrays."""
+
+    rgb: np.ndarray  # (B, H, W, 3) uint8, front camera
+    pcd: np.ndarray  # (B, H, W, 3) float16, world-frame point cloud
+    lowdim: np.ndarray  # (B, LOWDIM_SIZE) proprioception
+    action: np.ndarray  # (B, depths + 4) int64 discrete action
+    reward: np.ndarray  # (B,) float32
+    done: np.ndarray  # (B,) 1.0 where the episode terminated (time-outs bootstrap)
+    next_rgb: np.ndarray
+    next_pcd: np.ndarray
+    next_lowdim: np.ndarray
+    weight: np.ndarray  # (B,) importance-sampling weights of prioritized replay
 
 
 class ReplayBuffer:
@@ -732,21 +372,36 @@ class ReplayBuffer:
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
         self.recent = (self.recent + [i])[-100:]
 
-    def sample(self, n: int, beta: float, rng: np.random.Generator):
+    def sample(self, n: int, beta: float, rng: np.random.Generator) -> tuple[np.ndarray, Batch]:
         p = self.priority[: self.size] ** self.alpha
-        p /= p.sum()
+        p /= p.sum()  # P(i) = p_i^alpha / sum_k p_k^alpha
         idx = rng.choice(self.size, n, p=p)
-        weights = (self.size * p[idx]) ** (-beta)
-        return idx, self.batch(idx), weights / weights.max()
+        weights = (self.size * p[idx]) ** (-beta)  # w_i = (N P(i))^-beta, normalised by the largest
+        return idx, self.batch(idx, (weights / weights.max()).astype(np.float32))
 
-    def batch(self, idx) -> dict[str, np.ndarray]:
+    def batch(self, idx, weight: np.ndarray | None = None) -> Batch:
         o, n = self.obs_index[idx, 0], self.obs_index[idx, 1]
-        return dict(rgb=self.rgb[o], pcd=self.pcd[o], lowdim=self.lowdim[o], action=self.action[idx],
-                    reward=self.reward[idx], done=self.done[idx],
-                    next_rgb=self.rgb[n], next_pcd=self.pcd[n], next_lowdim=self.lowdim[n])
+        return Batch(self.rgb[o], self.pcd[o], self.lowdim[o], self.action[idx], self.reward[idx], self.done[idx],
+                     self.rgb[n], self.pcd[n], self.lowdim[n],
+                     np.ones(len(idx), np.float32) if weight is None else weight)
 
     def update_priorities(self, idx, td: np.ndarray) -> None:
         self.priority[idx] = np.abs(td) + 1e-6
+
+
+# --------------------------------------------------------------------------- ALGO LOGIC: demos
+
+
+def demo_chains(keypoints: list[int], every: int = 10) -> list[list[int]]:
+    """Demo augmentation: every `every`-th frame before the last keypoint starts a chain of
+    frames [start, next keypoint, following keypoints..., last keypoint]."""
+    return [[start] + [k for k in keypoints if k > start] for start in range(0, keypoints[-1], every)]
+
+
+def demo_frames(demo, every: int = 10) -> list[int]:
+    """The frames the demo pipeline reads images from (so a backend may render only these)."""
+    keypoints = discover_keypoints(demo)
+    return sorted({i for chain in demo_chains(keypoints, every) for i in chain})
 
 
 def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args) -> int:
@@ -755,8 +410,7 @@ def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args) -> int:
     gripper pose and open state, reward 1 and done at the last keypoint (demos succeed)."""
     added = 0
     for demo in demos:
-        keypoints = discover_keypoints(demo)
-        for chain in demo_chains(keypoints, args.demo_augmentation_every):
+        for chain in demo_chains(discover_keypoints(demo), args.demo_augmentation_every):
             prev = buffer.add_observation(demo[chain[0]], 0, args.episode_length)
             for t, k in enumerate(chain[1:], start=1):
                 nxt = buffer.add_observation(demo[k], min(t, args.episode_length), args.episode_length)
@@ -773,20 +427,23 @@ def collect_demos(task, args: Args):
                           frames=lambda demo: demo_frames(demo, args.demo_augmentation_every))
 
 
-# --------------------------------------------------------------------------- learner
+# --------------------------------------------------------------------------- ALGO LOGIC: the learner
 
 
-def to_tensors(batch: dict[str, np.ndarray], device, prefix: str = ""):
+def to_tensors(batch: Batch, device, next_obs: bool = False):
     """Replay arrays -> (points (B,N,3), colours in [0,1] (B,N,3), lowdim (B,L)) tensors."""
-    pcd = torch.as_tensor(batch[prefix + "pcd"], device=device).float().flatten(1, 2)
-    rgb = torch.as_tensor(batch[prefix + "rgb"], device=device).float().flatten(1, 2) / 255.0
-    return pcd, rgb, torch.as_tensor(batch[prefix + "lowdim"], device=device)
+    pcd, rgb, lowdim = (batch.next_pcd, batch.next_rgb, batch.next_lowdim) if next_obs else (
+        batch.pcd, batch.rgb, batch.lowdim)
+    points = torch.as_tensor(pcd, device=device).float().flatten(1, 2)
+    colors = torch.as_tensor(rgb, device=device).float().flatten(1, 2) / 255.0
+    return points, colors, torch.as_tensor(lowdim, device=device)
 
 
 def obs_tensors(obs, t: int, args: Args, device):
-    batch = dict(pcd=obs.front_point_cloud[None], rgb=obs.front_rgb[None],
-                 lowdim=lowdim_state(obs, t, args.episode_length)[None])
-    return to_tensors(batch, device)
+    """One observation as a batch of one."""
+    points = torch.as_tensor(obs.front_point_cloud, device=device).float().reshape(1, -1, 3)
+    colors = torch.as_tensor(obs.front_rgb, device=device).float().reshape(1, -1, 3) / 255.0
+    return points, colors, torch.as_tensor(lowdim_state(obs, t, args.episode_length), device=device)[None]
 
 
 class C2FARMLearner:
@@ -799,73 +456,68 @@ class C2FARMLearner:
         self.optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
         self.rng = np.random.default_rng(args.seed)
 
-    def sample(self, task_ids: list[int], per_task: int):
-        """An equal share of the batch from each listed task's buffer."""
-        parts, meta = [], []
-        for t in task_ids:
-            idx, batch, w = self.buffers[t].sample(per_task, self.args.importance_exponent, self.rng)
-            parts.append(batch)
-            meta.append((t, idx, w))
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        batch["weight"] = np.concatenate([w for _, _, w in meta]).astype(np.float32)
-        return batch, meta
+    def sample(self, task_ids: list[int], per_task: int) -> tuple[Batch, list[tuple[int, np.ndarray]]]:
+        """An equal share of the batch from each listed task's buffer; (task, indices) per share."""
+        shares = [(t, *self.buffers[t].sample(per_task, self.args.importance_exponent, self.rng)) for t in task_ids]
+        batch = Batch(*(np.concatenate(arrays) for arrays in zip(*(b for _, _, b in shares))))
+        return batch, [(t, idx) for t, idx, _ in shares]
 
-    def td_errors(self, batch, latent=None, next_latent=None):
+    def td_errors(self, batch: Batch, latent=None, next_latent=None) -> torch.Tensor:
         """Per-head TD errors (B, depths + 4) of the batch's actions against double-Q targets."""
-        agent, target = self.agent, self.target
-        dev, a = self.device, torch.as_tensor(batch["action"], device=self.device)
-        d = agent.depths
-        points, colors, lowdim = to_tensors(batch, dev)
-        q_vox, rot_grip, _, _ = agent(points, colors, lowdim, voxel_choice=a[:, :d], latent=latent)
+        agent, target, dev = self.agent, self.target, self.device
+        action = torch.as_tensor(batch.action, device=dev)
+        q_vox, rot_grip, _, _ = agent(*to_tensors(batch, dev), voxel_choice=action[:, :agent.depths], latent=latent)
         heads = q_vox + agent.split_rot_grip(rot_grip)
-        q_taken = torch.stack([h.gather(1, a[:, i:i + 1]).squeeze(1) for i, h in enumerate(heads)], 1)
+        q_taken = torch.stack([h.gather(1, action[:, i:i + 1]).squeeze(1) for i, h in enumerate(heads)], 1)
         with torch.no_grad():
-            n_points, n_colors, n_lowdim = to_tensors(batch, dev, "next_")
             # double Q: the online network picks the next action (including where to zoom), the
             # target network evaluates it on the same voxel grids
-            n_vox, n_rot_grip, n_chosen, (t_vox, t_rot_grip) = agent(n_points, n_colors, n_lowdim,
+            n_vox, n_rot_grip, n_chosen, (t_vox, t_rot_grip) = agent(*to_tensors(batch, dev, next_obs=True),
                                                                      latent=next_latent, target=target)
             next_action = torch.cat([n_chosen, agent.greedy_rot_grip(n_rot_grip)], 1)
             t_heads = t_vox + target.split_rot_grip(t_rot_grip)
             q_next = torch.stack([h.gather(1, next_action[:, i:i + 1]).squeeze(1) for i, h in enumerate(t_heads)], 1)
-            reward = torch.as_tensor(batch["reward"], device=dev)[:, None]
-            done = torch.as_tensor(batch["done"], device=dev)[:, None]
-            y = reward + self.args.gamma * (1.0 - done) * q_next
+            reward = torch.as_tensor(batch.reward, device=dev)[:, None]
+            done = torch.as_tensor(batch.done, device=dev)[:, None]
+            y = reward + self.args.gamma * (1.0 - done) * q_next  # y = r + gamma (1 - done) Q_target(s', a'*)
         return q_taken - y
 
-    def loss(self, batch, latent=None, next_latent=None):
+    def loss(self, batch: Batch, latent=None, next_latent=None):
+        """Importance-weighted Huber loss summed over heads; new priorities = mean |TD| over heads."""
         td = self.td_errors(batch, latent, next_latent)
-        weight = torch.as_tensor(batch["weight"], device=self.device)
+        weight = torch.as_tensor(batch.weight, device=self.device)
         per_sample = F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none").sum(1)
         return (weight * per_sample).mean(), td.detach().abs().mean(1).cpu().numpy(), td
 
-    def step_optimizer(self, loss, optimizer=None):
-        optimizer = optimizer or self.optimizer
-        optimizer.zero_grad()
+    def step_optimizer(self, loss):
+        self.optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], self.args.grad_clip)
-        optimizer.step()
+        nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
+                                 self.args.grad_clip)
+        self.optimizer.step()
 
     def soft_update(self):
         with torch.no_grad():
             for p, tp in zip(self.agent.parameters(), self.target.parameters()):
-                tp.lerp_(p, self.args.tau)
+                tp.lerp_(p, self.args.tau)  # theta_target <- (1 - tau) theta_target + tau theta
 
     def ready_tasks(self) -> list[int]:
         """Tasks with data to learn from (with --demos 0 a task's buffer fills on its first episode)."""
         return [t for t, buffer in enumerate(self.buffers) if buffer.size > 0]
 
+    def update_priorities(self, shares, priorities: np.ndarray) -> None:
+        offset = 0
+        for t, idx in shares:
+            self.buffers[t].update_priorities(idx, priorities[offset:offset + len(idx)])
+            offset += len(idx)
+
     def update(self, global_step: int) -> dict[str, float]:
         """One multi-task update: batch_size / num_tasks transitions from every task."""
-        tasks = self.ready_tasks()
-        batch, meta = self.sample(tasks, max(1, self.args.batch_size // len(self.buffers)))
+        batch, shares = self.sample(self.ready_tasks(), max(1, self.args.batch_size // len(self.buffers)))
         loss, priorities, td = self.loss(batch)
         self.step_optimizer(loss)
         self.soft_update()
-        offset = 0
-        for t, idx, _ in meta:
-            self.buffers[t].update_priorities(idx, priorities[offset:offset + len(idx)])
-            offset += len(idx)
+        self.update_priorities(shares, priorities)
         return {"losses/td_loss": loss.item(), "losses/q_voxel_depth0_td": td[:, 0].abs().mean().item()}
 
     def act(self, obs, t: int, task_id: int, explore: bool) -> np.ndarray:
@@ -886,105 +538,102 @@ class C2FARMLearner:
                 "optimizer": self.optimizer.state_dict()}
 
 
-# --------------------------------------------------------------------------- loop
+# --------------------------------------------------------------------------- the loop
 
 
-def run_episode(task, learner: C2FARMLearner, task_id: int, args: Args, explore: bool,
-                buffer: ReplayBuffer | None = None, on_step: Callable[[], bool] | None = None) -> float:
-    """One episode of up to `episode_length` next-best-pose actions. Stores transitions when
-    given a buffer (time-outs are not terminal: they bootstrap); calls `on_step()` after every
-    env step, which may return True to stop early. Returns success (0 or 1)."""
-    _, obs = task.reset()
-    obs_i = buffer.add_observation(obs, 0, args.episode_length) if buffer is not None else None
-    success = 0.0
-    for t in range(args.episode_length):
-        action = learner.act(obs, t, task_id, explore)
-        obs, reward, terminate = task.step(learner.agent.decode_action(action))
-        success = max(success, reward)
-        if buffer is not None:
-            next_i = buffer.add_observation(obs, t + 1, args.episode_length)
-            buffer.add(obs_i, action, reward, terminate, next_i)
-            obs_i = next_i
-        stop = on_step() if on_step is not None else False
-        if terminate or stop:
-            break
-    return success
-
-
-def evaluate(tasks, learner: C2FARMLearner, args: Args) -> float:
-    """Mean greedy success rate over `eval_episodes` episodes of every task."""
-    return float(np.mean([np.mean([run_episode(task, learner, i, args, explore=False) for _ in range(args.eval_episodes)])
-                          for i, task in enumerate(tasks)]))
+def evaluate(tasks, learner: C2FARMLearner, args: Args) -> tuple[float, int]:
+    """Greedy success rate over `eval_episodes` episodes of every task, and the episode count."""
+    successes = []
+    for task_id, task in enumerate(tasks):
+        for _ in range(args.eval_episodes):
+            _, obs = task.reset()
+            success = 0.0
+            for t in range(args.episode_length):
+                action = learner.act(obs, t, task_id, explore=False)
+                obs, reward, terminate = task.step(learner.agent.decode_action(action))
+                success = max(success, reward)
+                if terminate:
+                    break
+            successes.append(success)
+    return float(np.mean(successes)), len(successes)
 
 
 def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str], writer,
           log_eval: Callable | None = None, eval_every: int | None = None, save: Callable | None = None) -> int:
     """The C2F-ARM loop shared by pretraining (MT / Reptile / PEARL learners) and fine-tuning:
-    round-robin over the tasks, one episode at a time, `updates_per_step` learner updates per
-    env step. `log_eval(step, success_rate)` receives evaluations at step 0, at the first
-    episode end after every `eval_every` env steps, and at the end; `save(step)` every
-    `checkpoint_interval` steps and at the end."""
-    state = dict(step=0, updates=0, next_eval=eval_every or None, next_ckpt=args.checkpoint_interval)
-    start, successes, episode = time.time(), [], 0
-
-    def on_step() -> bool:
-        state["step"] += 1
-        step = state["step"]
-        logs = {}
-        if step > args.learning_starts:
-            for _ in range(args.updates_per_step):
-                logs = learner.update(step)
-                state["updates"] += 1
-            if step % 10 == 0:
-                for k, v in logs.items():
-                    writer.add_scalar(k, v, step)
-        if step % 10 == 0:
-            sps = step / (time.time() - start)  # env steps/s, updates and evaluations included
-            writer.add_scalar("charts/SPS", sps, step)
-            print(f"global_step={step} SPS={sps:.2f} updates={state['updates']}", flush=True)
-        if save is not None and step >= state["next_ckpt"]:
-            save(step)
-            state["next_ckpt"] += args.checkpoint_interval
-        return step >= args.total_timesteps
-
+    episodes round-robin over the tasks, `updates_per_step` learner updates per env step.
+    `log_eval(step, success_rate, episodes)` receives evaluations at step 0 (when `eval_every`
+    is set), at the first episode end after every `eval_every` env steps, and at the end;
+    `save(step)` every `checkpoint_interval` steps and at the end. Returns the env steps taken."""
+    start, successes, episode, logs = time.time(), [], 0, {}
+    done, task_id, obs, obs_i, t, success = True, 0, None, 0, 0, 0.0
+    next_eval = eval_every or None
     if log_eval is not None and eval_every:
-        log_eval(0, evaluate(tasks, learner, args))  # before any update: the starting point of the curve
-    while state["step"] < args.total_timesteps:
-        tid = episode % len(tasks)
-        success = run_episode(tasks[tid], learner, tid, args, explore=True, buffer=learner.buffers[tid],
-                              on_step=on_step)
-        successes.append(success)
-        episode += 1
-        step, rate = state["step"], float(np.mean(successes[-20:]))
-        writer.add_scalar("charts/episodic_return", success, step)
-        writer.add_scalar(f"charts/success/{task_names[tid]}", success, step)
-        writer.add_scalar("charts/success_rate", rate, step)
-        print(f"global_step={step} task={task_names[tid]} episodic_return={success:.0f} "
-              f"success_rate(last 20)={rate:.2f}", flush=True)
-        # evaluate between episodes (evaluation resets the tasks), at the end separately below
-        if state["next_eval"] is not None and log_eval is not None and args.total_timesteps > step >= state["next_eval"]:
-            log_eval(step, evaluate(tasks, learner, args))
-            state["next_eval"] += eval_every * ((step - state["next_eval"]) // eval_every + 1)
+        log_eval(0, *evaluate(tasks, learner, args))  # before any update: the zero-shot point of the curve
+    global_step = 0
+    for global_step in range(1, args.total_timesteps + 1):  # global_step counts env steps, this one included
+        # ALGO LOGIC: reset if done (tasks take turns), act, step, store
+        if done:
+            task_id = episode % len(tasks)
+            _, obs = tasks[task_id].reset()
+            t, success = 0, 0.0
+            obs_i = learner.buffers[task_id].add_observation(obs, 0, args.episode_length)
+        action = learner.act(obs, t, task_id, explore=True)
+        obs, reward, terminate = tasks[task_id].step(learner.agent.decode_action(action))
+        t += 1
+        success = max(success, reward)
+        next_i = learner.buffers[task_id].add_observation(obs, t, args.episode_length)
+        learner.buffers[task_id].add(obs_i, action, reward, terminate, next_i)  # a time-out is not terminal
+        obs_i = next_i
+        done = terminate or t == args.episode_length
+
+        # ALGO LOGIC: update
+        if global_step > args.learning_starts:
+            for _ in range(args.updates_per_step):
+                logs = learner.update(global_step)
+
+        # TRY NOT TO MODIFY: log, evaluate, save
+        if global_step % 10 == 0:
+            for k, v in logs.items():
+                writer.add_scalar(k, v, global_step)
+            sps = global_step / (time.time() - start)  # env steps/s, updates and evaluations included
+            writer.add_scalar("charts/SPS", sps, global_step)
+            print(f"global_step={global_step} SPS={sps:.2f}", flush=True)
+        if done:
+            episode += 1
+            successes.append(success)
+            rate = float(np.mean(successes[-20:]))
+            writer.add_scalar("charts/episodic_return", success, global_step)
+            writer.add_scalar(f"charts/success/{task_names[task_id]}", success, global_step)
+            writer.add_scalar("charts/success_rate", rate, global_step)
+            print(f"global_step={global_step} task={task_names[task_id]} episodic_return={success:.0f} "
+                  f"success_rate(last 20)={rate:.2f}", flush=True)
+            # evaluate between episodes (evaluation resets the tasks); the last one comes after the loop
+            if log_eval is not None and next_eval is not None and args.total_timesteps > global_step >= next_eval:
+                log_eval(global_step, *evaluate(tasks, learner, args))
+                next_eval += eval_every * ((global_step - next_eval) // eval_every + 1)
+        if save is not None and global_step % args.checkpoint_interval == 0 and global_step < args.total_timesteps:
+            save(global_step)
     if log_eval is not None:
-        log_eval(state["step"], evaluate(tasks, learner, args))
+        log_eval(global_step, *evaluate(tasks, learner, args))
     if save is not None:
-        save(state["step"])
-    return state["step"]
+        save(global_step)
+    return global_step
 
 
-# --------------------------------------------------------------------------- checkpoint
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: checkpoint and setup
 
 
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # = finetune.CHECKPOINT_FORMAT
 
 
 def save_checkpoint(path: str, args: Args, learner: C2FARMLearner, train_tasks: list[str], global_step: int,
-                    method: str = "mt") -> None:
+                    method: str = METHOD) -> None:
     """Tensors and plain values only (loads with weights_only=True); written atomically.
     finetune.py also saves its fine-tuned agents with this (method "finetune" / "scratch")."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": "c2farm_mt_rlbench", "benchmark": "rlbench",
-            "method": method, "train_tasks": list(train_tasks), "args": dataclasses.asdict(args),
-            "global_step": int(global_step), **learner.state()}
+    ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": os.path.basename(__file__)[:-3],
+            "benchmark": "rlbench", "method": method, "train_tasks": list(train_tasks),
+            "args": dataclasses.asdict(args), "global_step": int(global_step), **learner.state()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -1043,20 +692,17 @@ def main(args: Args):
     task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
     run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
     writer = make_writer(args, run_dir)
-    device, tasks, agent, buffers = setup(args, task_names, latent=getattr(args, "latent_size", 0))
+    device, tasks, agent, buffers = setup(args, task_names)
     learner = C2FARMLearner(agent, buffers, args, device)
     path = os.path.join(run_dir, "checkpoint.pt")
 
-    def save(step):
-        save_checkpoint(path, args, learner, task_names, step)
-
-    def log_eval(step, rate):
+    def log_eval(step, rate, episodes):
         writer.add_scalar("eval/success_rate", rate, step)
-        print(f"[eval] global_step={step} success_rate={rate:.3f}", flush=True)
+        print(f"[eval] global_step={step} success_rate={rate:.3f} ({episodes} episodes)", flush=True)
 
     try:
-        train(args, learner, tasks, task_names, writer, log_eval=log_eval,
-              eval_every=args.eval_interval or None, save=save)
+        train(args, learner, tasks, task_names, writer, log_eval=log_eval, eval_every=args.eval_interval or None,
+              save=lambda step: save_checkpoint(path, args, learner, task_names, step))
     finally:
         for task in tasks:
             task.close()

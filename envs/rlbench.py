@@ -126,6 +126,47 @@ def pointcloud_from_depth(depth: np.ndarray, intrinsics: np.ndarray, extrinsics:
     return (cam @ extrinsics[:3, :3].T + extrinsics[:3, 3]).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- demo keypoints
+
+
+def discover_keypoints(demo, rest_fraction: float = 0.5, rest_window: int = 4, settle: float = 5e-4) -> list[int]:
+    """Keypoints of a demo: frames where a gripper state change has completed or the arm
+    comes to rest, plus the last frame.
+
+    Gripper change: the first frame after `gripper_open` flips at which the fingers have
+    stopped moving (finger positions change by less than `settle`), i.e. the grasp or release
+    is done. On RLBench the arm is still while the gripper acts, so this is the pose of the
+    flip itself; Meta-World's experts close the gripper while still moving, and the pose where
+    the fingers settle is the one a move-then-grip action must reach.
+    At rest: read from the end effector's speed (central difference of gripper positions): a
+    frame whose speed is the minimum within +-`rest_window` frames and below `rest_fraction`
+    of the demo's peak speed, gripper steady. RLBench's planner stops at every waypoint (speed
+    ~0 there); Meta-World's mocap-driven joints never rest, hence speed rather than ARM's
+    joint-velocity threshold."""
+    n = len(demo)
+    pos = np.array([o.gripper_pose[:3] for o in demo], dtype=np.float64)
+    fingers = np.array([o.gripper_joint_positions[:2] for o in demo], dtype=np.float64)
+    frames = np.arange(n)
+    speed = np.linalg.norm(pos[np.minimum(frames + 1, n - 1)] - pos[np.maximum(frames - 1, 0)], axis=1)
+    peak = speed.max() if n else 0.0
+    keypoints, pending_change = [], None
+    for i in range(1, n - 1):
+        if demo[i].gripper_open != demo[i - 1].gripper_open:
+            pending_change = i
+        # fingers still for two frames, at least two frames after the flip
+        settled = i >= 2 and np.abs(np.diff(fingers[i - 2:i + 1], axis=0)).max() < settle
+        steady = demo[i + 1].gripper_open == demo[i].gripper_open == demo[i - 1].gripper_open
+        window = speed[max(0, i - rest_window):i + rest_window + 1]
+        at_rest = steady and speed[i] <= window.min() and speed[i] < rest_fraction * peak
+        if pending_change is not None and i - pending_change >= 2 and settled:
+            keypoints.append(i)
+            pending_change = None
+        elif at_rest and i - (keypoints[-1] if keypoints else 0) > rest_window:
+            keypoints.append(i)
+    keypoints.append(n - 1)
+    return keypoints
+
+
 # --------------------------------------------------------------------------- Meta-World stand-in
 
 

@@ -55,7 +55,8 @@ def test_finetune_from_checkpoint(checkpoints, method, demos):
     proc = run("finetune.py", "--checkpoint", paths[method], "--task", "drawer-open-v3", *TINY, "--demos", demos,
                "--eval-every", "6", "--output-dir", str(ft))
     rows = list(csv.reader(open(ft / "eval.csv")))
-    assert rows[0] == ["env_step", "success_rate"]
+    assert rows[0] == ["env_step", "success_rate", "episodes"]
+    assert all(r[2] == "1" for r in rows[1:])  # --eval-episodes 1 on the one task
     steps = [int(r[0]) for r in rows[1:]]
     # start, then at episode ends once 6 more steps have passed, and at the end
     assert steps[0] == 0 and steps[-1] == 12 and all(6 <= s < 12 for s in steps[1:-1]) and len(steps) <= 4
@@ -84,8 +85,8 @@ def test_finetune_errors(checkpoints, tmp_path):
         (["--checkpoint", paths["mt"], "--task", "10000"], "belongs to procgen"),
         (["--scratch", "rlbench", "--backend", "rlbench", "--task", "push_button"], "use --backend metaworld"),
     ]
-    for argv, message in cases:
-        proc = run("finetune.py", *argv, "--output-dir", str(tmp_path / "err"), ok=False)
+    for i, (argv, message) in enumerate(cases):
+        proc = run("finetune.py", *argv, "--output-dir", str(tmp_path / f"err{i}"), ok=False)
         assert proc.returncode != 0
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1

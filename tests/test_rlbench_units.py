@@ -3,7 +3,6 @@
 import dataclasses
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import c2farm_mt_rlbench as c2f  # noqa: E402
 import c2farm_pearl_rlbench as pearl  # noqa: E402
 import c2farm_reptile_rlbench as reptile  # noqa: E402
+from envs import rlbench as rlb  # noqa: E402
 
 RLB_BOUNDS = np.array([-0.3, -0.5, 0.6, 0.7, 0.5, 1.6])  # 1 m cube, 16 voxels of 0.0625 m
 
@@ -123,7 +123,7 @@ def test_keypoint_discovery_synthetic():
     demo = synthetic_demo()
     # rest at 10 (speed 0 there); gripper flips at 18, fingers still from frame 21 on, two still
     # frames after that -> 22; last frame 29
-    assert c2f.discover_keypoints(demo) == [10, 22, 29]
+    assert rlb.discover_keypoints(demo) == [10, 22, 29]
 
 
 def test_demo_augmentation_chains():
@@ -146,205 +146,6 @@ def test_add_demos_rewards_and_actions():
     assert buffer.done[:7].tolist() == [0, 0, 1, 0, 1, 0, 1]
     assert buffer.action[1, -1] == 0 and buffer.action[0, -1] == 1  # gripper closed at keypoint 22
     np.testing.assert_array_equal(buffer.action[0], agent.encode_pose(demo[10].gripper_pose, 1.0))
-
-
-# --------------------------------------------------------------------------- point cloud
-
-
-def test_pointcloud_from_depth_known_camera():
-    # camera at (1, 2, 3) looking straight down (-z world); OpenCV axes: x right = world +x,
-    # y down = world -y, z forward = world -z
-    extrinsics = np.eye(4)
-    extrinsics[:3, :3] = np.array([[1, 0, 0], [0, -1, 0], [0, 0, -1]], dtype=float)
-    extrinsics[:3, 3] = [1, 2, 3]
-    intrinsics = np.array([[10.0, 0, 1.5], [0, 10.0, 1.5], [0, 0, 1]])
-    depth = np.full((4, 4), 2.0)
-    depth[0, 3] = 1.0
-    pcd = c2f.pointcloud_from_depth(depth, intrinsics, extrinsics)
-    # pixel (row 0, col 0): camera ((0-1.5)*2/10, (0-1.5)*2/10, 2) = (-0.3, -0.3, 2) -> world (0.7, 2.3, 1)
-    np.testing.assert_allclose(pcd[0, 0], [0.7, 2.3, 1.0], atol=1e-6)
-    # pixel (row 0, col 3) at depth 1: camera (0.15, -0.15, 1) -> world (1.15, 2.15, 2)
-    np.testing.assert_allclose(pcd[0, 3], [1.15, 2.15, 2.0], atol=1e-6)
-    # pixel (row 3, col 1): camera (-0.1, 0.3, 2) -> world (0.9, 1.7, 1)
-    np.testing.assert_allclose(pcd[3, 1], [0.9, 1.7, 1.0], atol=1e-6)
-
-
-def test_metaworld_point_cloud_sees_the_scene():
-    """The rendered point cloud lands where the simulator says things are: table top at z=0,
-    and the projection of the goal through the camera matrices hits the goal's pixels."""
-    task = c2f.make_task("metaworld", "reach-v3", image_size=64, seed=0)
-    try:
-        _, obs = task.reset()
-        pcd = obs.front_point_cloud.reshape(-1, 3)
-        goal = task.env._target_pos
-        assert np.linalg.norm(pcd - goal, axis=1).min() < 0.03  # the goal sphere's surface is seen
-        assert abs(np.median(pcd[:, 2])) < 0.01  # most pixels see the table top at z = 0
-        intrinsics, extrinsics = task.camera_matrices()
-        cam = np.linalg.inv(extrinsics) @ np.append(goal, 1.0)
-        u, v = intrinsics[0, 0] * cam[0] / cam[2] + intrinsics[0, 2], intrinsics[1, 1] * cam[1] / cam[2] + intrinsics[1, 2]
-        np.testing.assert_allclose(obs.front_point_cloud[int(round(v)), int(round(u))], goal, atol=0.03)
-        assert obs.front_rgb.shape == (64, 64, 3) and obs.front_rgb.dtype == np.uint8
-        assert obs.gripper_pose.shape == (7,) and obs.gripper_open == 1.0 and obs.joint_velocities.shape == (7,)
-    finally:
-        task.close()
-
-
-def test_metaworld_unreachable_target_is_a_failure():
-    task = c2f.make_task("metaworld", "reach-v3", image_size=16, seed=0)
-    try:
-        task.reset()
-        obs, reward, terminate = task.step(np.array([0.0, 2.0, 0.2, 0, 0, 0, 1, 1]))
-        assert (reward, terminate) == (0.0, True) and "outside" in task.last_failure
-        _, obs = task.reset()
-        target = obs.gripper_pose[:3] + np.array([0.05, 0.0, -0.03])
-        obs, reward, terminate = task.step(np.concatenate([target, [0, 0, 0, 1, 1]]))
-        assert np.linalg.norm(obs.gripper_pose[:3] - target) < 0.01  # the "planner" got there
-    finally:
-        task.close()
-
-
-# --------------------------------------------------------------------------- RLBench adapter (fake API)
-
-
-class _PlanningError(Exception):
-    pass
-
-
-def _install_fake_rlbench(monkeypatch):
-    """A minimal stand-in of the RLBench 1.2 / PyRep modules the adapter imports."""
-    calls = {"actions": [], "variation": None, "env_kwargs": None}
-
-    class InvalidActionError(Exception):
-        pass
-
-    class IKError(Exception):
-        pass
-
-    class ConfigurationPathError(Exception):
-        pass
-
-    class FakeObs:
-        def __init__(self, i):
-            self.front_rgb = np.full((8, 8, 3), i, np.uint8)
-            self.front_point_cloud = np.zeros((8, 8, 3), np.float32)
-            self.gripper_pose = np.array([0.1, 0.0, 0.8, 0, 0, 0, 1.0])
-            self.gripper_open = 1.0
-            self.gripper_joint_positions = np.zeros(2)
-            self.joint_velocities = np.zeros(7)
-            self.misc = {"front_camera_extrinsics": np.eye(4), "front_camera_intrinsics": np.eye(3)}
-
-    class FakeTask:
-        def set_variation(self, v):
-            calls["variation"] = v
-
-        def reset(self):
-            return ["push the button"], FakeObs(0)
-
-        def step(self, action):
-            calls["actions"].append(np.array(action))
-            if action[2] > 1.5:
-                raise IKError("no IK solution")
-            if action[2] < 0.0:
-                raise ConfigurationPathError("no path")
-            if action[2] > 1.4:
-                raise InvalidActionError("bad pose")
-            return FakeObs(len(calls["actions"])), float(action[0] > 0.5), action[0] > 0.5
-
-        def get_demos(self, n, live_demos=True):
-            return [[FakeObs(0), FakeObs(1)] for _ in range(n)]
-
-    class Environment:
-        def __init__(self, action_mode, obs_config, headless):
-            calls["env_kwargs"] = dict(action_mode=action_mode, obs_config=obs_config, headless=headless)
-
-        def launch(self):
-            pass
-
-        def get_task(self, cls):
-            calls["task_class"] = cls.__name__
-            return FakeTask()
-
-        def shutdown(self):
-            pass
-
-    class CameraConfig:
-        def __init__(self, **kw):
-            self.__dict__.update(kw)
-
-    class ObservationConfig:
-        def set_all(self, value):
-            self.all = value
-
-    def module(name, **attrs):
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, name, m)
-        if "." in name:  # as the import system does: the parent package holds the submodule
-            parent, child = name.rsplit(".", 1)
-            setattr(sys.modules[parent], child, m)
-        return m
-
-    class PushButton:
-        pass
-
-    module("rlbench")
-    module("rlbench.tasks", PushButton=PushButton)
-    module("rlbench.environment", Environment=Environment)
-    module("rlbench.action_modes")
-    module("rlbench.action_modes.action_mode", MoveArmThenGripper=lambda arm, gripper: ("MoveArmThenGripper", arm, gripper))
-    module("rlbench.action_modes.arm_action_modes", EndEffectorPoseViaPlanning=lambda: "EndEffectorPoseViaPlanning")
-    module("rlbench.action_modes.gripper_action_modes", Discrete=lambda: "Discrete")
-    module("rlbench.backend")
-    module("rlbench.backend.exceptions", InvalidActionError=InvalidActionError)
-    module("rlbench.observation_config", ObservationConfig=ObservationConfig, CameraConfig=CameraConfig)
-    module("pyrep")
-    module("pyrep.errors", IKError=IKError, ConfigurationPathError=ConfigurationPathError)
-    return calls
-
-
-def test_rlbench_adapter_against_fake_api(monkeypatch):
-    calls = _install_fake_rlbench(monkeypatch)
-    task = c2f.make_task("rlbench", "push_button", image_size=8)
-    assert calls["task_class"] == "PushButton" and calls["variation"] == 0
-    kw = calls["env_kwargs"]
-    assert kw["action_mode"] == ("MoveArmThenGripper", "EndEffectorPoseViaPlanning", "Discrete") and kw["headless"]
-    cam = kw["obs_config"].front_camera
-    assert cam.rgb and cam.point_cloud and cam.image_size == (8, 8)
-    assert kw["obs_config"].gripper_pose and kw["obs_config"].joint_velocities
-    descriptions, obs = task.reset()
-    assert descriptions == ["push the button"]
-    # the agent's action: 8-D, unit quaternion xyzw, gripper as 0/1
-    agent = c2f.make_agent(c2f.Args(backend="rlbench", unet_width=2))
-    action = agent.decode_action(agent.encode_pose(np.array([0.1, 0.0, 0.8, 0, 0, np.sin(0.3), np.cos(0.3)]), 1.0))
-    obs, reward, terminate = task.step(action * np.array([1, 1, 1, 2, 2, 2, 2, 0.7]))  # unnormalised quaternion
-    sent = calls["actions"][-1]
-    assert sent.shape == (8,) and abs(np.linalg.norm(sent[3:7]) - 1) < 1e-12 and sent[7] == 1.0
-    np.testing.assert_allclose(sent[3:7], action[3:7], atol=1e-12)
-    assert (reward, terminate) == (0.0, False) and obs.front_rgb[0, 0, 0] == 1
-    # planning failures end the episode as a failure, the run goes on
-    for z, error in [(1.6, "IKError"), (-0.5, "ConfigurationPathError"), (1.45, "InvalidActionError")]:
-        obs, reward, terminate = task.step(np.array([0.1, 0.0, z, 0, 0, 0, 1, 0]))
-        assert (reward, terminate) == (0.0, True) and task.last_failure.startswith(error)
-        assert obs.front_rgb[0, 0, 0] == 1  # the last good observation
-    obs, reward, terminate = task.step(np.array([0.6, 0.0, 0.8, 0, 0, 0, 1, 0.2]))
-    assert (reward, terminate) == (1.0, True) and calls["actions"][-1][7] == 0.0
-    demos = task.get_demos(2)
-    assert len(demos) == 2 and len(demos[0]) == 2
-    task.close()
-
-
-def test_rlbench_missing_is_one_line_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "rlbench", None)  # import fails
-    with pytest.raises(c2f.TaskError, match="--backend metaworld"):
-        c2f.make_task("rlbench", "push_button")
-
-
-def test_unknown_tasks():
-    with pytest.raises(c2f.TaskError, match="unknown metaworld task 'pick_up_cup'"):
-        c2f.default_tasks("metaworld", ["pick_up_cup"], None)
-    assert c2f.default_tasks("rlbench", [], "push_button") == [t for t in c2f.RLBENCH_TASKS if t != "push_button"]
-    assert len(c2f.default_tasks("rlbench", [], "push_button")) == 10
-    assert c2f.default_tasks("metaworld", [], None) == list(c2f.METAWORLD_TRAIN_TASKS)
 
 
 # --------------------------------------------------------------------------- meta-learning pieces
@@ -414,7 +215,7 @@ def test_metaworld_demo_replays_through_action_interface():
     try:
         (demo,) = task.get_demos(1, frames=lambda d: [0, len(d) - 1])
         assert demo[0].front_rgb is not None and demo[1].front_rgb is None  # only requested frames rendered
-        assert c2f.discover_keypoints(demo) == [len(demo) - 1]
+        assert rlb.discover_keypoints(demo) == [len(demo) - 1]
         agent = c2f.make_agent(c2f.Args(unet_width=2))
         pose = np.concatenate([demo[-1].gripper_pose, [demo[-1].gripper_open]])
         for action in (pose, agent.decode_action(agent.encode_pose(pose[:7], pose[7]))):
@@ -435,9 +236,9 @@ def test_multitask_batch_has_an_equal_share_per_task():
             i = buffer.add_observation(obs, 0, 10)
             buffer.add(i, np.zeros(6, np.int64), float(task_id), False, i)
     learner = c2f.C2FARMLearner(agent, buffers, args, torch.device("cpu"))
-    batch, meta = learner.sample([0, 1], 3)
-    assert batch["reward"].tolist() == [0, 0, 0, 1, 1, 1]
-    assert [t for t, _, _ in meta] == [0, 1] and batch["weight"].shape == (6,)
+    batch, shares = learner.sample([0, 1], 3)
+    assert batch.reward.tolist() == [0, 0, 0, 1, 1, 1]
+    assert [t for t, _ in shares] == [0, 1] and batch.weight.shape == (6,)
     logs = learner.update(0)  # batch_size 6 over two tasks: 3 from each
     assert np.isfinite(logs["losses/td_loss"])
 
@@ -454,3 +255,35 @@ def test_settings_that_cannot_run_are_refused(module, change, message):
         module.check_args(dataclasses.replace(module.Args(), **change))
     assert str(error.value) == message
     module.check_args(module.Args())  # the defaults pass
+
+
+# --------------------------------------------------------------------------- the three scripts
+
+
+SHARED = ("discretize_rotation", "undiscretize_rotation", "point_to_voxel", "voxel_to_point", "zoom_bounds",
+          "voxelize", "lowdim_state", "UNet3D", "C2FARM", "make_agent", "Batch", "ReplayBuffer", "demo_chains",
+          "demo_frames", "add_demos", "collect_demos", "to_tensors", "obs_tensors", "C2FARMLearner", "evaluate",
+          "train", "save_checkpoint", "setup", "make_writer")
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_pieces_are_identical(name):
+    """One file per algorithm (CleanRL): the C2F-ARM code repeated in the three scripts stays identical."""
+    import inspect
+
+    sources = [inspect.getsource(getattr(m, name)) for m in (c2f, reptile, pearl)]
+    assert sources[0] == sources[1] == sources[2], f"{name} differs between the C2F-ARM scripts"
+
+
+@pytest.mark.parametrize("module", [c2f, reptile, pearl])
+def test_every_args_field_has_a_docstring(module):
+    """tyro shows a field's docstring as its --help text: every flag must have one."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(module.Args)).body[0].body
+    documented = {node.target.id for node, after in zip(body, body[1:] + [None])
+                  if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                  and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+    missing = [f.name for f in dataclasses.fields(module.Args) if f.name not in documented]
+    assert not missing, f"{module.__name__}.Args fields without a docstring: {missing}"
