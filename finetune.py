@@ -208,8 +208,9 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
 
 def is_rlbench_task(task: str) -> bool:
     """The paper's eleven RLBench tasks and the Meta-World stand-in's ML10 tasks."""
-    c2f = importlib.import_module(BASE_MODULES["rlbench"])
-    return task in c2f.RLBENCH_TASKS + c2f.METAWORLD_TRAIN_TASKS + c2f.METAWORLD_TEST_TASKS
+    from envs.rlbench import BACKEND_TASKS
+
+    return any(task in tasks for tasks in BACKEND_TASKS.values())
 
 
 def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
@@ -222,10 +223,9 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     # Paper: fine-tune the whole agent with batch 60 from the new task; 2 demos unless --demos says otherwise.
     args = script_args(module, ckpt, overrides, train_tasks=[opts.task], held_out_task=None, batch_size=60, demos=2,
                        total_timesteps=10_000, output_dir=run.output_dir)
-    if args.backend not in c2f.SCENE_BOUNDS:
+    if args.backend not in c2f.BACKEND_TASKS:
         raise FinetuneError(f"unknown backend '{args.backend}': expected metaworld or rlbench")
-    backend_tasks = c2f.RLBENCH_TASKS if args.backend == "rlbench" else c2f.METAWORLD_TRAIN_TASKS + c2f.METAWORLD_TEST_TASKS
-    if opts.task not in backend_tasks:
+    if opts.task not in c2f.BACKEND_TASKS[args.backend]:
         raise FinetuneError(f"task '{opts.task}' is not a task of the {args.backend} backend"
                             + (f" this checkpoint was trained on" if ckpt else ""))
     if ckpt is not None and opts.task in ckpt["train_tasks"]:
