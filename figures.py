@@ -22,6 +22,12 @@ and `runs/<run_id>/eval.csv` (`env_step,<metric>,episodes`, first row at step 0)
    bootstrap confidence intervals, the probability that MT fine-tuning improves on each other method,
    and performance profiles. Atari scores are human-normalised for aggregation.
 5. Write the figures, summary.csv and summary.md into --out; print the paths, the main figure last.
+
+Outputs (each figure in every --format): fig4 (Procgen) / fig6 (RLBench) / fig8_<training set> (Atari),
+aggregates_<benchmark> (median, IQM, mean, P(MT > X)), profiles_<benchmark> (performance profiles),
+summary.csv (benchmark, train_set, method, score, n_runs, mean, stderr, iqm, iqm_low, iqm_high, median)
+and summary.md (the same as tables, P(MT > X), and the missing runs). --reps bootstrap resamples
+(default 2000), seeded by --seed: the same study gives the same intervals.
 """
 
 import argparse
@@ -353,8 +359,8 @@ def aggregate(runs: list[dict], reps: int, seed: int) -> tuple[list[dict], list[
     for r in runs:
         scaled = aggregate_scale(r["benchmark"], r["task"], r["values"])
         if scaled is None:
-            notes.append(f"{r['run_id']}: no random/human reference for Atari game '{r['task']}'; "
-                         "left out of the aggregates")
+            note = f"no random/human reference scores for Atari game '{r['task']}': its runs are left out of the aggregates"
+            notes += [note] if note not in notes else []
             continue
         for score, value in run_scores(r["steps"], scaled).items():
             if not math.isnan(value):
@@ -486,7 +492,9 @@ def legend_of(axes, benchmark: str) -> list:
 def seeds_note(runs: list[dict]) -> str:
     n = sorted({len({r["seed"] for r in runs if r["method"] == m}) for m in {r["method"] for r in runs}})
     seeds = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
-    return f"Mean over {seeds} seed{'s' if n[-1] > 1 else ''}, shaded ± one standard error."
+    if n[-1] == 1:
+        return "One seed: no standard error to shade."
+    return f"Mean over {seeds} seeds, shaded ± one standard error" + (" (none with one seed)." if n[0] == 1 else ".")
 
 
 def figure_curves(benchmark: str, runs: list[dict], out: str, formats) -> list[str]:
@@ -586,9 +594,11 @@ def figure_aggregates(benchmark: str, summary: list[dict], poi: list[dict], out:
             _intervals(ax, y, p["low"], p["high"], p["p"], COLORS.get(p["other"], "#999999"))
         ax.set_yticks(range(len(mine)), [f"vs {method_name(benchmark, p['other'])} · {p['train_set']}" for p in mine])
         ax.yaxis.tick_right()
+        ax.tick_params(axis="y", length=0, pad=10)
+        ax.spines["right"].set_visible(True)  # P = 1 sits on this line, apart from the labels
         ax.set_ylim(max(len(mine), 1) - 0.5, -0.5)
         ax.axvline(0.5, color="gray", ls="--", lw=1)
-        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlim(-0.05, 1.05)
         ax.set_title(f"P(MT > X), {score} score" if mine else "P(MT > X): no MT runs to compare")
         ax.set_xlabel("probability of improvement")
         ax.grid(axis="x", alpha=0.3)

@@ -271,3 +271,13 @@ def test_rlbench_leave_one_out_sets_pool_into_one_group(tmp_path, name):
     assert final[(label, "mt")]["n_runs"] == 6 and final[(label, "mt")]["mean"] == pytest.approx(0.75)
     assert [(p["train_set"], p["other"], p["score"], p["p"], p["tasks"]) for p in poi if p["score"] == "final"] == [
         (label, "scratch", "final", 1.0, 3)]
+
+
+def test_a_study_with_nothing_finished_writes_the_missing_list(tmp_path, capsys):
+    runs = [dict(method="mt", train_set="100", task="10000", seed=s, status="pending") for s in (0, 1)]
+    study = make_study(tmp_path / "s", runs)
+    assert figures.main(["--study-dir", str(study), "--reps", str(REPS)]) is None
+    assert "nothing to draw" in capsys.readouterr().out
+    md = (study / "figures" / "summary.md").read_text()
+    assert md.count(": pending") == 2
+    assert (study / "figures" / "summary.csv").read_text().strip() == ",".join(SUMMARY_COLUMNS)
