@@ -107,8 +107,9 @@ def train_label(benchmark: str, train_set: str) -> str:
     if not train_set:
         return ""
     one, many = UNIT.get(benchmark, ("task", "tasks"))
-    if train_set.isdigit():
-        n = int(train_set)
+    counted = re.fullmatch(r"(\d+)[-_ ]?[A-Za-z]*", train_set)  # '100', '5games', '10-games'
+    if counted:
+        n = int(counted.group(1))
     else:
         items = [s for s in re.split(r"[,;+| ]+", train_set) if s]
         if len(items) == 1 and benchmark != "atari":
@@ -169,7 +170,8 @@ def merge_one_task_sets(runs: list[dict]) -> list[dict]:
         tasks_of = defaultdict(set)
         for r in mine:
             tasks_of[r["train"]].add(r["task"])
-        if bench != "atari" and len(tasks_of) > 1 and all(len(t) == 1 for t in tasks_of.values()):
+        one_each = all(len(t) == 1 for t in tasks_of.values())
+        if bench != "atari" and len(tasks_of) > 1 and one_each and len(set.union(*tasks_of.values())) == len(tasks_of):
             for r in mine:
                 r["train"] = "leave-one-out"
     return runs
@@ -359,7 +361,7 @@ def aggregate(runs: list[dict], reps: int, seed: int) -> tuple[list[dict], list[
     for r in runs:
         scaled = aggregate_scale(r["benchmark"], r["task"], r["values"])
         if scaled is None:
-            note = f"no random/human reference scores for Atari game '{r['task']}': its runs are left out of the aggregates"
+            note = f"no random/human scores for Atari game '{r['task']}': its runs are left out of the aggregates"
             notes += [note] if note not in notes else []
             continue
         for score, value in run_scores(r["steps"], scaled).items():

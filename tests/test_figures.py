@@ -281,3 +281,14 @@ def test_a_study_with_nothing_finished_writes_the_missing_list(tmp_path, capsys)
     md = (study / "figures" / "summary.md").read_text()
     assert md.count(": pending") == 2
     assert (study / "figures" / "summary.csv").read_text().strip() == ",".join(SUMMARY_COLUMNS)
+
+
+def test_training_set_labels():
+    assert figures.train_label("procgen", "100") == "100 levels"
+    assert figures.train_label("atari", "1") == "1 game"
+    assert figures.train_label("atari", "Breakout") == "1 game"  # the paired source game
+    assert figures.train_label("atari", "5games") == "5 games"
+    assert figures.train_label("atari", "Breakout,DemonAttack,Robotank,BankHeist,Solaris") == "5 games"
+    assert figures.train_label("rlbench", "ml10") == "ml10"
+    assert figures.train_label("rlbench", "reach_target,push_button") == "2 tasks"
+    assert figures.train_label("procgen", "") == ""
