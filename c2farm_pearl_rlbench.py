@@ -5,7 +5,7 @@
 
 Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
 Learning" (NeurIPS 2022), Sec. 5.2 (RLBench); PEARL: Rakelly et al. 2019. A context encoder
-(a small conv net on the front RGB, plus the action and reward) maps each transition of a
+(a small conv net on the front RGB, plus the encoded action and the reward) maps each transition of a
 task to a Gaussian over a latent z (size 16); the Gaussians combine by a product of Gaussians
 into the task posterior, regularised by KL(q || N(0, I)) with weight 1. z is tiled into the
 depth-0 Q-attention network. Each task's context is 3 transitions drawn from the latest 10
@@ -28,7 +28,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -100,16 +100,27 @@ class Args:
     """degrees per rotation bin (C2F-ARM: 5, i.e. 72 bins per Euler axis)"""
     demo_augmentation_every: int = 10
     """every n-th demo frame starts a chain to the next keypoints (C2F-ARM: 10)"""
-    unet_width: int = 16
-    """CPU sizing: channels of the first 3D U-Net level (doubled per level)"""
+    unet_width: int = 64
+    """CPU sizing flag: kernels of the Q-attention 3D U-Net's first level, doubled per level (ARM: 64;
+    a multiple of 4, e.g. 16 for small CPU runs)"""
     learning_starts: int = 0
     """env steps before updates begin (the demo transitions are there from the start)"""
     updates_per_step: int = 1
     """learner updates per env step"""
+    exploration: Literal["greedy", "gaussian", "epsilon"] = "greedy"
+    """training episodes act `greedy` (ARM: QAttentionAgent.act forces deterministic), with `gaussian` noise
+    (ARM's optional strategy: voxel and rotation indices + round(N(0, 1)), gripper flipped at random
+    20% of the time) or `epsilon`-greedy per head"""
     epsilon: float = 0.1
-    """exploration: chance that each action head (voxel per depth, rotations, gripper) acts at random"""
-    grad_clip: float = 10.0
-    """gradient clipping (global norm)"""
+    """with --exploration epsilon: chance that each head (voxel per depth, rotations, gripper) acts at random"""
+    lambda_trans_qreg: float = 1.0
+    """weight of the L1 regulariser pulling every voxel's Q-value towards 0 (ARM C2FARM.yaml: 1.0)"""
+    lambda_rot_qreg: float = 1.0
+    """weight of the L1 regulariser on the rotation and gripper Q-values (ARM C2FARM.yaml: 1.0)"""
+    weight_decay: float = 1e-6
+    """Adam weight decay (ARM C2FARM.yaml lambda_weight_l2: 1e-6)"""
+    grad_clip_value: float = 0.01
+    """clip every gradient element to [-v, v] (ARM c2farm/launch_utils.py: grad_clip=0.01, clip_grad_value_)"""
 
     # logging / evaluation
     eval_episodes: int = 5
@@ -202,42 +213,102 @@ def lowdim_state(obs, t: int, episode_length: int) -> np.ndarray:
 LOWDIM_SIZE = 11
 
 
-class UNet3D(nn.Module):
-    """Q-attention for one depth: a small 3D U-Net over the voxel grid (three levels with skip
-    connections). The proprioception (and PEARL's latent) is tiled into the bottleneck. Outputs
-    one Q-value per voxel and, at the last depth, Q-values for rotation bins and the gripper."""
+def conv3d(c_in: int, c_out: int, kernel: int = 3, activation: bool = True) -> nn.Module:
+    """ARM's Conv3DBlock: replicate padding; Kaiming init for LeakyReLU(0.02), Xavier for a linear output."""
+    conv = nn.Conv3d(c_in, c_out, kernel, padding=kernel // 2, padding_mode="replicate")
+    return _init(conv, activation)
 
-    def __init__(self, in_channels: int = 10, width: int = 16, lowdim: int = LOWDIM_SIZE, latent: int = 0,
+
+def dense(f_in: int, f_out: int, activation: bool = True) -> nn.Module:
+    """ARM's DenseBlock: Linear, LeakyReLU(0.02) unless it is an output."""
+    return _init(nn.Linear(f_in, f_out), activation)
+
+
+def _init(layer: nn.Module, activation: bool) -> nn.Module:
+    if activation:
+        nn.init.kaiming_uniform_(layer.weight, a=0.02, nonlinearity="leaky_relu")
+    else:
+        nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return nn.Sequential(layer, nn.LeakyReLU(0.02)) if activation else layer
+
+
+class Inception3D(nn.Module):
+    """ARM's 3D inception block: 1x1 (half the output channels) | 1x1 -> 3x3 (a quarter) |
+    1x1 -> 3x3 -> 3x3 (a quarter, a 5x5 receptive field), concatenated."""
+
+    def __init__(self, c_in: int, c_out: int, inner: int):
+        super().__init__()
+        self.one = conv3d(c_in, c_out // 2, 1)
+        self.three = nn.Sequential(conv3d(c_in, inner, 1), conv3d(inner, c_out // 4))
+        self.five = nn.Sequential(conv3d(c_in, inner, 1), conv3d(inner, inner), conv3d(inner, c_out // 4))
+
+    def forward(self, x):
+        return torch.cat([self.one(x), self.three(x), self.five(x)], 1)
+
+
+def spatial_softmax(x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, 3C): per channel, the expected voxel position (each axis in [-1, 1])
+    under softmax(x / temperature) over the voxels (ARM's SpatialSoftmax3D, temperature 0.01)."""
+    attention = F.softmax(x.flatten(2) / temperature, -1)  # (B, C, DHW)
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device) for n in x.shape[2:]]
+    positions = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)  # (DHW, 3)
+    return (attention @ positions).flatten(1)
+
+
+class QAttentionNet(nn.Module):
+    """Q-attention for one depth, ARM's Qattention3DNet (networks.py) for 16^3 voxels: inception
+    blocks down 16 -> 8 -> 4 and back up with skip connections, LeakyReLU(0.02), no normalisation.
+    The proprioception (and PEARL's latent) goes through a dense layer and is tiled over the grid.
+    Outputs one Q-value per voxel and, at the last depth, a dense head over spatial-softmax and
+    max-pooled features of four levels: Q-values for the rotation bins and the gripper.
+    `width` (ARM: 64 kernels) is a CPU sizing knob; the inner width of the inception blocks is half."""
+
+    def __init__(self, in_channels: int = 10, width: int = 64, lowdim: int = LOWDIM_SIZE, latent: int = 0,
                  rot_grip_outputs: int = 0):
         super().__init__()
-        w = width
-        act = nn.LeakyReLU(0.02)
-        self.inc = nn.Sequential(nn.Conv3d(in_channels, w, 3, padding=1), act, nn.Conv3d(w, w, 3, padding=1), act)
-        self.down1 = nn.Sequential(nn.Conv3d(w, 2 * w, 3, stride=2, padding=1), act)  # 16 -> 8
-        self.down2 = nn.Sequential(nn.Conv3d(2 * w, 4 * w, 3, stride=2, padding=1), act)  # 8 -> 4
-        self.lowdim = nn.Sequential(nn.Linear(lowdim, w), act)
-        self.bottleneck = nn.Sequential(nn.Conv3d(4 * w + w + latent, 4 * w, 3, padding=1), act)
-        self.up2 = nn.Sequential(nn.Conv3d(4 * w + 2 * w, 2 * w, 3, padding=1), act)
-        self.up1 = nn.Sequential(nn.Conv3d(2 * w + w, w, 3, padding=1), act)
-        self.q_trans = nn.Conv3d(w, 1, 1)
-        self.rot_grip = (nn.Sequential(nn.Linear(4 * w + 2 * w + w, 256), act, nn.Linear(256, rot_grip_outputs))
-                         if rot_grip_outputs else None)
+        k, inner = width, max(4, width // 2)  # ARM: 64 kernels, inception inner width 32
+        self.preprocess = Inception3D(in_channels, k, inner)
+        self.proprio = dense(lowdim + latent, k)
+        self.down0 = Inception3D(2 * k, k, inner)  # 16^3
+        self.down1 = Inception3D(k, 2 * k, inner)  # 8^3
+        self.down2 = Inception3D(2 * k, 4 * k, inner)  # 4^3
+        self.pool = nn.MaxPool3d(3, stride=2, padding=1)
+        self.up2 = nn.ModuleList([Inception3D(4 * k, k, inner), Inception3D(k, k, inner)])  # 4 -> 8
+        self.up1 = nn.ModuleList([Inception3D(3 * k, k, inner), Inception3D(k, k, inner)])  # 8 -> 16
+        self.final = conv3d(2 * k, k)
+        self.q_trans = conv3d(k, 1, activation=False)
+        self.rot_grip = (nn.Sequential(dense(32 * k, 128), dense(128, 128), dense(128, rot_grip_outputs, False))
+                         if rot_grip_outputs else None)  # ARM: dense_feats 128
+
+    @staticmethod
+    def up(blocks, x, skip):
+        """Inception, trilinear upsampling to the skip connection's size, inception."""
+        x = F.interpolate(blocks[0](x), size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return blocks[1](x)
 
     def forward(self, grid, lowdim, latent=None):
-        x0 = self.inc(grid)
-        x1 = self.down1(x0)
-        x2 = self.down2(x1)
-        tiles = [self.lowdim(lowdim)] + ([latent] if latent is not None else [])
-        tiled = torch.cat(tiles, 1)[:, :, None, None, None].expand(-1, -1, *x2.shape[2:])
-        x2 = self.bottleneck(torch.cat([x2, tiled], 1))
-        u1 = self.up2(torch.cat([F.interpolate(x2, size=x1.shape[2:], mode="trilinear", align_corners=False), x1], 1))
-        u0 = self.up1(torch.cat([F.interpolate(u1, size=x0.shape[2:], mode="trilinear", align_corners=False), x0], 1))
-        q = self.q_trans(u0).flatten(1)  # (B, V^3)
+        x = self.preprocess(grid)
+        p = self.proprio(lowdim if latent is None else torch.cat([lowdim, latent], 1))
+        d0 = self.down0(torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], 1))
+        d1 = self.down1(self.pool(d0))
+        d2 = self.down2(self.pool(d1))
+        u1 = self.up(self.up1, torch.cat([d1, self.up(self.up2, d2, d1)], 1), d0)
+        f1 = self.final(torch.cat([d0, u1], 1))
+        q = self.q_trans(f1).flatten(1)  # (B, V^3)
         rot_grip = None
         if self.rot_grip is not None:
-            pooled = torch.cat([x2.amax((2, 3, 4)), u1.amax((2, 3, 4)), u0.amax((2, 3, 4))], 1)
-            rot_grip = self.rot_grip(pooled)
+            features = [torch.cat([spatial_softmax(h), h.amax((2, 3, 4))], 1) for h in (d0, d1, d2, f1)]
+            rot_grip = self.rot_grip(torch.cat(features, 1))  # 4k + 8k + 16k + 4k = 32k features
         return q, rot_grip
+
+    def reset_heads(self):
+        """Re-initialise the Q outputs (finetune.py --load-encoder-only)."""
+        _init(self.q_trans, activation=False)
+        if self.rot_grip is not None:
+            for block in self.rot_grip[:-1]:
+                _init(block[0], activation=True)
+            _init(self.rot_grip[-1], activation=False)
 
 
 class C2FARM(nn.Module):
@@ -245,14 +316,14 @@ class C2FARM(nn.Module):
     voxel in a cube of +-zoom around the centre of depth d's choice; the last depth also picks
     the rotation (one of 72 bins per Euler axis) and the gripper state."""
 
-    def __init__(self, scene_bounds, zoom_half_width: float, voxels: int = 16, depths: int = 2, width: int = 16,
+    def __init__(self, scene_bounds, zoom_half_width: float, voxels: int = 16, depths: int = 2, width: int = 64,
                  rotation_resolution: float = 5.0, latent: int = 0):
         super().__init__()
         self.voxels, self.depths, self.zoom, self.resolution = voxels, depths, zoom_half_width, rotation_resolution
         self.rot_bins = int(round(360 / rotation_resolution))
         self.register_buffer("scene_bounds", torch.tensor(scene_bounds, dtype=torch.float32))
         self.qnets = nn.ModuleList(
-            UNet3D(10, width, LOWDIM_SIZE, latent if d == 0 else 0,  # PEARL's z goes into depth 0
+            QAttentionNet(10, width, LOWDIM_SIZE, latent if d == 0 else 0,  # PEARL's z goes into depth 0
                    3 * self.rot_bins + 2 if d == depths - 1 else 0)
             for d in range(depths))
 
@@ -261,31 +332,22 @@ class C2FARM(nn.Module):
         ijk = torch.stack([flat_index // (v * v), (flat_index // v) % v, flat_index % v], -1).float()
         return bounds[:, :3] + (ijk + 0.5) * (bounds[:, 3:] - bounds[:, :3]) / v
 
-    def forward(self, points, colors, lowdim, voxel_choice=None, latent=None, target: "C2FARM | None" = None):
-        """Q-values for every head. `voxel_choice` (B, depths) fixes the voxel whose centre each
-        deeper depth zooms around (the stored action); otherwise the greedy choice is used.
-        With `target`, the target network is evaluated on the same voxel grids (double Q).
-        Returns (per-depth voxel Q list (B, V^3), rot/grip Q (B, 3*bins+2), chosen voxels
-        (B, depths), and the same two Q outputs of `target` or None)."""
-        b = points.shape[0]
-        bounds = self.scene_bounds.expand(b, 6)
-        q_voxels, chosen, t_voxels = [], [], []
-        rot_grip = t_rot_grip = None
+    def zoom_in(self, bounds: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+        """The next depth's bounds (B, 6): a cube of +-zoom around the centre of the chosen voxel."""
+        center = self.index_to_center(flat_index, bounds)
+        return torch.cat([center - self.zoom, center + self.zoom], 1)
+
+    def forward(self, points, colors, lowdim, latent=None, choose: Callable | None = None):
+        """Act through the depths: each depth's Q-attention picks a voxel (`choose(q, depth)`,
+        default argmax) and the next depth zooms around it. Returns the chosen voxels
+        (B, depths) and the last depth's rotation/gripper Q-values (B, 3 * bins + 2)."""
+        bounds = self.scene_bounds.expand(points.shape[0], 6)
+        chosen = []
         for d, net in enumerate(self.qnets):
-            grid = voxelize(points, colors, bounds, self.voxels)
-            z = latent if d == 0 else None
-            q, rg = net(grid, lowdim, z)
-            q_voxels.append(q)
-            if target is not None:
-                tq, trg = target.qnets[d](grid, lowdim, z)
-                t_voxels.append(tq)
-                t_rot_grip = trg if trg is not None else t_rot_grip
-            choice = voxel_choice[:, d] if voxel_choice is not None else q.argmax(1)
-            chosen.append(choice)
-            rot_grip = rg if rg is not None else rot_grip
-            center = self.index_to_center(choice, bounds)
-            bounds = torch.cat([center - self.zoom, center + self.zoom], 1)
-        return q_voxels, rot_grip, torch.stack(chosen, 1), (t_voxels, t_rot_grip) if target is not None else None
+            q, rot_grip = net(voxelize(points, colors, bounds, self.voxels), lowdim, latent if d == 0 else None)
+            chosen.append(q.argmax(1) if choose is None else choose(q, d))
+            bounds = self.zoom_in(bounds, chosen[-1])
+        return torch.stack(chosen, 1), rot_grip
 
     def action_sizes(self) -> list[int]:
         """Number of choices of each head of a discrete action."""
@@ -294,11 +356,6 @@ class C2FARM(nn.Module):
     def split_rot_grip(self, rot_grip):
         n = self.rot_bins
         return [rot_grip[:, i * n:(i + 1) * n] for i in range(3)] + [rot_grip[:, 3 * n:]]
-
-    def greedy(self, points, colors, lowdim, latent=None) -> torch.Tensor:
-        """Greedy discrete action (B, depths + 4)."""
-        _, rot_grip, chosen, _ = self(points, colors, lowdim, latent=latent)
-        return torch.cat([chosen, self.greedy_rot_grip(rot_grip)], 1)
 
     def greedy_rot_grip(self, rot_grip) -> torch.Tensor:
         return torch.stack([h.argmax(1) for h in self.split_rot_grip(rot_grip)], 1)
@@ -347,6 +404,7 @@ class Batch(NamedTuple):
     next_rgb: np.ndarray
     next_pcd: np.ndarray
     next_lowdim: np.ndarray
+    next_attention: np.ndarray  # (B, depths) voxels chosen when acting from the next observation, -1 if none
     weight: np.ndarray  # (B,) importance-sampling weights of prioritized replay
 
 
@@ -361,6 +419,7 @@ class ReplayBuffer:
         self.rgb = np.empty((obs_capacity, image_size, image_size, 3), np.uint8)
         self.pcd = np.empty((obs_capacity, image_size, image_size, 3), np.float16)
         self.lowdim = np.empty((obs_capacity, LOWDIM_SIZE), np.float32)
+        self.attention = np.full((obs_capacity, action_size - 4), -1, np.int64)  # voxels chosen from each observation
         self.obs_index = np.zeros((capacity, 2), np.int64)  # (obs, next obs)
         self.action = np.zeros((capacity, action_size), np.int64)
         self.reward = np.zeros(capacity, np.float32)
@@ -373,6 +432,7 @@ class ReplayBuffer:
         i = self.obs_pos
         self.rgb[i], self.pcd[i] = obs.front_rgb, obs.front_point_cloud
         self.lowdim[i] = lowdim_state(obs, t, episode_length)
+        self.attention[i] = -1  # no action taken from it yet
         self.obs_pos = (self.obs_pos + 1) % len(self.rgb)
         return i
 
@@ -380,6 +440,7 @@ class ReplayBuffer:
         i = self.pos
         self.obs_index[i] = (obs_i, next_i)
         self.action[i], self.reward[i], self.done[i] = action, reward, float(done)
+        self.attention[obs_i] = action[:self.attention.shape[1]]  # ARM stores the attention coordinates with the observation
         self.priority[i] = self.priority[: self.size].max() if self.size else 1.0  # new data: max priority
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
         self.recent = (self.recent + [i])[-100:]
@@ -394,7 +455,7 @@ class ReplayBuffer:
     def batch(self, idx, weight: np.ndarray | None = None) -> Batch:
         o, n = self.obs_index[idx, 0], self.obs_index[idx, 1]
         return Batch(self.rgb[o], self.pcd[o], self.lowdim[o], self.action[idx], self.reward[idx], self.done[idx],
-                     self.rgb[n], self.pcd[n], self.lowdim[n],
+                     self.rgb[n], self.pcd[n], self.lowdim[n], self.attention[n],
                      np.ones(len(idx), np.float32) if weight is None else weight)
 
     def update_priorities(self, idx, td: np.ndarray) -> None:
@@ -410,19 +471,20 @@ def demo_chains(keypoints: list[int], every: int = 10) -> list[list[int]]:
     return [[start] + [k for k in keypoints if k > start] for start in range(0, keypoints[-1], every)]
 
 
-def demo_frames(demo, every: int = 10) -> list[int]:
+def demo_frames(demo, every: int = 10, backend: str = "metaworld") -> list[int]:
     """The frames the demo pipeline reads images from (so a backend may render only these)."""
-    keypoints = discover_keypoints(demo)
+    keypoints = discover_keypoints(demo, backend)
     return sorted({i for chain in demo_chains(keypoints, every) for i in chain})
 
 
 def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args) -> int:
-    """Keypoint discovery + demo augmentation into a replay buffer; returns transitions added.
+    """Keypoint discovery (the backend's rule, envs/rlbench.py) + demo augmentation into a replay
+    buffer; returns the transitions added.
     Each chain is an episode: (frame -> keypoint) transitions whose action is the keypoint's
     gripper pose and open state, reward 1 and done at the last keypoint (demos succeed)."""
     added = 0
     for demo in demos:
-        for chain in demo_chains(discover_keypoints(demo), args.demo_augmentation_every):
+        for chain in demo_chains(discover_keypoints(demo, args.backend), args.demo_augmentation_every):
             prev = buffer.add_observation(demo[chain[0]], 0, args.episode_length)
             for t, k in enumerate(chain[1:], start=1):
                 nxt = buffer.add_observation(demo[k], min(t, args.episode_length), args.episode_length)
@@ -436,7 +498,7 @@ def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args) -> int:
 def collect_demos(task, args: Args):
     """Demos from the backend; the Meta-World stand-in renders only the frames we read."""
     return task.get_demos(args.demos, live_demos=True,
-                          frames=lambda demo: demo_frames(demo, args.demo_augmentation_every))
+                          frames=lambda demo: demo_frames(demo, args.demo_augmentation_every, args.backend))
 
 
 # --------------------------------------------------------------------------- ALGO LOGIC: the learner
@@ -459,13 +521,15 @@ def obs_tensors(obs, t: int, args: Args, device):
 
 
 class C2FARMLearner:
-    """The C2F-ARM update: double Q-learning for every head (voxel per depth, three rotation
-    axes, gripper) with soft target updates and prioritized replay over per-task buffers."""
+    """The C2F-ARM update (stepjam/ARM qattention_agent.py): per depth, a double-Q target from the
+    target network at the next state (zoomed where the agent zoomed from it), a Huber loss for
+    the taken voxel (and, at the last depth, the rotation and gripper heads), an L1 regulariser
+    on all Q-values, soft target updates and prioritized replay over per-task buffers."""
 
     def __init__(self, agent: C2FARM, buffers: list[ReplayBuffer], args: Args, device):
         self.agent, self.buffers, self.args, self.device = agent, buffers, args, device
         self.target = copy.deepcopy(agent).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
+        self.optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         self.rng = np.random.default_rng(args.seed)
 
     def sample(self, task_ids: list[int], per_task: int) -> tuple[Batch, list[tuple[int, np.ndarray]]]:
@@ -474,38 +538,59 @@ class C2FARMLearner:
         batch = Batch(*(np.concatenate(arrays) for arrays in zip(*(b for _, _, b in shares))))
         return batch, [(t, idx) for t, idx, _ in shares]
 
-    def td_errors(self, batch: Batch, latent=None, next_latent=None) -> torch.Tensor:
-        """Per-head TD errors (B, depths + 4) of the batch's actions against double-Q targets."""
-        agent, target, dev = self.agent, self.target, self.device
-        action = torch.as_tensor(batch.action, device=dev)
-        q_vox, rot_grip, _, _ = agent(*to_tensors(batch, dev), voxel_choice=action[:, :agent.depths], latent=latent)
-        heads = q_vox + agent.split_rot_grip(rot_grip)
-        q_taken = torch.stack([h.gather(1, action[:, i:i + 1]).squeeze(1) for i, h in enumerate(heads)], 1)
-        with torch.no_grad():
-            # double Q: the online network picks the next action (including where to zoom), the
-            # target network evaluates it on the same voxel grids
-            n_vox, n_rot_grip, n_chosen, (t_vox, t_rot_grip) = agent(*to_tensors(batch, dev, next_obs=True),
-                                                                     latent=next_latent, target=target)
-            next_action = torch.cat([n_chosen, agent.greedy_rot_grip(n_rot_grip)], 1)
-            t_heads = t_vox + target.split_rot_grip(t_rot_grip)
-            q_next = torch.stack([h.gather(1, next_action[:, i:i + 1]).squeeze(1) for i, h in enumerate(t_heads)], 1)
-            reward = torch.as_tensor(batch.reward, device=dev)[:, None]
-            done = torch.as_tensor(batch.done, device=dev)[:, None]
-            y = reward + self.args.gamma * (1.0 - done) * q_next  # y = r + gamma (1 - done) Q_target(s', a'*)
-        return q_taken - y
-
     def loss(self, batch: Batch, latent=None, next_latent=None):
-        """Importance-weighted Huber loss summed over heads; new priorities = mean |TD| over heads."""
-        td = self.td_errors(batch, latent, next_latent)
-        weight = torch.as_tensor(batch.weight, device=self.device)
-        per_sample = F.smooth_l1_loss(td, torch.zeros_like(td), reduction="none").sum(1)
-        return (weight * per_sample).mean(), td.detach().abs().mean(1).cpu().numpy(), td
+        """The summed per-depth losses, new priorities (mean |TD| over the heads) and logs."""
+        agent, target, args, dev, v = self.agent, self.target, self.args, self.device, self.agent.voxels
+        points, colors, lowdim = to_tensors(batch, dev)
+        next_points, next_colors, next_lowdim = to_tensors(batch, dev, next_obs=True)
+        action = torch.as_tensor(batch.action, device=dev)
+        next_attention = torch.as_tensor(batch.next_attention, device=dev)
+        reward = torch.as_tensor(batch.reward, device=dev)
+        done = torch.as_tensor(batch.done, device=dev)
+        weight = torch.as_tensor(batch.weight, device=dev)
+        bounds = next_bounds = agent.scene_bounds.expand(len(reward), 6)
+        total, td, logs = 0.0, [], {}
+        for d in range(agent.depths):
+            last, z, next_z = d == agent.depths - 1, latent if d == 0 else None, next_latent if d == 0 else None
+            q, rot_grip = agent.qnets[d](voxelize(points, colors, bounds, v), lowdim, z)
+            with torch.no_grad():
+                next_grid = voxelize(next_points, next_colors, next_bounds, v)
+                online_q, online_rot_grip = agent.qnets[d](next_grid, next_lowdim, next_z)
+                target_q, target_rot_grip = target.qnets[d](next_grid, next_lowdim, next_z)
+                next_voxel = online_q.argmax(1)  # double Q: the online network picks a', the target network values it
+                q_next = target_q.gather(1, next_voxel[:, None])
+                if last:  # the last depth's target is the mean over its five heads (voxel, 3 rotations, gripper)
+                    next_rot_grip = agent.greedy_rot_grip(online_rot_grip)
+                    q_next = torch.cat([q_next] + [h.gather(1, next_rot_grip[:, i:i + 1]) for i, h in
+                                                   enumerate(agent.split_rot_grip(target_rot_grip))], 1).mean(1, True)
+                y = (reward + args.gamma * (1.0 - done) * q_next[:, 0]).clamp(min=0.0)  # y = max(0, r + gamma (1 - done) Q')
+            q_taken = q.gather(1, action[:, d:d + 1])
+            qreg = args.lambda_trans_qreg * q.abs().mean(1)  # L1 towards 0 of every voxel's Q-value
+            if last:
+                rot_grip_taken = [h.gather(1, action[:, agent.depths + i:agent.depths + i + 1])
+                                  for i, h in enumerate(agent.split_rot_grip(rot_grip))]
+                q_taken = torch.cat([q_taken] + rot_grip_taken, 1)
+                qreg = qreg + args.lambda_rot_qreg * rot_grip.abs().mean(1)
+            y = y[:, None].expand_as(q_taken)
+            delta = F.smooth_l1_loss(q_taken, y, reduction="none").mean(1)  # Huber, mean over this depth's heads
+            total = total + ((delta + qreg) * weight).mean()  # importance-weighted, as each of ARM's depth agents
+            td.append((q_taken - y).detach())
+            logs[f"losses/bellman_depth{d}"] = delta.mean().item()
+            logs[f"losses/qreg_depth{d}"] = qreg.mean().item()
+            # the next depth zooms where the agent did: at s the stored action's voxel, at s' the voxel
+            # chosen when acting from s' (the online choice where none is stored: an episode's last state)
+            bounds = agent.zoom_in(bounds, action[:, d])
+            next_bounds = agent.zoom_in(next_bounds, torch.where(next_attention[:, d] >= 0, next_attention[:, d],
+                                                                 next_voxel))
+        td = torch.cat(td, 1)
+        logs["losses/td_loss"] = total.item()
+        return total, td.abs().mean(1).cpu().numpy(), logs
 
     def step_optimizer(self, loss):
         self.optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]],
-                                 self.args.grad_clip)
+        nn.utils.clip_grad_value_([p for group in self.optimizer.param_groups for p in group["params"]],
+                                  self.args.grad_clip_value)  # every element to [-v, v], as ARM
         self.optimizer.step()
 
     def soft_update(self):
@@ -526,21 +611,47 @@ class C2FARMLearner:
     def update(self, global_step: int) -> dict[str, float]:
         """One multi-task update: batch_size / num_tasks transitions from every task."""
         batch, shares = self.sample(self.ready_tasks(), max(1, self.args.batch_size // len(self.buffers)))
-        loss, priorities, td = self.loss(batch)
+        loss, priorities, logs = self.loss(batch)
         self.step_optimizer(loss)
         self.soft_update()
         self.update_priorities(shares, priorities)
-        return {"losses/td_loss": loss.item(), "losses/q_voxel_depth0_td": td[:, 0].abs().mean().item()}
+        return logs
 
     def act(self, obs, t: int, task_id: int, explore: bool) -> np.ndarray:
+        """A discrete action; training episodes (`explore`) follow --exploration, evaluation is greedy."""
+        strategy = self.args.exploration if explore else "greedy"
         with torch.no_grad():
             points, colors, lowdim = obs_tensors(obs, t, self.args, self.device)
-            action = self.agent.greedy(points, colors, lowdim, latent=self.latent(task_id)).cpu().numpy()[0]
-        if explore:
-            for i, size in enumerate(self.agent.action_sizes()):
+            choose = None if strategy == "greedy" else (lambda q, d: self.explore_voxel(q.argmax(1), strategy))
+            voxels, rot_grip = self.agent(points, colors, lowdim, latent=self.latent(task_id), choose=choose)
+            rot_grip = self.agent.greedy_rot_grip(rot_grip).cpu().numpy()[0]
+        if strategy != "greedy":
+            rot_grip = self.explore_rot_grip(rot_grip, strategy)
+        return np.concatenate([voxels.cpu().numpy()[0], rot_grip])
+
+    def explore_voxel(self, voxel: torch.Tensor, strategy: str) -> torch.Tensor:
+        """A perturbed voxel choice (batch of one), applied at each depth before the next zooms."""
+        v = self.agent.voxels
+        if strategy == "epsilon":
+            return voxel if self.rng.random() >= self.args.epsilon else torch.full_like(voxel, self.rng.integers(v**3))
+        i = int(voxel[0])
+        ijk = np.array([i // (v * v), (i // v) % v, i % v]) + np.round(self.rng.normal(0.0, 1.0, 3))  # ARM: +round(N(0, 1))
+        ijk = np.clip(ijk, 0, v - 1).astype(np.int64)
+        return torch.full_like(voxel, int(ijk[0] * v * v + ijk[1] * v + ijk[2]))
+
+    def explore_rot_grip(self, rot_grip: np.ndarray, strategy: str) -> np.ndarray:
+        """Perturbed rotation bins and gripper: epsilon per head, or ARM's Gaussian (rotations
+        + round(N(0, 1)) clamped to the bins, gripper random 20% of the time)."""
+        rot_grip = rot_grip.copy()
+        if strategy == "epsilon":
+            for i, size in enumerate([self.agent.rot_bins] * 3 + [2]):
                 if self.rng.random() < self.args.epsilon:
-                    action[i] = self.rng.integers(size)
-        return action
+                    rot_grip[i] = self.rng.integers(size)
+            return rot_grip
+        rot_grip[:3] = np.clip(rot_grip[:3] + np.round(self.rng.normal(0.0, 1.0, 3)), 0, self.agent.rot_bins - 1)
+        if self.rng.random() < 0.2:
+            rot_grip[3] = self.rng.integers(2)
+        return rot_grip
 
     def latent(self, task_id: int):
         return None  # PEARL overrides: the task's inferred context
@@ -565,10 +676,26 @@ def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return 0.5 * (var + mu**2 - 1.0 - torch.log(var)).sum(-1)
 
 
-class ContextEncoder(nn.Module):
-    """One transition (front RGB, discrete action scaled to [0, 1], reward) -> Gaussian (mu, var)."""
+ACTION_FEATURES = 10  # xyz (3), sin and cos of the three rotation angles (6), gripper (1)
 
-    def __init__(self, action_size: int, latent: int = 16, channels: int = 16):
+
+def encode_actions(agent: C2FARM, action: torch.Tensor) -> torch.Tensor:
+    """Context features of discrete actions (N, depths + 4) -> (N, 10): the position the action
+    moves to (the last depth's voxel centre) normalised to [0, 1] in the scene bounds, every
+    rotation angle (bin * resolution - 180 degrees) as its sine and cosine, the gripper bit."""
+    bounds = agent.scene_bounds.expand(len(action), 6)
+    for d in range(agent.depths):
+        center = agent.index_to_center(action[:, d], bounds)
+        bounds = agent.zoom_in(bounds, action[:, d])
+    lo, hi = agent.scene_bounds[:3], agent.scene_bounds[3:]
+    angles = torch.deg2rad(action[:, agent.depths:agent.depths + 3].float() * agent.resolution - 180.0)
+    return torch.cat([(center - lo) / (hi - lo), angles.sin(), angles.cos(), action[:, -1:].float()], 1)
+
+
+class ContextEncoder(nn.Module):
+    """One transition (front RGB, encoded action, reward) -> Gaussian (mu, var) over z."""
+
+    def __init__(self, action_size: int = ACTION_FEATURES, latent: int = 16, channels: int = 16):
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(3, channels, 5, stride=2, padding=2), nn.ReLU(),
@@ -587,10 +714,9 @@ class ContextEncoder(nn.Module):
 class PEARLLearner(C2FARMLearner):
     def __init__(self, agent, buffers, args: Args, device):
         super().__init__(agent, buffers, args, device)
-        self.action_scale = torch.tensor(agent.action_sizes(), dtype=torch.float32, device=device)
-        self.encoder = ContextEncoder(len(self.action_scale), args.latent_size).to(device)
+        self.encoder = ContextEncoder(ACTION_FEATURES, args.latent_size).to(device)
         self.model = nn.ModuleDict({"agent": agent, "encoder": self.encoder})
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def posterior(self, task_id: int):
         """(mu, var) of z from `context_size` of the task's `context_window` latest transitions,
@@ -602,7 +728,7 @@ class PEARLLearner(C2FARMLearner):
             return zeros, zeros + 1.0
         idx = self.rng.choice(recent, args.context_size, replace=len(recent) < args.context_size)
         context = buffer.batch(idx)
-        action = torch.as_tensor(context.action, device=self.device).float() / self.action_scale
+        action = encode_actions(self.agent, torch.as_tensor(context.action, device=self.device))
         mu, var = self.encoder(torch.as_tensor(context.rgb, device=self.device), action,
                                torch.as_tensor(context.reward, device=self.device))
         return product_of_gaussians(mu, var)
@@ -618,12 +744,12 @@ class PEARLLearner(C2FARMLearner):
             zs.append(mu + var.sqrt() * torch.randn_like(mu))  # reparameterised sample z = mu + sigma * eps
             kls.append(kl_to_standard_normal(mu, var))
         latent = torch.stack(zs).repeat_interleave(per_task, 0)
-        q_loss, priorities, _ = self.loss(batch, latent=latent, next_latent=latent.detach())
+        q_loss, priorities, logs = self.loss(batch, latent=latent, next_latent=latent.detach())
         kl = torch.stack(kls).mean()
         self.step_optimizer(q_loss + args.kl_weight * kl)
         self.soft_update()
         self.update_priorities(shares, priorities)
-        return {"losses/td_loss": q_loss.item(), "losses/kl": kl.item()}
+        return {**logs, "losses/kl": kl.item()}
 
     @torch.no_grad()
     def latent(self, task_id: int):
@@ -749,6 +875,10 @@ def check_args(args: Args) -> None:
         raise TaskError(f"--demos must be 0 or more (got {args.demos})")
     if not 0 < args.rotation_resolution <= 180:
         raise TaskError(f"--rotation-resolution must be in (0, 180] degrees (got {args.rotation_resolution})")
+    if args.unet_width % 4:
+        raise TaskError(f"--unet-width must be a multiple of 4 (got {args.unet_width})")
+    if args.exploration not in ("greedy", "gaussian", "epsilon"):
+        raise TaskError(f"--exploration must be greedy, gaussian or epsilon (got {args.exploration})")
 
 
 def setup(args: Args, task_names: list[str], agent: C2FARM | None = None, latent: int = 0):

@@ -240,10 +240,7 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
             agent.load_state_dict(ckpt["model"])
             if opts.load_encoder_only:  # keep the U-Nets, re-initialise the Q heads (paper appendix)
                 for net in agent.qnets:
-                    net.q_trans.reset_parameters()
-                    for layer in net.rot_grip or []:
-                        if hasattr(layer, "reset_parameters"):
-                            layer.reset_parameters()
+                    net.reset_heads()
         learner = c2f.C2FARMLearner(agent, buffers, args, device)
         label = "finetune" if ckpt else "scratch"
         path = os.path.join(run.output_dir, "checkpoint.pt")

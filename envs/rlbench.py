@@ -129,7 +129,36 @@ def pointcloud_from_depth(depth: np.ndarray, intrinsics: np.ndarray, extrinsics:
 # --------------------------------------------------------------------------- demo keypoints
 
 
-def discover_keypoints(demo, rest_fraction: float = 0.5, rest_window: int = 4, settle: float = 5e-4) -> list[int]:
+def discover_keypoints(demo, backend: str = "metaworld") -> list[int]:
+    """The demo's keypoints by the backend's rule: ARM's joint-velocity rule on RLBench, where the
+    planner stops the arm at every waypoint; an end-effector-speed rule on Meta-World, whose
+    mocap-driven arm never comes to rest (its joint velocities are never near 0)."""
+    return keypoints_from_joint_velocities(demo) if backend == "rlbench" else keypoints_from_speed(demo)
+
+
+def keypoints_from_joint_velocities(demo, stopping_delta: float = 0.1) -> list[int]:
+    """stepjam/ARM's keypoint discovery (arm/demo_loading_utils.py), as C2F-ARM uses it on RLBench.
+
+    A frame (not the first) is a keypoint when the gripper's open state changes there, when it
+    is the last frame, or when the arm has stopped: every joint velocity within +-stopping_delta,
+    the gripper state the same from two frames before to the frame after, at least two frames
+    before the end, and no stop in the previous four frames. If the last two keypoints are
+    neighbours, the second-to-last is dropped. (ARM's index arithmetic wraps around to the demo's
+    end for the first two frames; here frames before the first count as absent.)"""
+    n, keypoints, since_stop = len(demo), [], 0
+    for i, obs in enumerate(demo):
+        steady = all(demo[j].gripper_open == obs.gripper_open for j in range(max(0, i - 2), min(n, i + 2)))
+        at_rest = np.allclose(obs.joint_velocities, 0, atol=stopping_delta)
+        stopped = since_stop <= 0 and at_rest and i < n - 2 and steady
+        since_stop = 4 if stopped else since_stop - 1
+        if i > 0 and (obs.gripper_open != demo[i - 1].gripper_open or i == n - 1 or stopped):
+            keypoints.append(i)
+    if len(keypoints) > 1 and keypoints[-1] - 1 == keypoints[-2]:
+        keypoints.pop(-2)
+    return keypoints
+
+
+def keypoints_from_speed(demo, rest_fraction: float = 0.5, rest_window: int = 4, settle: float = 5e-4) -> list[int]:
     """Keypoints of a demo: frames where a gripper state change has completed or the arm
     comes to rest, plus the last frame.
 
@@ -142,7 +171,7 @@ def discover_keypoints(demo, rest_fraction: float = 0.5, rest_window: int = 4, s
     frame whose speed is the minimum within +-`rest_window` frames and below `rest_fraction`
     of the demo's peak speed, gripper steady. RLBench's planner stops at every waypoint (speed
     ~0 there); Meta-World's mocap-driven joints never rest, hence speed rather than ARM's
-    joint-velocity threshold."""
+    joint-velocity threshold (`keypoints_from_joint_velocities`, used on RLBench)."""
     n = len(demo)
     pos = np.array([o.gripper_pose[:3] for o in demo], dtype=np.float64)
     fingers = np.array([o.gripper_joint_positions[:2] for o in demo], dtype=np.float64)

@@ -217,3 +217,31 @@ def test_unknown_tasks():
     assert rlb.default_tasks("rlbench", [], "push_button") == [t for t in rlb.RLBENCH_TASKS if t != "push_button"]
     assert len(rlb.default_tasks("rlbench", [], "push_button")) == 10
     assert rlb.default_tasks("metaworld", [], None) == list(rlb.METAWORLD_TRAIN_TASKS)
+
+
+def _joint_frame(velocity, gripper_open):
+    return rlb.Observation(None, None, np.array([0, 0, 0, 0, 0, 0, 1.0]), float(gripper_open), np.zeros(2),
+                           np.full(7, velocity), {})
+
+
+def joint_velocity_demo(reopen_at=None):
+    """20 frames: at rest at 0, moving, stopped at 5-7, gripper closes at 12, stopped at 16 and 18,
+    last frame 19 (optionally the gripper reopens at `reopen_at`)."""
+    frames = []
+    for i in range(20):
+        velocity = 0.05 if i in (0, 5, 6, 7, 16, 18) else 1.0  # within +-0.1 counts as stopped
+        gripper_open = i < 12 or (reopen_at is not None and i >= reopen_at)
+        frames.append(_joint_frame(velocity, gripper_open))
+    return frames
+
+
+def test_rlbench_keypoints_from_joint_velocities():
+    # 0: at rest but the first frame (arms the 4-frame pause); 5: stopped; 6, 7: within 4 frames of
+    # the stop at 5; 12: gripper change; 16: stopped; 18: at rest but one frame before the end; 19: last
+    assert rlb.discover_keypoints(joint_velocity_demo(), "rlbench") == [5, 12, 16, 19]
+    # a gripper change at 18 gives neighbouring keypoints 18, 19: the second-to-last is dropped
+    assert rlb.keypoints_from_joint_velocities(joint_velocity_demo(reopen_at=18)) == [5, 12, 16, 19]
+    # a gripper change at 17 is kept; the stop at 16 is not one any more (the gripper changes within a frame)
+    assert rlb.keypoints_from_joint_velocities(joint_velocity_demo(reopen_at=17)) == [5, 12, 17, 19]
+    # Meta-World's rule reads end-effector speed instead (the arm never rests there): only the last frame here
+    assert rlb.discover_keypoints(joint_velocity_demo(), "metaworld")[-1] == 19

@@ -41,7 +41,7 @@ def test_depth1_zoom_bounds():
     np.testing.assert_allclose(c2f.zoom_bounds(centre, 0.15),
                                [-0.16875, -0.11875, 0.85625, 0.13125, 0.18125, 1.15625])
     # the agent encodes a pose through both depths and decodes to the depth-1 voxel centre
-    agent = c2f.C2FARM(tuple(RLB_BOUNDS), 0.15, voxels=16, depths=2, width=2)
+    agent = c2f.C2FARM(tuple(RLB_BOUNDS), 0.15, voxels=16, depths=2, width=4)
     pose = np.array([0.005, 0.0, 1.0, 0, 0, 0, 1.0])
     action = agent.encode_pose(pose, gripper_open=1.0)
     assert action[0] == 4 * 256 + 8 * 16 + 6
@@ -134,7 +134,7 @@ def test_demo_augmentation_chains():
 
 
 def test_add_demos_rewards_and_actions():
-    args = c2f.Args(backend="rlbench", image_size=4, unet_width=2)
+    args = c2f.Args(image_size=4, unet_width=4)
     demo = synthetic_demo()
     for o in demo:
         o.front_rgb = np.zeros((4, 4, 3), np.uint8)
@@ -187,7 +187,7 @@ def test_product_of_gaussians():
 def test_checkpoint_round_trip(tmp_path):
     import finetune
 
-    args = reptile.Args(unet_width=2, image_size=4, train_tasks=["reach-v3"])
+    args = reptile.Args(unet_width=4, image_size=4, train_tasks=["reach-v3"])
     agent = c2f.make_agent(args)
     buffer = c2f.ReplayBuffer(10, 4, 6)
     learner = reptile.ReptileLearner(agent, [buffer], args, torch.device("cpu"))
@@ -200,12 +200,12 @@ def test_checkpoint_round_trip(tmp_path):
     assert ckpt["train_tasks"] == ["reach-v3"] and ckpt["global_step"] == 7
     assert ckpt["args"]["reptile_k"] == 5 and ckpt["args"]["train_tasks"] == ["reach-v3"]
     # a Reptile network loads into the MT agent (for fine-tuning)
-    mt_agent = c2f.make_agent(c2f.Args(unet_width=2))
+    mt_agent = c2f.make_agent(c2f.Args(unet_width=4))
     mt_agent.load_state_dict(ckpt["model"])
     for k, v in agent.state_dict().items():
         assert torch.equal(mt_agent.state_dict()[k], v)
     mt_args = dataclasses.replace(c2f.Args(), **{k: v for k, v in ckpt["args"].items() if k in c2f.Args.__dataclass_fields__})
-    assert mt_args.unet_width == 2
+    assert mt_args.unet_width == 4
 
 
 def test_metaworld_demo_replays_through_action_interface():
@@ -216,7 +216,7 @@ def test_metaworld_demo_replays_through_action_interface():
         (demo,) = task.get_demos(1, frames=lambda d: [0, len(d) - 1])
         assert demo[0].front_rgb is not None and demo[1].front_rgb is None  # only requested frames rendered
         assert rlb.discover_keypoints(demo) == [len(demo) - 1]
-        agent = c2f.make_agent(c2f.Args(unet_width=2))
+        agent = c2f.make_agent(c2f.Args(unet_width=4))
         pose = np.concatenate([demo[-1].gripper_pose, [demo[-1].gripper_open]])
         for action in (pose, agent.decode_action(agent.encode_pose(pose[:7], pose[7]))):
             task.reset_to_demo(demo)
@@ -226,7 +226,7 @@ def test_metaworld_demo_replays_through_action_interface():
 
 
 def test_multitask_batch_has_an_equal_share_per_task():
-    args = c2f.Args(unet_width=2, image_size=4, batch_size=6)
+    args = c2f.Args(unet_width=4, image_size=4, batch_size=6)
     agent = c2f.make_agent(args)
     buffers = [c2f.ReplayBuffer(10, 4, 6), c2f.ReplayBuffer(10, 4, 6)]
     obs = _frame((0, 0.6, 0.1), 1, 0.0)
@@ -261,7 +261,8 @@ def test_settings_that_cannot_run_are_refused(module, change, message):
 
 
 SHARED = ("discretize_rotation", "undiscretize_rotation", "point_to_voxel", "voxel_to_point", "zoom_bounds",
-          "voxelize", "lowdim_state", "UNet3D", "C2FARM", "make_agent", "Batch", "ReplayBuffer", "demo_chains",
+          "voxelize", "lowdim_state", "conv3d", "dense", "_init", "Inception3D", "spatial_softmax",
+          "QAttentionNet", "C2FARM", "make_agent", "Batch", "ReplayBuffer", "demo_chains",
           "demo_frames", "add_demos", "collect_demos", "to_tensors", "obs_tensors", "C2FARMLearner", "evaluate",
           "train", "save_checkpoint", "setup", "make_writer")
 
@@ -287,3 +288,199 @@ def test_every_args_field_has_a_docstring(module):
                   and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
     missing = [f.name for f in dataclasses.fields(module.Args) if f.name not in documented]
     assert not missing, f"{module.__name__}.Args fields without a docstring: {missing}"
+
+
+# --------------------------------------------------------------------------- the ARM agent: act, loss, optimizer
+
+
+def _obs(size=4, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = _frame((0.0, 0.6, 0.1), 1, 0.0)
+    obs.front_rgb = rng.integers(0, 255, (size, size, 3)).astype(np.uint8)
+    obs.front_point_cloud = rng.uniform(-0.3, 0.9, (size, size, 3)).astype(np.float32)
+    return obs
+
+
+def test_act_is_greedy_by_default_and_draws_no_random_numbers():
+    args = c2f.Args(unet_width=4, image_size=4)
+    assert args.exploration == "greedy"  # ARM: QAttentionAgent.act forces deterministic = True
+    agent = c2f.make_agent(args)
+    learner = c2f.C2FARMLearner(agent, [c2f.ReplayBuffer(4, 4, 6)], args, torch.device("cpu"))
+    obs = _obs()
+    state = learner.rng.bit_generator.state
+    a1, a2 = learner.act(obs, 0, 0, explore=True), learner.act(obs, 0, 0, explore=False)
+    assert learner.rng.bit_generator.state == state  # no randomness unless --exploration asks for it
+    np.testing.assert_array_equal(a1, a2)
+    voxels, rot_grip = agent(*c2f.obs_tensors(obs, 0, args, "cpu"))
+    np.testing.assert_array_equal(a1, np.concatenate([voxels[0].numpy(), agent.greedy_rot_grip(rot_grip)[0].numpy()]))
+
+
+class _FixedRng:
+    """Stands in for numpy's Generator with the draws a test prescribes."""
+
+    def __init__(self, normal=(), random=(), integers=()):
+        self.normals, self.randoms, self.ints = list(normal), list(random), list(integers)
+
+    def normal(self, loc, scale, size):
+        return np.array(self.normals.pop(0))
+
+    def random(self):
+        return self.randoms.pop(0)
+
+    def integers(self, n):
+        return self.ints.pop(0)
+
+
+def test_gaussian_exploration_follows_arm():
+    args = c2f.Args(unet_width=4, image_size=4, exploration="gaussian")
+    learner = c2f.C2FARMLearner(c2f.make_agent(args), [c2f.ReplayBuffer(4, 4, 6)], args, torch.device("cpu"))
+    # voxel (3, 1, 14) + round(0.4, -1.6, 2.0) = (3, -1, 16) -> clamped to (3, 0, 15)
+    learner.rng = _FixedRng(normal=[[0.4, -1.6, 2.0]])
+    out = learner.explore_voxel(torch.tensor([3 * 256 + 1 * 16 + 14]), "gaussian")
+    assert out.tolist() == [3 * 256 + 0 * 16 + 15]
+    # rotation bins (10, 0, 71) + round(0.6, -0.7, 1.2) = (11, -1, 72) -> (11, 0, 71); gripper redrawn (0.1 < 0.2) as 0
+    learner.rng = _FixedRng(normal=[[0.6, -0.7, 1.2]], random=[0.1], integers=[0])
+    assert learner.explore_rot_grip(np.array([10, 0, 71, 1]), "gaussian").tolist() == [11, 0, 71, 0]
+    learner.rng = _FixedRng(normal=[[0.0, 0.0, 0.0]], random=[0.5])  # 0.5 >= 0.2: the gripper stays
+    assert learner.explore_rot_grip(np.array([10, 0, 71, 1]), "gaussian").tolist() == [10, 0, 71, 1]
+    # epsilon: heads whose draw is below epsilon (0.1) are redrawn
+    learner.rng = _FixedRng(random=[0.05, 0.5, 0.5, 0.01], integers=[7, 0])
+    assert learner.explore_rot_grip(np.array([10, 0, 71, 1]), "epsilon").tolist() == [7, 0, 71, 0]
+
+
+class _StubQNet(torch.nn.Module):
+    """A Q-attention net whose outputs are parameters, the same for every sample."""
+
+    def __init__(self, q, rot_grip=None):
+        super().__init__()
+        self.q = torch.nn.Parameter(torch.tensor(q))
+        self.rot_grip = None if rot_grip is None else torch.nn.Parameter(torch.tensor(rot_grip))
+
+    def forward(self, grid, lowdim, latent=None):
+        b = grid.shape[0]
+        return self.q.expand(b, -1), None if self.rot_grip is None else self.rot_grip.expand(b, -1)
+
+
+def _stub_learner(depths=1, **arg_changes):
+    args = c2f.Args(unet_width=4, image_size=2, voxel_size=2, depths=depths, rotation_resolution=120.0, **arg_changes)
+    agent = c2f.make_agent(args)  # 2^3 = 8 voxels, 3 rotation bins per axis
+    online_q = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]  # online argmax: voxel 7
+    online_rg = [0.0, 0.9, 0.0, 0.0, 0.0, 0.9, 0.9, 0.0, 0.0, 0.0, 0.9]  # greedy rotations (1, 2, 0), gripper 1
+    agent.qnets = torch.nn.ModuleList(
+        [_StubQNet(online_q, online_rg if d == depths - 1 else None) for d in range(depths)])
+    learner = c2f.C2FARMLearner(agent, [c2f.ReplayBuffer(4, 2, depths + 4)], args, torch.device("cpu"))
+    target_q = [0.3] * 7 + [-0.2]  # the target network values the online choice (voxel 7) at -0.2
+    target_rg = [0.0, -0.4, 0.0, 0.0, 0.0, -0.6, -0.2, 0.0, 0.0, 0.0, -0.6]
+    learner.target.qnets = torch.nn.ModuleList(
+        [_StubQNet(target_q, target_rg if d == depths - 1 else None) for d in range(depths)]).requires_grad_(False)
+    return learner
+
+
+def _batch(n, depths, action, reward, done, weight, next_attention=None):
+    z = np.zeros((n, 2, 2, 3))
+    return c2f.Batch(z.astype(np.uint8), z.astype(np.float16), np.zeros((n, 11), np.float32),
+                     np.array(action, np.int64), np.array(reward, np.float32), np.array(done, np.float32),
+                     z.astype(np.uint8), z.astype(np.float16), np.zeros((n, 11), np.float32),
+                     np.full((n, depths), -1, np.int64) if next_attention is None else np.array(next_attention),
+                     np.array(weight, np.float32))
+
+
+def test_loss_regulariser_and_clamped_target_on_a_hand_made_batch():
+    learner = _stub_learner()
+    # target: mean of the target network at the online choice, voxel 7 and heads (1, 2, 0, 1):
+    # (-0.2 - 0.4 - 0.6 - 0.2 - 0.6) / 5 = -0.4
+    # y = max(0, r + 0.99 (1 - done) (-0.4)): r 0 -> 0 (clamped), r 1 done -> 1, r 0.5 -> 0.104
+    y = np.array([0.0, 1.0, 0.5 - 0.99 * 0.4])
+    action = [[2, 0, 0, 0, 0], [7, 1, 2, 0, 1], [5, 2, 1, 1, 0]]
+    # the online Q of the taken heads: voxel q[a], rotation x rg[a], y rg[3 + a], z rg[6 + a], gripper rg[9 + a]
+    q_taken = np.array([[0.2, 0.0, 0.0, 0.9, 0.0], [0.7, 0.9, 0.9, 0.9, 0.9], [0.5, 0.0, 0.0, 0.0, 0.0]])
+    weight = np.array([1.0, 0.5, 0.25])
+    batch = _batch(3, 1, action, [0.0, 1.0, 0.5], [0.0, 1.0, 0.0], weight)
+    loss, priorities, logs = learner.loss(batch)
+    err = q_taken - y[:, None]
+    huber = np.where(np.abs(err) < 1, 0.5 * err**2, np.abs(err) - 0.5).mean(1)
+    qreg = 1.0 * np.mean(np.abs([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])) + 1.0 * 3.6 / 11  # L1, trans + rot
+    assert loss.item() == pytest.approx(np.mean((huber + qreg) * weight), rel=1e-6)
+    np.testing.assert_allclose(priorities, np.abs(err).mean(1), rtol=1e-6)
+    assert logs["losses/qreg_depth0"] == pytest.approx(qreg, rel=1e-6)
+    # without the regulariser only the Bellman term remains
+    learner.args = dataclasses.replace(learner.args, lambda_trans_qreg=0.0, lambda_rot_qreg=0.0)
+    assert learner.loss(batch)[0].item() == pytest.approx(np.mean(huber * weight), rel=1e-6)
+
+
+def test_next_state_zooms_at_its_stored_attention(monkeypatch):
+    """Depth 1 of s' is voxelised around the voxel chosen when acting from s' (stored), or the
+    online network's choice where none is stored; depth 1 of s around the taken action's voxel."""
+    learner = _stub_learner(depths=2)
+    seen = []
+    monkeypatch.setattr(c2f, "voxelize", lambda p, c, bounds, v: seen.append(bounds.clone()) or torch.zeros(len(p), 10, v, v, v))
+    batch = _batch(2, 2, [[3, 0, 0, 0, 0, 1], [6, 0, 0, 0, 0, 1]], [0, 0], [0, 0], [1, 1], next_attention=[[5, 1], [-1, -1]])
+    learner.loss(batch)
+    scene = learner.agent.scene_bounds.expand(2, 6)
+    current_d1, next_d1 = seen[2], seen[3]  # order: depth 0 at s, s'; depth 1 at s, s'
+    torch.testing.assert_close(current_d1, learner.agent.zoom_in(scene, torch.tensor([3, 6])))
+    torch.testing.assert_close(next_d1, learner.agent.zoom_in(scene, torch.tensor([5, 7])))  # 7: the online argmax
+
+
+def test_optimizer_weight_decay_and_gradient_clipping_by_value():
+    learner = _stub_learner()
+    assert learner.optimizer.param_groups[0]["weight_decay"] == 1e-6  # ARM lambda_weight_l2
+    assert learner.args.grad_clip_value == 0.01  # ARM c2farm/launch_utils.py
+    params = list(learner.agent.parameters())
+    loss = sum((torch.arange(p.numel()).reshape(p.shape) * 0.003 * p).sum() for p in params)  # grads 0, 0.003, 0.006, ...
+    learner.step_optimizer(loss)
+    for p in params:
+        expected = torch.clamp(torch.arange(p.numel()).reshape(p.shape) * 0.003, max=0.01)
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_pearl_context_action_encoding():
+    agent = c2f.C2FARM(tuple(RLB_BOUNDS), 0.15, voxels=16, depths=2, width=4)
+    action = agent.encode_pose(np.array([0.005, 0.0, 1.0, 0, 0, 0, 1.0]), gripper_open=1.0)
+    action[2:5] = [36, 54, 0]  # rotation angles 0, 90, -180 degrees
+    features = pearl.encode_actions(agent, torch.tensor(action)[None])
+    # depth-1 voxel centre (0.009375, 0.003125, 0.996875) - (-0.3, -0.5, 0.6), over the 1 m cube
+    expected = [0.309375, 0.503125, 0.396875, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0, 1.0]
+    torch.testing.assert_close(features[0], torch.tensor(expected), atol=1e-6, rtol=0)
+    assert pearl.ACTION_FEATURES == 10
+
+
+# --------------------------------------------------------------------------- ARM's Q-attention network
+
+
+def test_spatial_softmax_expected_positions():
+    x = torch.zeros(1, 2, 2, 2, 2)
+    x[0, 0, 1, 0, 1] = 1.0  # channel 0 peaks at voxel (1, 0, 1): softmax(x / 0.01) is one-hot to 1e-43
+    features = c2f.spatial_softmax(x)
+    torch.testing.assert_close(features[0, :3], torch.tensor([1.0, -1.0, 1.0]))  # axes span [-1, 1]
+    torch.testing.assert_close(features[0, 3:], torch.zeros(3))  # channel 1 is uniform: the mean position
+
+
+def test_qattention_network_is_arms():
+    net = c2f.QAttentionNet(10, width=64, rot_grip_outputs=3 * 72 + 2)
+    inception = net.down1  # 64 -> 128 channels: 1x1 to 64 | 1x1 to 32, 3x3 to 32 | 1x1, 3x3, 3x3 to 32
+    assert [inception.one[0].out_channels, inception.three[1][0].out_channels, inception.five[2][0].out_channels] == [
+        64, 32, 32]
+    assert inception.three[0][0].out_channels == 32  # ARM's inner width 32 at 64 kernels
+    assert [net.down0.one[0].in_channels, net.down2.five[2][0].out_channels * 4] == [128, 256]
+    dense = [m for m in net.rot_grip.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(32 * 64, 128), (128, 128), (128, 218)]
+    assert all(m.negative_slope == 0.02 for m in net.modules() if isinstance(m, torch.nn.LeakyReLU))
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in [net.q_trans, net.rot_grip[-1]])  # linear outputs
+    assert all(m.padding_mode == "replicate" for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+    assert not any("Norm" in type(m).__name__ for m in net.modules())  # ARM C2FARM.yaml: norm None
+    assert c2f.Args().unet_width == 64
+    small = c2f.QAttentionNet(10, width=8, latent=3, rot_grip_outputs=218)
+    q, rot_grip = small(torch.zeros(2, 10, 16, 16, 16), torch.zeros(2, 11), torch.zeros(2, 3))
+    assert q.shape == (2, 4096) and rot_grip.shape == (2, 218)
+
+
+def test_reset_heads_keeps_the_encoder():
+    net = c2f.QAttentionNet(10, width=4, rot_grip_outputs=11)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)
+    net.reset_heads()
+    assert (net.down0.one[0].weight == 0.5).all() and (net.final[0].weight == 0.5).all()
+    assert not (net.q_trans.weight == 0.5).any() and (net.q_trans.bias == 0).all()
+    assert not (net.rot_grip[0][0].weight == 0.5).any() and not (net.rot_grip[-1].weight == 0.5).any()
