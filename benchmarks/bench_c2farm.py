@@ -1,9 +1,11 @@
-"""Speed of C2F-ARM on this machine: learner updates per second at the paper's batch, and
-Meta-World env steps per second (one 8-D next-best-pose action, low-level control, rendering
-of front RGB + depth -> point cloud), with and without the agent's action selection.
+"""Speed of C2F-ARM on this machine: learner updates per second at the paper's batch for ARM's
+network (--unet-width 64) and a CPU-sized one (16), and Meta-World env steps per second (one
+8-D next-best-pose action, low-level control, rendering of front RGB + depth -> point cloud),
+with and without the agent's action selection.
 
-    python benchmarks/bench_c2farm.py                       # batch 150, 128x128, width 16
-    python benchmarks/bench_c2farm.py --batch-size 16 --threads 2
+    python benchmarks/bench_c2farm.py                       # batch 150, 128x128, widths 64 and 16
+    python benchmarks/bench_c2farm.py --batch-size 16 --unet-widths 16 --threads 2
+    python benchmarks/bench_c2farm.py --cuda
 """
 
 import argparse
@@ -22,7 +24,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=150)  # paper: 15 x 10 tasks
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--unet-width", type=int, default=16)
+    parser.add_argument("--unet-widths", type=int, nargs="+", default=[64, 16],
+                        help="Q-attention widths to time (64: ARM's network; 16: CPU-sized)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--env-steps", type=int, default=30)
@@ -30,22 +33,28 @@ def main():
     parser.add_argument("--cuda", action="store_true")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
-    args = c2f.Args(train_tasks=[opts.task], demos=2, image_size=opts.image_size, unet_width=opts.unet_width,
-                    batch_size=opts.batch_size, cuda=opts.cuda, torch_threads=opts.threads)
-    device, tasks, agent, buffers = c2f.setup(args, [opts.task])
-    learner = c2f.C2FARMLearner(agent, buffers, args, device)
-    task = tasks[0]
-    print(f"device={device} torch_threads={torch.get_num_threads()} image={opts.image_size} "
-          f"unet_width={opts.unet_width} params={sum(p.numel() for p in agent.parameters()):,}")
-
-    learner.update(0)  # warm-up
-    t0 = time.time()
-    for i in range(opts.updates):
-        learner.update(i)
-    dt = time.time() - t0
-    print(f"updates: batch {opts.batch_size}: {opts.updates / dt:.3f} updates/s ({dt / opts.updates:.2f} s each)")
-
-    rng = np.random.default_rng(0)
+    for width in opts.unet_widths:
+        args = c2f.Args(train_tasks=[opts.task], demos=2, image_size=opts.image_size, unet_width=width,
+                        batch_size=opts.batch_size, cuda=opts.cuda, torch_threads=opts.threads)
+        device, tasks, agent, buffers = c2f.setup(args, [opts.task])
+        learner = c2f.C2FARMLearner(agent, buffers, args, device)
+        print(f"device={device} torch_threads={torch.get_num_threads()} image={opts.image_size} "
+              f"unet_width={width} params={sum(p.numel() for p in agent.parameters()):,}")
+        learner.update(0)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for i in range(opts.updates):
+            learner.update(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        print(f"updates: batch {opts.batch_size}, unet_width {width}: {opts.updates / dt:.3f} updates/s "
+              f"({dt / opts.updates:.2f} s each)", flush=True)
+        task = tasks[0]
+        if width != opts.unet_widths[-1]:
+            task.close()
+    rng = np.random.default_rng(0)  # the env and acting timings use the last width
     _, obs = task.reset()
     t0, n = time.time(), 0
     for i in range(opts.env_steps):  # random reachable targets around the hand

@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--tasks", nargs="*", default=list(c2f.METAWORLD_TRAIN_TASKS + c2f.METAWORLD_TEST_TASKS))
     parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()
-    agent = c2f.make_agent(c2f.Args(backend="metaworld"))
+    agent = c2f.make_agent(c2f.Args(backend="metaworld", unet_width=4))  # only its action encoding is used
     print(f"{'task':28s} {'demos':>5s} {'keypoints':>9s} {'continuous':>10s} {'discretized':>11s} {'time':>6s}")
     rows = []
     for name in opts.tasks:
@@ -53,7 +53,7 @@ def main():
             continue
         cont, disc, nkp = [], [], []
         for demo in demos:
-            keypoints = c2f.discover_keypoints(demo)
+            keypoints = c2f.discover_keypoints(demo, "metaworld")
             nkp.append(len(keypoints))
             poses = [np.concatenate([demo[k].gripper_pose, [demo[k].gripper_open]]) for k in keypoints]
             cont.append(replay(task, demo, poses))
