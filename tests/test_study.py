@@ -273,7 +273,7 @@ def test_resume_after_kill_9_of_the_runner(tmp_path):
     assert not {dd.name for dd in done_dirs} & set(again)
     assert sorted(again) == sorted(set(again))  # each remaining run once
     for v in victims:  # the interrupted attempt moved aside (the stand-in has no --resume), then run again
-        assert (v.parent / f"{v.name}.interrupted-1" / "events.txt").exists() and (v / "done.json").exists()
+        assert (v.parent / f"{v.name}.interrupted-1" / "running.json").exists() and (v / "done.json").exists()
 
 
 def test_interrupted_run_continues_with_resume_where_the_script_has_it(tmp_path):
@@ -429,7 +429,11 @@ def test_procgen_smoke_grid_end_to_end(tmp_path):
     assert {(r["stage"], r["method"]) for r in rows} == {("pretrain", m) for m in ("mt", "reptile", "rl2")} | {
         ("adapt", m) for m in ("mt", "reptile", "rl2", "scratch")}
     for r in rows:
-        assert r["env_steps"] == "512" and float(r["wall_s"]) > 0 and r["git_sha"]
+        assert float(r["wall_s"]) > 0 and r["git_sha"]
+        if r["stage"] == "adapt":
+            assert r["zero_shot"] != ""  # the evaluation at step 0
+        # RL2's roll-out logs a point only when episodes end, which 512 steps may not reach
+        assert r["env_steps"] == "512" or (r["method"] == "rl2" and r["stage"] == "adapt" and r["env_steps"] == "0")
         run = d / "runs" / r["run_id"]
         assert (run / "log.txt").stat().st_size > 0 and json.load(open(run / "config.json"))["command"] == r["command"]
         if r["stage"] == "adapt":
