@@ -810,7 +810,7 @@ def progress(runs, status, info, chosen, workers, started, final=False) -> None:
     counts = {s: sum(status[r.run_id] == s for r in sel) for s in ("done", "running", "failed", "pending", "blocked")}
     walls = {st: [float(info[r.run_id]["wall_s"]) for r in sel if r.stage == st and status[r.run_id] == "done"
                   and info.get(r.run_id, {}).get("wall_s") not in (None, "")] for st in ("pretrain", "adapt")}
-    eta, known = 0.0, True
+    eta, known, left_all = 0.0, True, counts["running"] + counts["pending"]
     for st in ("pretrain", "adapt"):
         left = sum(r.stage == st and status[r.run_id] in ("running", "pending") for r in sel)
         pool = walls[st] or walls["pretrain"] + walls["adapt"]
@@ -818,7 +818,7 @@ def progress(runs, status, info, chosen, workers, started, final=False) -> None:
             known = False
         elif left:
             eta += left * sum(pool) / len(pool)
-    eta_text = f"ETA {fmt_time(eta / max(1, workers))}" if known else "ETA ?"
+    eta_text = f"ETA {fmt_time(eta / max(1, min(workers, left_all)))}" if known else "ETA ?"
     line = (f"[study {fmt_time(time.time() - started)}] " + " ".join(f"{k} {v}" for k, v in counts.items())
             + f" of {len(sel)} | {eta_text}")
     if sys.stdout.isatty() and not final:

@@ -238,6 +238,20 @@ def test_dag_blocked_and_retry_failed(tmp_path):
         assert (d / "runs" / f"{rid}.failed-1" / "failed.json").exists() and (d / "runs" / rid / "done.json").exists()
 
 
+def test_a_changed_grid_needs_update_grid_and_keeps_unchanged_runs(tmp_path):
+    spec, d = fake_study(tmp_path, methods=("mt",), seeds=(1,), tasks=("a",), big=False), tmp_path / "study"
+    run_study(tmp_path, "run", "--spec", spec, "--preset", "tiny", "--study-dir", d)
+    first = launches(tmp_path)
+    assert len(first) == 3
+    spec.write_text(spec.read_text().replace("adapt_seeds = [1]", "adapt_seeds = [1, 2]"))
+    proc = run_study(tmp_path, "run", "--spec", spec, "--preset", "tiny", "--study-dir", d, ok=False)
+    assert proc.returncode == 2 and "holds a different grid" in proc.stderr and launches(tmp_path) == first
+    run_study(tmp_path, "run", "--spec", spec, "--preset", "tiny", "--study-dir", d, "--update-grid")
+    assert len(results(d)) == 5 and all(r["status"] == "done" for r in results(d))
+    assert sorted(launches(tmp_path)[3:]) == sorted(r["run_id"] for r in results(d) if r["seed"] == "2")
+    assert study.tomllib.load(open(d / "study.toml", "rb"))["grid"]["adapt_seeds"] == [1, 2]
+
+
 def test_resume_after_kill_9_of_the_runner(tmp_path):
     spec, d = fake_study(tmp_path, sleep=1.5, big=False), tmp_path / "study"
     runner = subprocess.Popen(study_cmd("run", "--spec", spec, "--preset", "tiny", "--study-dir", d, "--workers", "2"),
