@@ -896,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `--dry-run | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
