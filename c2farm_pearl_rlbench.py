@@ -100,6 +100,9 @@ class Args:
     """degrees per rotation bin (C2F-ARM: 5, i.e. 72 bins per Euler axis)"""
     demo_augmentation_every: int = 10
     """every n-th demo frame starts a chain to the next keypoints (C2F-ARM: 10)"""
+    crop_augmentation: bool = True
+    """demo transitions zoom each deeper depth around a centre shifted by up to 0.75 x the zoom
+    half-width per axis (ARM C2FARM.yaml crop_augmentation, launch_utils.py _get_action)"""
     unet_width: int = 64
     """CPU sizing flag: kernels of the Q-attention 3D U-Net's first level, doubled per level (ARM: 64;
     a multiple of 4, e.g. 16 for small CPU runs)"""
@@ -332,9 +335,10 @@ class C2FARM(nn.Module):
         ijk = torch.stack([flat_index // (v * v), (flat_index // v) % v, flat_index % v], -1).float()
         return bounds[:, :3] + (ijk + 0.5) * (bounds[:, 3:] - bounds[:, :3]) / v
 
-    def zoom_in(self, bounds: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-        """The next depth's bounds (B, 6): a cube of +-zoom around the centre of the chosen voxel."""
-        center = self.index_to_center(flat_index, bounds)
+    def zoom_in(self, bounds: torch.Tensor, flat_index: torch.Tensor, shift=None) -> torch.Tensor:
+        """The next depth's bounds (B, 6): a cube of +-zoom around the centre of the chosen voxel
+        (moved by `shift` (B, 3), the crop augmentation of demo transitions)."""
+        center = self.index_to_center(flat_index, bounds) + (0.0 if shift is None else shift)
         return torch.cat([center - self.zoom, center + self.zoom], 1)
 
     def forward(self, points, colors, lowdim, latent=None, choose: Callable | None = None):
@@ -349,10 +353,6 @@ class C2FARM(nn.Module):
             bounds = self.zoom_in(bounds, chosen[-1])
         return torch.stack(chosen, 1), rot_grip
 
-    def action_sizes(self) -> list[int]:
-        """Number of choices of each head of a discrete action."""
-        return [self.voxels**3] * self.depths + [self.rot_bins] * 3 + [2]
-
     def split_rot_grip(self, rot_grip):
         n = self.rot_bins
         return [rot_grip[:, i * n:(i + 1) * n] for i in range(3)] + [rot_grip[:, 3 * n:]]
@@ -361,14 +361,16 @@ class C2FARM(nn.Module):
         return torch.stack([h.argmax(1) for h in self.split_rot_grip(rot_grip)], 1)
 
     # -- discrete <-> continuous (numpy, one action)
-    def encode_pose(self, pose: np.ndarray, gripper_open: float) -> np.ndarray:
-        """8-D next-best pose (or gripper pose + open state) -> discrete action."""
+    def encode_pose(self, pose: np.ndarray, gripper_open: float, shifts: np.ndarray | None = None) -> np.ndarray:
+        """8-D next-best pose (or gripper pose + open state) -> discrete action; depth d + 1 zooms
+        around depth d's voxel centre moved by shifts[d] (crop augmentation; none by default)."""
         bounds = self.scene_bounds.cpu().numpy().astype(np.float64)
         indices = []
-        for _ in range(self.depths):
+        for d in range(self.depths):
             ijk = point_to_voxel(pose[:3], bounds, self.voxels)
             indices.append(ijk[0] * self.voxels**2 + ijk[1] * self.voxels + ijk[2])
-            bounds = zoom_bounds(voxel_to_point(ijk, bounds, self.voxels), self.zoom)
+            shift = shifts[d] if shifts is not None and d < self.depths - 1 else 0.0
+            bounds = zoom_bounds(voxel_to_point(ijk, bounds, self.voxels) + shift, self.zoom)
         rot = discretize_rotation(pose[3:7], self.resolution)
         return np.array(indices + list(rot) + [int(gripper_open > 0.5)], dtype=np.int64)
 
@@ -404,7 +406,9 @@ class Batch(NamedTuple):
     next_rgb: np.ndarray
     next_pcd: np.ndarray
     next_lowdim: np.ndarray
+    shift: np.ndarray  # (B, depths - 1, 3) crop-augmentation shift of each deeper depth's centre (0: none)
     next_attention: np.ndarray  # (B, depths) voxels chosen when acting from the next observation, -1 if none
+    next_shift: np.ndarray  # (B, depths - 1, 3) their shifts
     weight: np.ndarray  # (B,) importance-sampling weights of prioritized replay
 
 
@@ -420,6 +424,7 @@ class ReplayBuffer:
         self.pcd = np.empty((obs_capacity, image_size, image_size, 3), np.float16)
         self.lowdim = np.empty((obs_capacity, LOWDIM_SIZE), np.float32)
         self.attention = np.full((obs_capacity, action_size - 4), -1, np.int64)  # voxels chosen from each observation
+        self.shift = np.zeros((obs_capacity, max(0, action_size - 5), 3), np.float32)  # and their zoom shifts
         self.obs_index = np.zeros((capacity, 2), np.int64)  # (obs, next obs)
         self.action = np.zeros((capacity, action_size), np.int64)
         self.reward = np.zeros(capacity, np.float32)
@@ -436,11 +441,12 @@ class ReplayBuffer:
         self.obs_pos = (self.obs_pos + 1) % len(self.rgb)
         return i
 
-    def add(self, obs_i: int, action: np.ndarray, reward: float, done: bool, next_i: int) -> None:
+    def add(self, obs_i: int, action: np.ndarray, reward: float, done: bool, next_i: int, shift=0.0) -> None:
         i = self.pos
         self.obs_index[i] = (obs_i, next_i)
         self.action[i], self.reward[i], self.done[i] = action, reward, float(done)
         self.attention[obs_i] = action[:self.attention.shape[1]]  # ARM stores the attention coordinates with the observation
+        self.shift[obs_i] = shift
         self.priority[i] = self.priority[: self.size].max() if self.size else 1.0  # new data: max priority
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
         self.recent = (self.recent + [i])[-100:]
@@ -455,7 +461,7 @@ class ReplayBuffer:
     def batch(self, idx, weight: np.ndarray | None = None) -> Batch:
         o, n = self.obs_index[idx, 0], self.obs_index[idx, 1]
         return Batch(self.rgb[o], self.pcd[o], self.lowdim[o], self.action[idx], self.reward[idx], self.done[idx],
-                     self.rgb[n], self.pcd[n], self.lowdim[n], self.attention[n],
+                     self.rgb[n], self.pcd[n], self.lowdim[n], self.shift[o], self.attention[n], self.shift[n],
                      np.ones(len(idx), np.float32) if weight is None else weight)
 
     def update_priorities(self, idx, td: np.ndarray) -> None:
@@ -477,20 +483,22 @@ def demo_frames(demo, every: int = 10, backend: str = "metaworld") -> list[int]:
     return sorted({i for chain in demo_chains(keypoints, every) for i in chain})
 
 
-def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args) -> int:
+def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args, rng: np.random.Generator) -> int:
     """Keypoint discovery (the backend's rule, envs/rlbench.py) + demo augmentation into a replay
     buffer; returns the transitions added.
     Each chain is an episode: (frame -> keypoint) transitions whose action is the keypoint's
-    gripper pose and open state, reward 1 and done at the last keypoint (demos succeed)."""
-    added = 0
+    gripper pose and open state, reward 1 and done at the last keypoint (demos succeed). With
+    --crop-augmentation each transition zooms around shifted centres, U(-0.75 zoom, 0.75 zoom) per axis."""
+    added, max_shift = 0, 0.75 * agent.zoom if args.crop_augmentation else 0.0
     for demo in demos:
         for chain in demo_chains(discover_keypoints(demo, args.backend), args.demo_augmentation_every):
             prev = buffer.add_observation(demo[chain[0]], 0, args.episode_length)
             for t, k in enumerate(chain[1:], start=1):
                 nxt = buffer.add_observation(demo[k], min(t, args.episode_length), args.episode_length)
-                action = agent.encode_pose(demo[k].gripper_pose, demo[k].gripper_open)
+                shifts = rng.uniform(-max_shift, max_shift, (agent.depths - 1, 3))
+                action = agent.encode_pose(demo[k].gripper_pose, demo[k].gripper_open, shifts)
                 last = k == chain[-1]
-                buffer.add(prev, action, float(last), last, nxt)
+                buffer.add(prev, action, float(last), last, nxt, shifts)
                 prev, added = nxt, added + 1
     return added
 
@@ -545,6 +553,8 @@ class C2FARMLearner:
         next_points, next_colors, next_lowdim = to_tensors(batch, dev, next_obs=True)
         action = torch.as_tensor(batch.action, device=dev)
         next_attention = torch.as_tensor(batch.next_attention, device=dev)
+        shift = torch.as_tensor(batch.shift, device=dev)
+        next_shift = torch.as_tensor(batch.next_shift, device=dev)
         reward = torch.as_tensor(batch.reward, device=dev)
         done = torch.as_tensor(batch.done, device=dev)
         weight = torch.as_tensor(batch.weight, device=dev)
@@ -577,11 +587,14 @@ class C2FARMLearner:
             td.append((q_taken - y).detach())
             logs[f"losses/bellman_depth{d}"] = delta.mean().item()
             logs[f"losses/qreg_depth{d}"] = qreg.mean().item()
+            if last:
+                break
             # the next depth zooms where the agent did: at s the stored action's voxel, at s' the voxel
             # chosen when acting from s' (the online choice where none is stored: an episode's last state)
-            bounds = agent.zoom_in(bounds, action[:, d])
-            next_bounds = agent.zoom_in(next_bounds, torch.where(next_attention[:, d] >= 0, next_attention[:, d],
-                                                                 next_voxel))
+            bounds = agent.zoom_in(bounds, action[:, d], shift[:, d])
+            stored = next_attention[:, d] >= 0
+            next_bounds = agent.zoom_in(next_bounds, torch.where(stored, next_attention[:, d], next_voxel),
+                                        next_shift[:, d] * stored[:, None])
         td = torch.cat(td, 1)
         logs["losses/td_loss"] = total.item()
         return total, td.abs().mean(1).cpu().numpy(), logs
@@ -892,13 +905,13 @@ def setup(args: Args, task_names: list[str], agent: C2FARM | None = None, latent
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     tasks = [make_task(args.backend, name, args.image_size, args.seed + i) for i, name in enumerate(task_names)]
     agent = (agent or make_agent(args, latent)).to(device)
-    buffers = []
+    buffers, demo_rng = [], np.random.default_rng(args.seed)
     for name, task in zip(task_names, tasks):
         buffer = ReplayBuffer(max(1, args.replay_size // len(tasks)), args.image_size, args.depths + 4,
                               args.priority_exponent)
         if args.demos > 0:
             t0 = time.time()
-            n = add_demos(buffer, agent, collect_demos(task, args), args)
+            n = add_demos(buffer, agent, collect_demos(task, args), args, demo_rng)
             print(f"{name}: {args.demos} demos -> {n} transitions ({time.time() - t0:.1f}s)", flush=True)
         buffers.append(buffer)
     return device, tasks, agent, buffers

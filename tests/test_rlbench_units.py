@@ -134,14 +134,14 @@ def test_demo_augmentation_chains():
 
 
 def test_add_demos_rewards_and_actions():
-    args = c2f.Args(image_size=4, unet_width=4)
+    args = c2f.Args(image_size=4, unet_width=4, crop_augmentation=False)
     demo = synthetic_demo()
     for o in demo:
         o.front_rgb = np.zeros((4, 4, 3), np.uint8)
         o.front_point_cloud = np.zeros((4, 4, 3), np.float32)
     agent = c2f.make_agent(args)
     buffer = c2f.ReplayBuffer(100, 4, 6)
-    assert c2f.add_demos(buffer, agent, [demo], args) == 3 + 2 + 2  # chains [0,10,22,29], [10,22,29], [20,22,29]
+    assert c2f.add_demos(buffer, agent, [demo], args, np.random.default_rng(0)) == 3 + 2 + 2  # chains [0,10,22,29], [10,22,29], [20,22,29]
     assert buffer.reward[:7].tolist() == [0, 0, 1, 0, 1, 0, 1]
     assert buffer.done[:7].tolist() == [0, 0, 1, 0, 1, 0, 1]
     assert buffer.action[1, -1] == 0 and buffer.action[0, -1] == 1  # gripper closed at keypoint 22
@@ -376,12 +376,15 @@ def _stub_learner(depths=1, **arg_changes):
     return learner
 
 
-def _batch(n, depths, action, reward, done, weight, next_attention=None):
+def _batch(n, depths, action, reward, done, weight, next_attention=None, shift=None, next_shift=None):
     z = np.zeros((n, 2, 2, 3))
+    no_shift = np.zeros((n, depths - 1, 3), np.float32)
     return c2f.Batch(z.astype(np.uint8), z.astype(np.float16), np.zeros((n, 11), np.float32),
                      np.array(action, np.int64), np.array(reward, np.float32), np.array(done, np.float32),
                      z.astype(np.uint8), z.astype(np.float16), np.zeros((n, 11), np.float32),
+                     no_shift if shift is None else np.array(shift, np.float32),
                      np.full((n, depths), -1, np.int64) if next_attention is None else np.array(next_attention),
+                     no_shift if next_shift is None else np.array(next_shift, np.float32),
                      np.array(weight, np.float32))
 
 
@@ -414,12 +417,17 @@ def test_next_state_zooms_at_its_stored_attention(monkeypatch):
     learner = _stub_learner(depths=2)
     seen = []
     monkeypatch.setattr(c2f, "voxelize", lambda p, c, bounds, v: seen.append(bounds.clone()) or torch.zeros(len(p), 10, v, v, v))
-    batch = _batch(2, 2, [[3, 0, 0, 0, 0, 1], [6, 0, 0, 0, 0, 1]], [0, 0], [0, 0], [1, 1], next_attention=[[5, 1], [-1, -1]])
+    shift = [[[0.01, 0.0, -0.02]], [[0.0, 0.03, 0.0]]]  # crop augmentation of (demo) transitions
+    next_shift = [[[0.0, -0.01, 0.0]], [[0.5, 0.5, 0.5]]]  # the second is not stored: ignored
+    batch = _batch(2, 2, [[3, 0, 0, 0, 0, 1], [6, 0, 0, 0, 0, 1]], [0, 0], [0, 0], [1, 1],
+                   next_attention=[[5, 1], [-1, -1]], shift=shift, next_shift=next_shift)
     learner.loss(batch)
     scene = learner.agent.scene_bounds.expand(2, 6)
     current_d1, next_d1 = seen[2], seen[3]  # order: depth 0 at s, s'; depth 1 at s, s'
-    torch.testing.assert_close(current_d1, learner.agent.zoom_in(scene, torch.tensor([3, 6])))
-    torch.testing.assert_close(next_d1, learner.agent.zoom_in(scene, torch.tensor([5, 7])))  # 7: the online argmax
+    assert len(seen) == 4
+    torch.testing.assert_close(current_d1, learner.agent.zoom_in(scene, torch.tensor([3, 6]), torch.tensor(shift)[:, 0]))
+    centre = learner.agent.index_to_center(torch.tensor([5, 7]), scene)  # 7: the online argmax
+    torch.testing.assert_close(next_d1[:, :3], centre + torch.tensor([[0.0, -0.01, 0.0], [0.0, 0.0, 0.0]]) - 0.12)
 
 
 def test_optimizer_weight_decay_and_gradient_clipping_by_value():
@@ -484,3 +492,32 @@ def test_reset_heads_keeps_the_encoder():
     assert (net.down0.one[0].weight == 0.5).all() and (net.final[0].weight == 0.5).all()
     assert not (net.q_trans.weight == 0.5).any() and (net.q_trans.bias == 0).all()
     assert not (net.rot_grip[0][0].weight == 0.5).any() and not (net.rot_grip[-1].weight == 0.5).any()
+
+
+def test_demo_crop_augmentation():
+    """ARM's crop augmentation: a demo transition's depth-1 cube is centred on depth 0's voxel
+    centre plus a shift of up to 0.75 x the zoom half-width per axis, and its depth-1 voxel is
+    the keypoint's voxel in that shifted cube; the buffer keeps the shift for the loss."""
+    args = c2f.Args(image_size=4, unet_width=4)
+    assert args.crop_augmentation  # ARM C2FARM.yaml
+    demo = synthetic_demo()
+    for o in demo:
+        o.front_rgb, o.front_point_cloud = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)
+    agent = c2f.make_agent(args)
+    buffer = c2f.ReplayBuffer(100, 4, 6)
+    c2f.add_demos(buffer, agent, [demo], args, np.random.default_rng(0))
+    obs_index = buffer.obs_index[0, 0]  # transition 0: frame 0 -> keypoint 10
+    shift = buffer.shift[obs_index, 0]
+    expected_shift = np.random.default_rng(0).uniform(-0.75 * 0.12, 0.75 * 0.12, (1, 3))[0]
+    np.testing.assert_allclose(shift, expected_shift, rtol=1e-6)
+    scene = np.array(c2f.SCENE_BOUNDS["metaworld"])
+    pose = demo[10].gripper_pose
+    depth0 = c2f.point_to_voxel(pose[:3], scene, 16)
+    cube = c2f.zoom_bounds(c2f.voxel_to_point(depth0, scene, 16) + expected_shift, 0.12)
+    depth1 = c2f.point_to_voxel(pose[:3], cube, 16)
+    assert buffer.action[0, 1] == depth1[0] * 256 + depth1[1] * 16 + depth1[2]
+    assert buffer.attention[obs_index, 0] == buffer.action[0, 0]
+    # agent transitions are not shifted
+    i = buffer.add_observation(demo[0], 0, 10)
+    buffer.add(i, buffer.action[0], 0.0, False, i)
+    assert (buffer.shift[i] == 0).all()
