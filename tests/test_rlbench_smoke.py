@@ -73,6 +73,8 @@ def test_finetune_scratch(tmp_path):
     proc = run("finetune.py", "--scratch", "rlbench", "--backend", "metaworld", "--task", "drawer-open-v3", *TINY,
                "--output-dir", str(tmp_path / "scratch"))
     assert "scratch[rlbench] on drawer-open-v3" in proc.stdout.strip().splitlines()[-1]
+    rows = list(csv.reader(open(tmp_path / "scratch" / "eval.csv")))
+    assert rows[0] == ["env_step", "success_rate", "episodes"] and rows[1] == ["0", rows[1][1], "1"]  # zero-shot point
     ckpt = torch.load(tmp_path / "scratch" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["method"] == "scratch"
 
@@ -98,3 +100,16 @@ def test_script_errors():
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run("c2farm_pearl_rlbench.py", "--backend", "rlbench", "--held-out-task", "push_button", ok=False)
     assert proc.returncode != 0 and "use --backend metaworld" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_finetune_load_encoder_only(checkpoints):
+    """--load-encoder-only keeps the Q-attention encoders and re-initialises their Q outputs."""
+    out, paths = checkpoints
+    ft = out / "ft_encoder_only"
+    run("finetune.py", "--checkpoint", paths["mt"], "--task", "drawer-open-v3", *TINY, "--total-timesteps", "2",
+        "--learning-starts", "2", "--load-encoder-only", "--output-dir", str(ft))
+    before = torch.load(paths["mt"], map_location="cpu", weights_only=True)["model"]
+    after = torch.load(ft / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    assert torch.equal(before["qnets.0.down0.one.0.weight"], after["qnets.0.down0.one.0.weight"])  # no update ran
+    assert not torch.equal(before["qnets.1.q_trans.weight"], after["qnets.1.q_trans.weight"])
+    assert not torch.equal(before["qnets.1.rot_grip.2.weight"], after["qnets.1.rot_grip.2.weight"])
