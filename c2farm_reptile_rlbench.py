@@ -863,8 +863,8 @@ def main(args: Args):
     """Pretraining entry point."""
     task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
     run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    writer = make_writer(args, run_dir)
     device, tasks, agent, buffers = setup(args, task_names)
+    writer = make_writer(args, run_dir)
     learner = ReptileLearner(agent, buffers, args, device)
     path = os.path.join(run_dir, "checkpoint.pt")
 

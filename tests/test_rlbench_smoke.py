@@ -94,12 +94,14 @@ def test_finetune_errors(checkpoints, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_script_errors():
+def test_script_errors(tmp_path):
     proc = run("c2farm_mt_rlbench.py", "--train-tasks", "nope-v3", ok=False)
     assert proc.returncode != 0 and "unknown metaworld task 'nope-v3'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = run("c2farm_pearl_rlbench.py", "--backend", "rlbench", "--held-out-task", "push_button", ok=False)
+    proc = run("c2farm_pearl_rlbench.py", "--backend", "rlbench", "--held-out-task", "push_button",
+               "--output-dir", str(tmp_path / "pearl"), ok=False)
     assert proc.returncode != 0 and "use --backend metaworld" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "pearl").exists()  # the error comes before anything is written
 
 
 def test_finetune_load_encoder_only(checkpoints):
