@@ -327,7 +327,7 @@ class C2FARM(nn.Module):
         self.register_buffer("scene_bounds", torch.tensor(scene_bounds, dtype=torch.float32))
         self.qnets = nn.ModuleList(
             QAttentionNet(10, width, LOWDIM_SIZE, latent if d == 0 else 0,  # PEARL's z goes into depth 0
-                   3 * self.rot_bins + 2 if d == depths - 1 else 0)
+                          3 * self.rot_bins + 2 if d == depths - 1 else 0)
             for d in range(depths))
 
     def index_to_center(self, flat_index: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -585,8 +585,8 @@ class C2FARMLearner:
             delta = F.smooth_l1_loss(q_taken, y, reduction="none").mean(1)  # Huber, mean over this depth's heads
             total = total + ((delta + qreg) * weight).mean()  # importance-weighted, as each of ARM's depth agents
             td.append((q_taken - y).detach())
-            logs[f"losses/bellman_depth{d}"] = delta.mean().item()
-            logs[f"losses/qreg_depth{d}"] = qreg.mean().item()
+            logs[f"losses/bellman_depth{d}"] = delta.mean().detach()  # tensors: read only when logged (no host sync)
+            logs[f"losses/qreg_depth{d}"] = qreg.mean().detach()
             if last:
                 break
             # the next depth zooms where the agent did: at s the stored action's voxel, at s' the voxel
@@ -596,7 +596,7 @@ class C2FARMLearner:
             next_bounds = agent.zoom_in(next_bounds, torch.where(stored, next_attention[:, d], next_voxel),
                                         next_shift[:, d] * stored[:, None])
         td = torch.cat(td, 1)
-        logs["losses/td_loss"] = total.item()
+        logs["losses/td_loss"] = total.detach()
         return total, td.abs().mean(1).cpu().numpy(), logs
 
     def step_optimizer(self, loss):
@@ -762,7 +762,7 @@ class PEARLLearner(C2FARMLearner):
         self.step_optimizer(q_loss + args.kl_weight * kl)
         self.soft_update()
         self.update_priorities(shares, priorities)
-        return {**logs, "losses/kl": kl.item()}
+        return {**logs, "losses/kl": kl.detach()}
 
     @torch.no_grad()
     def latent(self, task_id: int):
@@ -830,7 +830,7 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
         # TRY NOT TO MODIFY: log, evaluate, save
         if global_step % 10 == 0:
             for k, v in logs.items():
-                writer.add_scalar(k, v, global_step)
+                writer.add_scalar(k, float(v), global_step)
             sps = global_step / (time.time() - start)  # env steps/s, updates and evaluations included
             writer.add_scalar("charts/SPS", sps, global_step)
             print(f"global_step={global_step} SPS={sps:.2f}", flush=True)

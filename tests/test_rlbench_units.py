@@ -405,7 +405,7 @@ def test_loss_regulariser_and_clamped_target_on_a_hand_made_batch():
     qreg = 1.0 * np.mean(np.abs([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])) + 1.0 * 3.6 / 11  # L1, trans + rot
     assert loss.item() == pytest.approx(np.mean((huber + qreg) * weight), rel=1e-6)
     np.testing.assert_allclose(priorities, np.abs(err).mean(1), rtol=1e-6)
-    assert logs["losses/qreg_depth0"] == pytest.approx(qreg, rel=1e-6)
+    assert float(logs["losses/qreg_depth0"]) == pytest.approx(qreg, rel=1e-6)
     # without the regulariser only the Bellman term remains
     learner.args = dataclasses.replace(learner.args, lambda_trans_qreg=0.0, lambda_rot_qreg=0.0)
     assert learner.loss(batch)[0].item() == pytest.approx(np.mean(huber * weight), rel=1e-6)
