@@ -7,7 +7,9 @@
 
 This is the environment, not the method (as CleanRL takes its environments from gym
 wrappers): the two backends (`RLBenchTask`, the paper's; `MetaWorldTask`, pip-installable),
-the task lists, the scene bounds of each backend, and the pose and camera math they need.
+the task lists, the scene bounds of each backend, the pose and camera math they need, and each
+backend's rule for a demo's keypoints (ARM's joint-velocity rule on RLBench, end-effector
+speed on Meta-World, whose mocap-driven arm never rests).
 `c2farm_{mt,reptile,pearl}_rlbench.py` import it.
 
 - RLBench 1.2 (CoppeliaSim through PyRep) is imported only when asked for: pip cannot install
