@@ -960,7 +960,10 @@ def adapt(args: Args, model_state: dict, task_name: str, writer, log_eval: Calla
     args = dataclasses.replace(args, learning_starts=args.total_timesteps + 1)  # never update
     device, tasks, agent, buffers = setup(args, [task_name], latent=args.latent_size)
     learner = PEARLLearner(agent, buffers, args, device)
-    learner.model.load_state_dict(model_state)
+    try:
+        learner.model.load_state_dict(model_state)
+    except RuntimeError as e:  # e.g. a checkpoint of an earlier network
+        raise TaskError(f"the checkpoint does not fit this PEARL-C2F-ARM agent: {str(e).splitlines()[0][:200]}") from None
     try:
         return train(args, learner, tasks, [task_name], writer, log_eval=log_eval, eval_every=max(1, eval_every))
     finally:

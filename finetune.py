@@ -237,8 +237,12 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
             return
         device, tasks, agent, buffers = c2f.setup(args, [opts.task])
         if ckpt is not None:
-            agent.load_state_dict(ckpt["model"])
-            if opts.load_encoder_only:  # keep the U-Nets, re-initialise the Q heads (paper appendix)
+            try:
+                agent.load_state_dict(ckpt["model"])
+            except RuntimeError as e:  # e.g. a checkpoint of an earlier C2F-ARM network
+                raise FinetuneError(f"checkpoint {opts.checkpoint} does not fit the C2F-ARM agent: "
+                                    f"{str(e).splitlines()[0][:200]}") from None
+            if opts.load_encoder_only:  # keep the Q-attention encoders, re-initialise the Q outputs (paper appendix)
                 for net in agent.qnets:
                     net.reset_heads()
         learner = c2f.C2FARMLearner(agent, buffers, args, device)

@@ -86,6 +86,11 @@ def test_finetune_errors(checkpoints, tmp_path):
         (["--checkpoint", paths["mt"], "--task", "push_button"], "not a task of the metaworld backend"),
         (["--checkpoint", paths["mt"], "--task", "10000"], "belongs to procgen"),
         (["--scratch", "rlbench", "--backend", "rlbench", "--task", "push_button"], "use --backend metaworld"),
+        # a network of another size (as a checkpoint of an earlier version would be)
+        (["--checkpoint", paths["mt"], "--task", "drawer-open-v3", "--unet-width", "8", "--demos", "0"],
+         "does not fit the C2F-ARM agent"),
+        (["--checkpoint", paths["pearl"], "--task", "drawer-open-v3", "--unet-width", "8", "--demos", "0"],
+         "does not fit this PEARL-C2F-ARM agent"),
     ]
     for i, (argv, message) in enumerate(cases):
         proc = run("finetune.py", *argv, "--output-dir", str(tmp_path / f"err{i}"), ok=False)
