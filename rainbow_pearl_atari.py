@@ -1,21 +1,27 @@
 """PEARL on data-efficient Rainbow (DER) for Atari: a latent task variable inferred from context.
 
-    python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
-
-The study's PEARL-Rainbow (Mandi, Abbeel, James 2022; PEARL: Rakelly et al. 2019). A context
+Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
+Learning" (NeurIPS 2022), Sec. 5.3 (Atari), PEARL-Rainbow; PEARL: Rakelly et al. 2019. A context
 encoder (its own DER conv, then an MLP over [conv features, one-hot action, reward]) maps each
 of a few transitions of one game (authors: 10, drawn from that game's last 100) to a Gaussian
-factor over a latent z (size 32); the factors multiply into the posterior q(z | context), which
-is pulled toward N(0, I) by a KL term. The dueling C51 heads see [conv features, z]; the DER
-loss trains the heads, the conv and, through z, the context encoder.
+factor over a latent z (size 32); the factors multiply into the posterior q(z | c), pulled toward
+N(0, I) by a KL term added unweighted, as in the authors' agent_pearl.py:
 
-Data collection samples z from the posterior over the current game's recent transitions at
-every episode start (from the prior before there are any). Adaptation to a held-out game,
-`adapt(...)`, takes no gradient step: the pretrained agent plays the new game, infers z from
-that experience, and is evaluated with the posterior mean (finetune.py calls it).
+    loss = mean_i w_i * (CE_i + KL(q(z | c_g(i)) || N(0, I)))
 
-Everything else (env, buffer, C51 projection) is the same DER as in rainbow_mt_atari.py,
-repeated here so this file stands alone.
+(CE_i: sample i's C51 loss, w_i its importance weight, c_g(i) the context of its game). The
+dueling C51 heads see [conv features, z]; the loss trains the heads, the conv and, through z,
+the context encoder. Data collection samples z from the current game's posterior at every
+episode start (from the prior before there is data). Adaptation to a held-out game, `adapt`,
+takes no gradient step: the agent plays the new game, infers z from that experience, and is
+evaluated with the posterior mean (finetune.py calls it).
+
+    python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
+    python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # adapt: infer z, no gradient
+
+The DER pieces are copies of rainbow_mt_atari.py's (a test keeps them identical); the
+environment is envs/atari.py. Below the loop, marked TRY NOT TO MODIFY: the encoder's speed form
+(tested against the plain modules) and the plumbing.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -35,27 +41,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from envs import atari
-from envs.atari import FIVE_GAMES, FULL_ACTIONS, TEN_GAMES, AtariEnv, find_rom_id, pad_action, rom_id  # noqa: F401
+from envs.atari import FULL_ACTIONS
 
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
+MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
 
 @dataclass
 class Args:
     exp_name: str = "rainbow_pearl_atari"
+    """name of the run (TensorBoard directory runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
+    """seed of python, numpy, torch and the emulators"""
     cuda: bool = False
     """use the GPU if there is one"""
     track: bool = False
     """log to Weights & Biases (wandb is imported only then)"""
     wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project, with --track"""
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
-    torch_threads: int = 1
-    """torch CPU threads; DER's small network runs fastest on one (see benchmarks/)"""
+    torch_threads: int = 2
+    """torch CPU threads for the learner (2: about 20% faster than 1 on a 2-core CPU,
+    benchmarks/README.md). On a machine busy with other work use 1"""
+    speed_form: bool = True
+    """run the conv encoders in their speed form (`fast_encoder`: convs as matrix products over
+    5x5 patches, bf16 per --precision); the same function as nn.Conv2d (tested)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """encoder and hidden layers in bfloat16 autocast (output layers, C51 loss and Adam stay fp32);
-    auto = bf16 where the hardware has native bfloat16 arithmetic"""
+    """speed form only: the conv encoders in bfloat16; auto = bf16 where the hardware has native
+    bfloat16 arithmetic"""
 
     # games
     train_games: int = 10
@@ -65,16 +79,17 @@ class Args:
     pad_actions: bool = True
     """pad every game's action set to 18 (padding = NOOP), as the authors' pretrained agents"""
 
-    # PEARL (authors' fork: latent 32, context of 10 transitions from the game's last 100)
+    # PEARL (authors' main_mt.py: --pearl_z_size 32; contexts of 10 from a game's last 100)
     latent_size: int = 32
+    """size of the latent z"""
     context_size: int = 10
-    """transitions per context"""
+    """transitions per context (authors' --context_window 10: the number sampled)"""
     context_window: int = 100
-    """contexts are drawn from this many most recent transitions of a game"""
+    """contexts are drawn from this many most recent transitions of a game (authors' --context_length 100)"""
     context_hidden: int = 256
-    """width of the context encoder's MLP (two hidden layers; our choice)"""
-    kl_weight: float = 0.1
-    """weight of KL(q(z|c) || N(0, I)); PEARL's default kl_lambda (Rakelly et al. 2019)"""
+    """width of the context encoder's two hidden layers (authors: one layer of --pearl_hidden_size 512)"""
+    kl_weight: float = 1.0
+    """weight of the KL term; 1 = added unweighted, as the authors' agent_pearl.py (PEARL's own default: 0.1)"""
 
     # budget and logging
     total_timesteps: int = 1_000_000
@@ -84,57 +99,58 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation during adaptation (DER protocol: 10)"""
     eval_epsilon: float = 0.001
-    """epsilon-greedy during evaluation (DER protocol)"""
+    """epsilon-greedy during evaluation (DER protocol; authors' --eval_eps 0.001)"""
     eval_max_steps: int = 27_000
     """cap on agent steps per evaluation episode: 108k frames, the ALE standard"""
 
-    # DER hyperparameters (van Hasselt et al. 2019, Table 1; same in the authors' fork)
+    # DER hyperparameters (van Hasselt et al. 2019, Table 1; the same in the authors' scripts)
     buffer_size: int = 1_000_000
-    """total replay capacity, split evenly between the games"""
+    """total replay capacity, split evenly between the games (authors: --memory-capacity 1M)"""
     learning_starts: int = 1600
+    """env steps before the first update (DER)"""
     batch_size: int = 32
+    """transitions per update"""
     games_per_batch: int = 2
     """each batch draws batch_size/games_per_batch from this many sampled games (authors: 2 x 16)"""
     learning_rate: float = 1e-4
+    """Adam learning rate"""
     adam_eps: float = 1.5e-4
+    """Adam epsilon"""
     gamma: float = 0.99
+    """discount"""
     n_step: int = 20
+    """multi-step return length"""
     num_atoms: int = 51
+    """C51 atoms of the return distribution"""
     v_min: float = -10.0
+    """lowest atom"""
     v_max: float = 10.0
+    """highest atom"""
     noisy_std: float = 0.1
+    """initial sigma scale of the NoisyNet layers"""
     hidden_size: int = 256
-    """dueling head width: DER uses 256; the authors used 512 for their pretrained agents.
-    We keep 256 everywhere so pretrained and scratch agents have the same capacity."""
+    """dueling head width: DER uses 256; the authors used 512 for their 5- and 10-game agents"""
     target_network_frequency: int = 2000
-    """updates between target syncs"""
+    """sync the target network when the env step is a multiple of this (authors' main_mt.py)"""
     priority_exponent: float = 0.5
+    """prioritized replay: priority = loss ** exponent"""
     priority_weight: float = 0.4
     """importance-sampling exponent, annealed linearly to 1 over training"""
     max_grad_norm: float = 10.0
+    """gradients clipped to this global L2 norm"""
     max_noops: int = 30
     """up to this many no-ops after a reset"""
     max_episode_steps: int = 27_000
     """agent steps before a training episode is truncated (108k frames)"""
 
 
-# --------------------------------------------------------------------------- environment
-
-
-def make_env(game: str, seed: int, num_actions: int | None = None, episodic_life: bool = True,
-             args: Args | None = None) -> AtariEnv:
-    """envs.atari.make_env with this script's settings (episode caps, no-ops)."""
-    args = args or Args()
-    return atari.make_env(game, seed, num_actions, episodic_life, args.max_noops,
-                          args.max_episode_steps if episodic_life else args.eval_max_steps)
-
-
-# --------------------------------------------------------------------------- network
+# --------------------------------------------------------------------------- ALGO LOGIC: network
 
 
 class NoisyLinear(nn.Module):
-    """Factorised Gaussian NoisyNet layer (Fortunato et al. 2018). In eval() mode it uses the
-    mean weights only."""
+    """Factorised Gaussian NoisyNet layer (Fortunato et al. 2018):
+    y = (mu_w + sigma_w * eps_w) x + mu_b + sigma_b * eps_b, with eps_w = f(eps_out) f(eps_in)^T,
+    eps_b = f(eps_out), f(x) = sign(x) sqrt(|x|). In eval() mode it uses the mean weights."""
 
     def __init__(self, in_features: int, out_features: int, std_init: float = 0.1):
         super().__init__()
@@ -153,78 +169,60 @@ class NoisyLinear(nn.Module):
 
     @torch.no_grad()
     def reset_sigma(self) -> None:
-        self.weight_sigma.fill_(self.std_init / self.in_features**0.5)
+        self.weight_sigma.fill_(self.std_init / self.in_features**0.5)  # sigma_0 / sqrt(p)
         self.bias_sigma.fill_(self.std_init / self.out_features**0.5)
 
     @staticmethod
-    def _scaled(n: int) -> torch.Tensor:
-        x = torch.randn(n)
+    def scaled_noise(n: int, device: torch.device) -> torch.Tensor:
+        """n draws of f(x) = sign(x) sqrt(|x|), x ~ N(0, 1)."""
+        x = torch.randn(n, device=device)
         return x.sign() * x.abs().sqrt()
 
     @torch.no_grad()
-    def reset_noise(self) -> None:
-        eps_in, eps_out = self._scaled(self.in_features), self._scaled(self.out_features)
-        self.weight_epsilon.copy_(torch.outer(eps_out, eps_in))
+    def reset_noise(self, eps: torch.Tensor | None = None) -> None:
+        """New noise from eps (in_features + out_features values of `scaled_noise`, drawn if not given)."""
+        if eps is None:
+            eps = self.scaled_noise(self.in_features + self.out_features, self.weight_epsilon.device)
+        eps_in, eps_out = eps[:self.in_features], eps[self.in_features:]
+        torch.outer(eps_out, eps_in, out=self.weight_epsilon)  # eps_w = f(eps_out) f(eps_in)^T
         self.bias_epsilon.copy_(eps_out)
 
+    def noisy_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) as the layer uses them: mu + sigma * epsilon in train() mode, mu in eval()."""
+        if not self.training:
+            return self.weight_mu, self.bias_mu
+        return (torch.addcmul(self.weight_mu, self.weight_sigma, self.weight_epsilon),
+                torch.addcmul(self.bias_mu, self.bias_sigma, self.bias_epsilon))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return F.linear(x, self.weight_mu + self.weight_sigma * self.weight_epsilon,
-                            self.bias_mu + self.bias_sigma * self.bias_epsilon)
-        return F.linear(x, self.weight_mu, self.bias_mu)
-
-
-PATCHES, PATCH_PIXELS = 16 * 16, 5 * 5  # the first conv's 16x16 positions and its 5x5 window
-
-
-def frame_patches(frames: np.ndarray) -> np.ndarray:
-    """(..., 84, 84) frames -> (..., 256, 25): the non-overlapping 5x5 patches that DER's first conv
-    (kernel 5, stride 5) reads, row by row. It never reads the last 4 rows and columns."""
-    lead = frames.shape[:-2]
-    x = frames[..., :80, :80].reshape(*lead, 16, 5, 16, 5)
-    return np.swapaxes(x, -3, -2).reshape(*lead, PATCHES, PATCH_PIXELS)
-
-
-def to_patches(obs: np.ndarray) -> np.ndarray:
-    """(..., 4, 84, 84) frame stacks -> (..., 256, 100), the network's input: at each patch
-    position the 4 frames' 25 pixels, frame by frame (the order of the conv weight's inputs)."""
-    return np.swapaxes(frame_patches(obs), -3, -2).reshape(*obs.shape[:-3], PATCHES, 4 * PATCH_PIXELS)
+        return F.linear(x, *self.noisy_weights())
 
 
 class Encoder(nn.Module):
-    """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
-    flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
-    so each conv is one matrix product over patches. Written that way, forward plus backward runs
-    1.3 to 1.7 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
-    the parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+    """DER's conv torso over a stack of 4 frames in [0, 1]: (B, 4, 84, 84) -> 576 features."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(4, 32, 5, stride=5)
-        self.conv2 = nn.Conv2d(32, 64, 5, stride=5)
+        self.conv1 = nn.Conv2d(4, 32, kernel_size=5, stride=5)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, stride=5)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches (B, 256, 100) from `to_patches`, scaled to [0, 1] -> features (B, 576)."""
-        b = patches.shape[0]
-        x = F.relu(F.linear(patches, self.conv1.weight.flatten(1), self.conv1.bias))  # (B, 16 * 16, 32)
-        # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
-        x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
-        x = F.relu(F.linear(x, self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))  # (B, 9, 64)
-        return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(frames))  # (B, 32, 16, 16)
+        x = F.relu(self.conv2(x))  # (B, 64, 3, 3)
+        return x.flatten(1)  # (B, 576)
 
 
 class QNetwork(nn.Module):
     """DER network conditioned on z: the conv `Encoder` (576 features), then dueling NoisyNet heads
-    over [features, z] and num_atoms return atoms. forward() takes `to_patches` observations and
-    gives log-probabilities (batch, actions, atoms). With `bf16` set, the encoder and the hidden
-    layers run in bfloat16 autocast; the output layers and the softmax stay fp32."""
+    over [features, z] and num_atoms return atoms. forward(obs, z): uint8 frame stacks
+    (B, 4, 84, 84) and z (B, latent) -> log p(s, z, a, .) of shape (B, actions, atoms)."""
 
     def __init__(self, num_actions: int, latent_size: int = 32, hidden_size: int = 256, num_atoms: int = 51,
                  v_min: float = -10.0, v_max: float = 10.0, noisy_std: float = 0.1):
         super().__init__()
         self.num_actions, self.num_atoms = num_actions, num_atoms
-        self.bf16 = False  # set from --precision by `use_bf16`; not part of the state dict
-        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
+        self.speed_form, self.bf16 = False, False  # how `encode` runs the encoder; not in the state dict
+        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))  # z_1 .. z_N
         self.encoder = Encoder()
         self.value_hidden = NoisyLinear(576 + latent_size, hidden_size, noisy_std)
         self.value_out = NoisyLinear(hidden_size, num_atoms, noisy_std)
@@ -237,36 +235,24 @@ class QNetwork(nn.Module):
                 m.reset_noise()
 
     def forward(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
-            x = torch.cat([self.encoder(scale(obs, self.bf16)).float(), z], 1)
-            value_hidden, advantage_hidden = F.relu(self.value_hidden(x)), F.relu(self.advantage_hidden(x))
-        value = self.value_out(value_hidden.float()).view(-1, 1, self.num_atoms)
-        adv = self.advantage_out(advantage_hidden.float()).view(-1, self.num_actions, self.num_atoms)
-        return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
+        x = torch.cat([encode(self.encoder, obs, self.speed_form, self.bf16), z], 1)
+        value = self.value_out(F.relu(self.value_hidden(x))).view(-1, 1, self.num_atoms)
+        adv = self.advantage_out(F.relu(self.advantage_hidden(x))).view(-1, self.num_actions, self.num_atoms)
+        return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)  # dueling: V + A - mean_a A
 
     def q_values(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return (self.forward(obs, z).exp() * self.support).sum(2)
-
-
-def scale(obs: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """uint8 pixels -> [0, 1], in bfloat16 when the encoder runs in it."""
-    return obs.to(torch.bfloat16 if bf16 else torch.float32, copy=True).mul_(1 / 255)  # never scales obs in place
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return (self.forward(obs, z).exp() * self.support).sum(2)  # Q(s, z, a) = sum_i z_i p_i
 
 
 def product_of_gaussians(mu: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine independent Gaussian factors (..., N, L) into one Gaussian (..., L):
-    precision = sum of precisions, mean = precision-weighted mean."""
-    var_z = 1.0 / (1.0 / var).sum(-2)
-    return var_z * (mu / var).sum(-2), var_z
+    """Combine independent Gaussian factors (..., N, L) into one Gaussian (..., L)."""
+    var_z = 1.0 / (1.0 / var).sum(-2)  # sigma^2 = 1 / sum_n 1 / sigma_n^2
+    return var_z * (mu / var).sum(-2), var_z  # mu = sigma^2 sum_n mu_n / sigma_n^2
+
+
+def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, var) || N(0, I)) = 1/2 sum_l (var_l + mu_l^2 - 1 - log var_l)."""
+    return 0.5 * (var + mu**2 - 1.0 - var.log()).sum(-1)
 
 
 class ContextEncoder(nn.Module):
@@ -275,17 +261,16 @@ class ContextEncoder(nn.Module):
     def __init__(self, num_actions: int, latent_size: int = 32, hidden: int = 256):
         super().__init__()
         self.num_actions, self.latent_size = num_actions, latent_size
-        self.bf16 = False  # the conv encoder in bfloat16 autocast (set with QNetwork's)
+        self.speed_form, self.bf16 = False, False  # set with QNetwork's
         self.encoder = Encoder()
         self.mlp = nn.Sequential(nn.Linear(576 + num_actions + 1, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                  nn.ReLU(), nn.Linear(hidden, 2 * latent_size))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor):
-        with torch.autocast(obs.device.type, torch.bfloat16, enabled=self.bf16):
-            features = self.encoder(scale(obs, self.bf16)).float()
+        features = encode(self.encoder, obs, self.speed_form, self.bf16)
         x = torch.cat([features, F.one_hot(actions, self.num_actions).float(), rewards[:, None]], 1)
         mu, pre_var = self.mlp(x).chunk(2, dim=1)
-        return mu, F.softplus(pre_var).clamp(min=1e-7)
+        return mu, F.softplus(pre_var).clamp(min=1e-7)  # one factor N(mu_n, sigma_n^2) per transition
 
 
 class PearlAgent(nn.Module):
@@ -297,46 +282,25 @@ class PearlAgent(nn.Module):
         self.q = QNetwork(num_actions, args.latent_size, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
                           args.noisy_std)
 
-    def posterior(self, context: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(z | context) for one game's context of N transitions."""
-        mu, var = self.context_encoder(context["obs"], context["actions"], context["rewards"])
+    def set_speed_form(self, speed_form: bool, bf16: bool) -> None:
+        for net in (self.q, self.context_encoder):
+            net.speed_form, net.bf16 = speed_form, bf16
+
+    def posterior(self, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(z | c) for one game's context of N transitions."""
+        mu, var = self.context_encoder(context.obs, context.actions, context.rewards)
         return product_of_gaussians(mu, var)
 
 
-def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, var) || N(0, I)), summed over the latent dimensions."""
-    return 0.5 * (var + mu**2 - 1.0 - var.log()).sum(-1)
-
-
-def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
-                         support: torch.Tensor) -> torch.Tensor:
-    """C51 projection of the target distribution R + discount * z onto the fixed support.
-    next_probs (B, atoms), returns (B,), discounts (B,) = gamma^n, 0 where the episode ended.
-    When an atom lands exactly on a support point (l == u) it gets the whole mass."""
-    v_min, v_max, atoms = support[0], support[-1], support.numel()
-    delta = (v_max - v_min) / (atoms - 1)
-    tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
-    # clamped again: (v_max - v_min) / delta can round to just over atoms - 1 (fp32 support [-1, 1]
-    # with 62 atoms on the CPU; [-10, 10] with 51 on CUDA), and its ceil would index past the end
-    b = ((tz - v_min) / delta).clamp(0, atoms - 1)
-    lower, upper = b.floor(), b.ceil()
-    exact = (lower == upper).to(next_probs.dtype)
-    offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
-    target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
-    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))
-    target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))
-    return target.view_as(next_probs)
-
-
-# --------------------------------------------------------------------------- replay
+# --------------------------------------------------------------------------- ALGO LOGIC: replay
 
 
 class SumTree:
     """Sum tree over `capacity` leaves with FANOUT children per node; vectorised update and
     stratified sampling. Each level is one array padded to whole blocks of FANOUT children, so the
     children of node j are entries j*FANOUT .. j*FANOUT+FANOUT-1 of the level below. With 64
-    children, a 100k-leaf tree has 4 levels under the root instead of a binary tree's 17: each
-    sample, add and priority update makes a quarter of the numpy calls (README, Atari: Speed)."""
+    children a 100k-leaf tree has 4 levels under the root (a binary tree: 17), so each sample,
+    add and priority update makes a quarter of the numpy calls (benchmarks/README.md)."""
 
     FANOUT = 64
 
@@ -387,19 +351,27 @@ class SumTree:
         return self.find(np.minimum(values, np.nextafter(self.total, 0)))
 
 
+class Batch(NamedTuple):
+    """A prioritized n-step batch (numpy arrays, first axis the B transitions)."""
+    indices: np.ndarray  # replay entries i (for the priority update)
+    obs: np.ndarray  # s_i, uint8 (B, 4, 84, 84)
+    actions: np.ndarray  # a_i
+    returns: np.ndarray  # R_i = sum_{k<n} gamma^k r_{i+k}, cut at the episode's end
+    discounts: np.ndarray  # gamma^n, or 0 when the episode ended within the n steps
+    next_obs: np.ndarray  # s_{i+n}
+    weights: np.ndarray  # importance-sampling weights (N P(i))^-beta, over their batch maximum
+
+
 class ReplayBuffer:
-    """Prioritized n-step replay that stores every frame once (as its 5x5 patches, the layout
-    the network reads; see `frame_patches`). Entry i holds the newest frame
-    of observation s_i, the action, the (clipped) reward, whether the step ended the episode,
-    and t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before
-    the episode start replaced by zeros (what the env's stack shows). A transition becomes
-    sampleable (gets a priority) once the n following entries exist; its next observation is
-    s_{i+n}."""
+    """Prioritized n-step replay that stores every frame once. Entry i holds the newest frame of
+    observation s_i, the action, the (clipped) reward, whether the step ended the episode, and
+    t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before the
+    episode start replaced by zeros (what the env's stack shows). A transition becomes sampleable
+    (gets a priority) once the n following entries exist; its next observation is s_{i+n}."""
 
     def __init__(self, capacity: int, n_step: int, gamma: float, priority_exponent: float, seed: int = 0):
         self.capacity, self.n_step, self.gamma, self.alpha = capacity, n_step, gamma, priority_exponent
-        # frames as `frame_patches` gives them; the extra last one stays blank (zeros before an episode start)
-        self.frames = np.zeros((capacity + 1, PATCHES, PATCH_PIXELS), np.uint8)
+        self.frames = np.zeros((capacity + 1, 84, 84), np.uint8)  # the extra last one stays blank
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)
         self.dones = np.zeros(capacity, np.bool_)
@@ -407,36 +379,35 @@ class ReplayBuffer:
         self.tree = SumTree(capacity)
         self.rng = np.random.default_rng(seed)
         self.pos, self.size, self.next_t = 0, 0, 0
-        self.discounts = gamma ** np.arange(n_step, dtype=np.float32)
+        self.discounts = gamma ** np.arange(n_step, dtype=np.float32)  # gamma^0 .. gamma^(n-1)
 
     def add(self, frame: np.ndarray, action: int, reward: float, done: bool) -> None:
         i = self.pos
-        # entries i..i+3 stop being valid: i is overwritten, i+1..i+3 would stack the new frame
-        self.tree.update(np.arange(i, i + 4) % self.capacity, np.zeros(4))
-        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame_patches(frame), action, reward, done
+        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame, action, reward, done
         self.timesteps[i] = self.next_t
         self.next_t = 0 if done else self.next_t + 1
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
-        if self.size > self.n_step:  # the entry n steps back now has its full n-step window
-            self.tree.update(np.array([(i - self.n_step) % self.capacity]), np.array([self.tree.max_priority]))
+        # entries i..i+3 stop being valid (i is overwritten, i+1..i+3 would stack the new frame); the
+        # entry n steps back now has its full n-step window and gets the highest priority seen
+        indices, priorities = np.arange(i, i + 4) % self.capacity, np.zeros(4)
+        if self.size > self.n_step:
+            indices = np.append(indices, (i - self.n_step) % self.capacity)
+            priorities = np.append(priorities, self.tree.max_priority)
+        self.tree.update(indices, priorities)
 
     def stacked(self, indices: np.ndarray) -> np.ndarray:
-        """Observations s_i rebuilt from single frames, in the network's layout: `to_patches` of the
-        (B, 4, 84, 84) stacks, i.e. (B, 256, 100)."""
+        """Observations s_i (B, 4, 84, 84) rebuilt from single frames."""
         offsets = np.arange(3, -1, -1)  # frame i-3 first, i last
         idx = (indices[:, None] - offsets[None]) % self.capacity  # (B, 4)
         idx[offsets[None] > self.timesteps[indices][:, None]] = self.capacity  # before the episode start: blank
-        # one gather of 25-pixel rows: row (frame f, patch p) of the ((capacity + 1) * 256, 25) view
-        rows = idx[:, None, :] * PATCHES + np.arange(PATCHES)[None, :, None]  # (B, 256, 4)
-        obs = np.take(self.frames.reshape(-1, PATCH_PIXELS), rows, axis=0)  # (B, 256, 4, 25)
-        return obs.reshape(len(indices), PATCHES, 4 * PATCH_PIXELS)
+        return self.frames[idx]
 
     def nstep(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """n-step discounted return and bootstrap discount (gamma^n, or 0 if the episode ended)."""
         idx = (indices[:, None] + np.arange(self.n_step)[None]) % self.capacity
         dones = self.dones[idx]
         alive = np.cumprod(np.concatenate([np.ones((len(indices), 1), bool), ~dones[:, :-1]], 1), 1)
-        returns = (self.rewards[idx] * alive * self.discounts).sum(1)
+        returns = (self.rewards[idx] * alive * self.discounts).sum(1)  # sum_k gamma^k r_{i+k} until done
         bootstrap = np.where(dones.any(1), 0.0, self.gamma**self.n_step).astype(np.float32)
         return returns.astype(np.float32), bootstrap
 
@@ -444,86 +415,143 @@ class ReplayBuffer:
     def ready(self) -> bool:
         return self.tree.total > 0
 
-    def recent(self, count: int, window: int) -> np.ndarray:
-        """`count` distinct indices among the `window` newest entries (a PEARL context)."""
-        window = min(window, self.size)
-        ages = self.rng.choice(window, size=min(count, window), replace=False)
-        return (self.pos - 1 - ages) % self.capacity
-
-    def context(self, count: int, window: int, device) -> dict[str, torch.Tensor]:
-        idx = self.recent(count, window)
-        return {"obs": torch.as_tensor(self.stacked(idx), device=device),
-                "actions": torch.as_tensor(self.actions[idx], device=device),
-                "rewards": torch.as_tensor(self.rewards[idx], device=device)}
-
-    def sample(self, batch_size: int, beta: float) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, beta: float) -> Batch:
         indices = self.tree.sample_stratified(batch_size, self.rng)
-        probs = self.tree.get(indices) / self.tree.total
+        probs = self.tree.get(indices) / self.tree.total  # P(i) = p_i / sum_k p_k
         valid = int((self.tree.leaves > 0).sum())
-        weights = (valid * probs) ** -beta
+        weights = (valid * probs) ** -beta  # w_i = (N P(i))^-beta
         returns, discounts = self.nstep(indices)
-        return {"indices": indices, "obs": self.stacked(indices), "actions": self.actions[indices],
-                "returns": returns, "discounts": discounts,
-                "next_obs": self.stacked((indices + self.n_step) % self.capacity), "weights": weights}
+        next_obs = self.stacked((indices + self.n_step) % self.capacity)
+        return Batch(indices, self.stacked(indices), self.actions[indices], returns, discounts, next_obs, weights)
 
     def update_priorities(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        priorities = np.maximum(losses, 1e-6) ** self.alpha
+        priorities = np.maximum(losses, 1e-6) ** self.alpha  # p_i = loss_i ^ omega
         self.tree.max_priority = max(self.tree.max_priority, float(priorities.max()))
         self.tree.update(indices, priorities)
 
 
-def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float, rng: np.random.Generator):
-    """An equal share of the batch from each of `games_per_batch` sampled games with data."""
+class Context(NamedTuple):
+    """A PEARL context: N recent transitions of one game (tensors on the device)."""
+    obs: torch.Tensor  # uint8 (N, 4, 84, 84)
+    actions: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,) clipped
+
+
+class ContextReplayBuffer(ReplayBuffer):
+    """DER's replay plus the contexts PEARL reads from a game's newest transitions."""
+
+    def recent(self, count: int, window: int) -> np.ndarray:
+        """`count` distinct indices among the `window` newest entries."""
+        window = min(window, self.size)
+        ages = self.rng.choice(window, size=min(count, window), replace=False)
+        return (self.pos - 1 - ages) % self.capacity
+
+    def context(self, count: int, window: int, device) -> Context:
+        idx = self.recent(count, window)
+        return Context(torch.as_tensor(self.stacked(idx), device=device),
+                       torch.as_tensor(self.actions[idx], device=device),
+                       torch.as_tensor(self.rewards[idx], device=device))
+
+
+def sample_games(buffers: list[ReplayBuffer], args: Args, beta: float,
+                 rng: np.random.Generator) -> tuple[Batch, list[tuple[int, int]]]:
+    """An equal share of the batch from each of `games_per_batch` sampled games with data.
+    Returns the batch and [(game, rows)] in batch order."""
     ready = [g for g, b in enumerate(buffers) if b.ready]
     k = min(args.games_per_batch, len(ready))
     games = rng.choice(ready, size=k, replace=False)
     sizes = [args.batch_size // k + (1 if j < args.batch_size % k else 0) for j in range(k)]
-    parts = [(g, buffers[g].sample(s, beta)) for g, s in zip(games, sizes)]
-    batch = {key: np.concatenate([p[key] for _, p in parts]) for key in parts[0][1]}
-    batch["weights"] = batch["weights"] / batch["weights"].max()
-    return batch, [(g, len(p["indices"])) for g, p in parts]
+    parts = [buffers[g].sample(s, beta) for g, s in zip(games, sizes)]
+    batch = Batch(*[np.concatenate(field) for field in zip(*parts)])
+    batch = batch._replace(weights=batch.weights / batch.weights.max())  # IS weights over their maximum
+    return batch, [(int(g), s) for g, s in zip(games, sizes)]
 
 
-# --------------------------------------------------------------------------- learning
+# --------------------------------------------------------------------------- ALGO LOGIC: update
 
 
-def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], z: torch.Tensor,
-             device) -> torch.Tensor:
-    """Per-sample C51 cross-entropy with a double-Q target; z (B, latent) carries gradient into
-    the context encoder through the online heads only."""
-    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
-    rows = torch.arange(len(t["actions"]), device=device)
-    log_probs = q_network(t["obs"], z)[rows, t["actions"]]
+def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
+                         support: torch.Tensor) -> torch.Tensor:
+    """C51 projection of the target distribution R + discount * z onto the fixed support.
+    next_probs (B, atoms), returns (B,), discounts (B,) = gamma^n, 0 where the episode ended.
+    When an atom lands exactly on a support point (l == u) it gets the whole mass."""
+    v_min, v_max, atoms = support[0], support[-1], support.numel()
+    delta = (v_max - v_min) / (atoms - 1)
+    tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)  # Tz = R + gamma^n z
+    # clamped again: (v_max - v_min) / delta can round to just over atoms - 1 (fp32 support [-1, 1]
+    # with 62 atoms on the CPU; [-10, 10] with 51 on CUDA), and its ceil would index past the end
+    b = ((tz - v_min) / delta).clamp(0, atoms - 1)  # b = (Tz - v_min) / delta_z
+    lower, upper = b.floor(), b.ceil()
+    exact = (lower == upper).to(next_probs.dtype)
+    offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
+    target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
+    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
+    target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))  # m_u += p (b - l)
+    return target.view_as(next_probs)
+
+
+def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: Batch, z: torch.Tensor, device) -> torch.Tensor:
+    """Per-sample C51 cross-entropy -sum_i m_i log p_i(s, z, a) against the double-Q target m; z
+    (B, latent) carries gradient into the context encoder through the online pass only."""
+    obs = torch.as_tensor(batch.obs, device=device)  # frames stay uint8 until the network
+    actions = torch.as_tensor(batch.actions, device=device)
+    next_obs = torch.as_tensor(batch.next_obs, device=device)
+    rows = torch.arange(len(actions), device=device)
     with torch.no_grad():
         z_next = z.detach()
-        next_best = q_network.q_values(t["next_obs"], z_next).argmax(1)
+        next_best = q_network.q_values(next_obs, z_next).argmax(1)  # a* = argmax_a Q_online(s_{t+n}, z, a)
         target_network.reset_noise()
-        next_probs = target_network(t["next_obs"], z_next).exp()[rows, next_best]
-        target = project_distribution(next_probs, t["returns"], t["discounts"], q_network.support)
+        next_probs = target_network(next_obs, z_next).exp()[rows, next_best]  # p_target(s_{t+n}, z, a*)
+        returns = torch.as_tensor(batch.returns, device=device)
+        discounts = torch.as_tensor(batch.discounts, device=device)
+        target = project_distribution(next_probs, returns, discounts, q_network.support)  # m = Phi(R + gamma^n z)
+    log_probs = q_network(obs, z)[rows, actions]  # log p(s_t, z, a_t)
     return -(target * log_probs).sum(1)
 
 
-def optimize(agent: PearlAgent, target_network: QNetwork, optimizer, batch, parts, buffers, args: Args, device):
+def pearl_loss(ce: torch.Tensor, kl: torch.Tensor, importance: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """mean_i w_i (CE_i + kl_weight * KL_i), KL_i the KL of sample i's game's posterior. With
+    kl_weight 1 this is the authors' agent_pearl.py, which adds the KL unweighted to every sample's
+    loss before the importance weights (and sums the per-game means where we take one mean: a
+    factor games_per_batch on the whole loss)."""
+    return (importance * (ce + kl_weight * kl)).mean()
+
+
+def optimize(agent: PearlAgent, target_network: QNetwork, optimizer: torch.optim.Optimizer, batch: Batch,
+             parts: list[tuple[int, int]], buffers: list[ContextReplayBuffer], args: Args, device):
     """One update: per sampled game, a context -> posterior -> reparameterised z for its share of
-    the batch; loss = importance-weighted C51 loss + kl_weight * KL. Returns (losses, kl)."""
+    the batch, then one gradient step on `pearl_loss`. Returns (per-sample C51 losses, mean KL)."""
     zs, kls = [], []
     for g, size in parts:
         mu, var = agent.posterior(buffers[g].context(args.context_size, args.context_window, device))
-        zs.append((mu + var.sqrt() * torch.randn_like(mu)).expand(size, -1))
-        kls.append(kl_to_standard_normal(mu, var))
-    losses = dqn_loss(agent.q, target_network, batch, torch.cat(zs), device)
-    weights = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
-    kl = torch.stack(kls).mean()
+        zs.append((mu + var.sqrt() * torch.randn_like(mu)).expand(size, -1))  # z = mu + sigma * eps
+        kls.append(kl_to_standard_normal(mu, var).expand(size))
+    ce = dqn_loss(agent.q, target_network, batch, torch.cat(zs), device)
+    kl = torch.cat(kls)
+    importance = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
     optimizer.zero_grad()
-    ((weights * losses).mean() + args.kl_weight * kl).backward()
-    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    pearl_loss(ce, kl, importance, args.kl_weight).backward()
+    clip_gradients(list(agent.parameters()), args.max_grad_norm)
     optimizer.step()
-    return losses.detach(), kl.detach()
+    return ce.detach(), kl.mean().detach()
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_, without its rescaling pass when the norm is under the cap (most
+    steps): the same gradients, one pass over them fewer. Frozen parameters (no grad) are skipped."""
+    params = [p for p in params if p.grad is not None]
+    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+    if grad_norm > max_norm:
+        nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
+
+
+# --------------------------------------------------------------------------- ALGO LOGIC: acting and the loop
 
 
 @torch.inference_mode()
-def infer_z(agent: PearlAgent, buffer: ReplayBuffer | None, args: Args, device, sample: bool = True) -> torch.Tensor:
-    """z (1, latent): from the prior without experience, else from q(z | context) of the buffer's
+def infer_z(agent: PearlAgent, buffer: ContextReplayBuffer | None, args: Args, device,
+            sample: bool = True) -> torch.Tensor:
+    """z (1, latent): from the prior N(0, I) without experience, else from q(z | c) of the buffer's
     recent transitions (a sample, or the mean with sample=False)."""
     if buffer is None or buffer.size == 0:
         mu, var = torch.zeros(args.latent_size, device=device), torch.ones(args.latent_size, device=device)
@@ -534,13 +562,14 @@ def infer_z(agent: PearlAgent, buffer: ReplayBuffer | None, args: Args, device, 
 
 @torch.inference_mode()
 def act(agent: PearlAgent, obs: np.ndarray, z: torch.Tensor, device) -> int:
-    return int(agent.q.q_values(torch.as_tensor(to_patches(obs), device=device)[None], z).argmax(1).item())
+    """argmax_a Q(s, z, a) with the network's current (noisy, in train mode) weights."""
+    return int(agent.q.q_values(torch.as_tensor(obs, device=device)[None], z).argmax(1).item())
 
 
 def evaluate(agent: PearlAgent, z: torch.Tensor, game: str, args: Args, num_actions: int, device,
              seed: int) -> list[float]:
     """DER protocol with a fixed z: real game over, unclipped scores, epsilon 0.001, no noise."""
-    env = make_env(game, seed, num_actions, episodic_life=False, args=args)
+    env = atari.make_env(game, seed, num_actions, False, args.max_noops, args.eval_max_steps)
     rng = np.random.default_rng(seed)
     was_training = agent.training
     agent.eval()
@@ -557,12 +586,189 @@ def evaluate(agent: PearlAgent, z: torch.Tensor, game: str, args: Args, num_acti
     return returns
 
 
-def save_checkpoint(path: str, args: Args, agent: nn.Module, optimizer, global_step: int, train_tasks: list[str],
-                    num_actions: int) -> None:
+def train(args: Args, games: list[str], writer=None) -> PearlAgent:
+    """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the
+    current game's posterior at every episode start, one update per env step."""
+    check_args(args, len(games))
+    device = seed_everything(args)
+    if writer is None:
+        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    num_actions = FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0])
+    agent = PearlAgent(num_actions, args).to(device).train()
+    target_network = QNetwork(num_actions, args.latent_size, args.hidden_size, args.num_atoms, args.v_min,
+                              args.v_max, args.noisy_std).to(device)
+    target_network.load_state_dict(agent.q.state_dict())
+    bf16 = use_bf16(args.precision, device)
+    agent.set_speed_form(args.speed_form, bf16)
+    target_network.speed_form, target_network.bf16 = args.speed_form, bf16
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    buffers = [ContextReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
+                                   args.seed + g) for g in range(len(games))]
+    env = atari.MultiGameEnv(games, args.seed, num_actions, args.max_noops, args.max_episode_steps)
+    rng = np.random.default_rng(args.seed)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+
+    obs, _ = env.reset()
+    z = infer_z(agent, None, args, device)
+    start_time, update_time = time.time(), 0.0
+    for global_step in range(1, args.total_timesteps + 1):
+        agent.q.reset_noise()  # fresh noise, then act and learn with it (Kaixhin/Rainbow's order)
+        action = act(agent, obs, z, device)
+        game = env.game
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # learning sees clipped rewards and life loss as terminal; logging sees the real game
+        buffers[game].add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
+        obs = next_obs
+        if "episode" in info:
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+            writer.add_scalar(f"charts/episodic_return/{games[game]}", info["episode"]["r"], global_step)
+        if terminated or truncated:
+            obs, _ = env.reset()  # a random game after a game over, the same game after a lost life
+            z = infer_z(agent, buffers[env.game], args, device)
+
+        if global_step >= args.learning_starts and any(b.ready for b in buffers):
+            t0 = time.time()
+            beta = args.priority_weight + (1.0 - args.priority_weight) * min(
+                1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
+            batch, parts = sample_games(buffers, args, beta, rng)
+            losses, kl = optimize(agent, target_network, optimizer, batch, parts, buffers, args, device)
+            losses = losses.cpu().numpy()
+            start = 0
+            for g, size in parts:  # priorities from the C51 loss alone
+                buffers[g].update_priorities(batch.indices[start:start + size], losses[start:start + size])
+                start += size
+            if global_step % args.target_network_frequency == 0:  # on env steps, as the authors
+                target_network.load_state_dict(agent.q.state_dict())
+            update_time += time.time() - t0
+            if global_step % 100 == 0:
+                writer.add_scalar("losses/loss", float(losses.mean()), global_step)
+                writer.add_scalar("losses/kl", float(kl), global_step)
+                writer.add_scalar("charts/beta", beta, global_step)
+
+        # TRY NOT TO MODIFY: logging and checkpoints
+        if global_step % 1000 == 0 or global_step == args.total_timesteps:
+            sps = int(global_step / (time.time() - start_time))
+            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
+                  flush=True)
+            writer.add_scalar("charts/SPS", sps, global_step)
+        if global_step % args.save_every == 0 or global_step == args.total_timesteps:
+            save_checkpoint(ckpt_path, args, agent, optimizer, global_step, "pearl", games, num_actions)
+    return agent
+
+
+def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=None, log_eval=None,
+          eval_every: int = 5_000) -> list[tuple[int, float]]:
+    """Adapt a pretrained PEARL agent to a held-out game with no gradient step: play the game for
+    args.total_timesteps env steps (z resampled from the posterior over the newest transitions at
+    every episode start) and evaluate with z = the posterior mean of a context from the last
+    context_window transitions: at step 0 (no experience yet: the prior's mean, z = 0), every
+    eval_every steps and at the end. Each point goes to log_eval(step, mean_return, episodes)."""
+    check_args(args, 1)
+    device = seed_everything(args)
+    if writer is None:
+        writer = setup(args, f"{args.exp_name}_adapt_{game}__{args.seed}__{int(time.time())}")
+    atari.rom_id(game)
+    agent = PearlAgent(num_actions, args).to(device)
+    agent.load_state_dict(model_state)
+    agent.set_speed_form(args.speed_form, use_bf16(args.precision, device))
+    agent.eval()  # acting uses the mean weights; nothing is trained
+    # only the newest transitions are ever read: a window-sized buffer (+ room for the frame stacks)
+    buffer = ContextReplayBuffer(args.context_window + 8, args.n_step, args.gamma, args.priority_exponent, args.seed)
+    env = atari.make_env(game, args.seed, num_actions, True, args.max_noops, args.max_episode_steps)
+    curve = []
+
+    def run_eval(step: int) -> None:
+        z_mean = infer_z(agent, buffer, args, device, sample=False)
+        scores = evaluate(agent, z_mean, game, args, num_actions, device, seed=args.seed + 10_000 + step)
+        curve.append((step, float(np.mean(scores))))
+        if log_eval is not None:
+            log_eval(step, float(np.mean(scores)), len(scores))
+
+    run_eval(0)  # the zero-shot point
+    obs, _ = env.reset()
+    z = infer_z(agent, None, args, device)
+    start_time = time.time()
+    for global_step in range(1, args.total_timesteps + 1):
+        action = act(agent, obs, z, device)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        buffer.add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
+        obs = next_obs
+        if "episode" in info:
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+        if terminated or truncated:
+            obs, _ = env.reset()
+            z = infer_z(agent, buffer, args, device)
+        if global_step % 1000 == 0:
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+        if eval_every and global_step % eval_every == 0 and global_step != args.total_timesteps:
+            run_eval(global_step)
+    run_eval(args.total_timesteps)
+    return curve
+
+
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: the speed form
+# The same network as Encoder.forward, computed from its parameters in a form that runs faster
+# on a CPU (benchmarks/bench_rainbow_atari.py --compare; tests/test_atari.py checks it against the
+# plain modules). Whether it pays over a whole 100k run is measured in benchmarks/README.md.
+
+
+def to_patches(obs: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 84, 84) -> (B, 256, 100): conv1 (kernel 5, stride 5) reads 16x16 non-overlapping 5x5
+    patches; at each patch position the 4 frames' 25 pixels, in the order of conv1's weight. The
+    last 4 rows and columns are never read."""
+    b = obs.shape[0]
+    x = obs[:, :, :80, :80].reshape(b, 4, 16, 5, 16, 5)  # (B, frame, row, i, col, j)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, 256, 100)
+
+
+def encoder_matrices(encoder: Encoder, dtype: torch.dtype):
+    """The two convs as (weight, bias) of linear maps over patches, in dtype: conv1 reads
+    `to_patches`' 100 values of raw pixels (the 1/255 scale folded into its weight), conv2 a 5x5
+    block of conv1's outputs (row, column, channel)."""
+    w1, b1 = encoder.conv1.weight.flatten(1) / 255, encoder.conv1.bias
+    w2, b2 = encoder.conv2.weight.permute(0, 2, 3, 1).flatten(1), encoder.conv2.bias
+    return (w1.to(dtype), b1.to(dtype)), (w2.to(dtype), b2.to(dtype))
+
+
+def fast_encoder(obs: torch.Tensor, matrices) -> torch.Tensor:
+    """Encoder(obs / 255) from uint8 frame stacks, each conv one matrix product over its patches."""
+    (w1, b1), (w2, b2) = matrices
+    b = obs.shape[0]
+    x = F.relu(F.linear(to_patches(obs).to(w1.dtype), w1, b1))  # (B, 16 * 16, 32)
+    # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
+    x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
+    x = F.relu(F.linear(x, w2, b2))  # (B, 9, 64)
+    return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+
+
+def encode(encoder: Encoder, obs: torch.Tensor, speed_form: bool, bf16: bool) -> torch.Tensor:
+    """Encoder(obs / 255) for uint8 frame stacks: the plain module, or `fast_encoder` (bf16 when asked)."""
+    if not speed_form:
+        return encoder(obs.float() / 255)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return fast_encoder(obs, encoder_matrices(encoder, dtype)).float()
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
+
+
+def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
+                    train_tasks: list[str], num_actions: int) -> None:
+    """One file, written to a temporary name and renamed; loads with torch.load(weights_only=True)."""
     ckpt = {
-        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": "rainbow_pearl_atari", "benchmark": "atari",
-        "method": "pearl", "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
-        "global_step": int(global_step), "model": agent.state_dict(),
+        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": MODULE, "benchmark": "atari",
+        "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
+        "global_step": int(global_step), "model": q_network.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {}, "num_actions": int(num_actions),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -585,27 +791,20 @@ def check_args(args: Args, num_games: int) -> None:
                  "save_every", "eval_episodes", "torch_threads", "latent_size", "context_size"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    check_der_args(args, num_games)
+    if args.context_window < args.context_size:
+        sys.exit(f"error: --context-window ({args.context_window}) must hold --context-size "
+                 f"({args.context_size}) transitions")
+
+
+def check_der_args(args, num_games: int) -> None:
+    """The checks every DER script shares."""
     if args.num_atoms < 2 or args.v_min >= args.v_max:
         sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
                  f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
     if args.buffer_size // num_games <= args.n_step + 4:
         sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
                  f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
-    if args.context_window < args.context_size:
-        sys.exit(f"error: --context-window ({args.context_window}) must hold --context-size "
-                 f"({args.context_size}) transitions")
-
-
-def resolve_games(args: Args) -> list[str]:
-    if args.games:
-        games = list(args.games)
-    elif args.train_games in (5, 10):
-        games = list(FIVE_GAMES if args.train_games == 5 else TEN_GAMES)
-    else:
-        sys.exit(f"error: --train-games must be 5 or 10 (got {args.train_games}); or give --games")
-    for g in games:
-        rom_id(g)
-    return games
 
 
 def keep_freed_memory() -> None:
@@ -621,7 +820,7 @@ def keep_freed_memory() -> None:
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
 
 
-def seed_everything(args: Args) -> torch.device:
+def seed_everything(args) -> torch.device:
     """Seeds, threads and the allocator; returns the device."""
     keep_freed_memory()
     random.seed(args.seed)
@@ -631,7 +830,7 @@ def seed_everything(args: Args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
-def setup(args: Args, run_name: str):
+def setup(args, run_name: str):
     """TensorBoard writer under args.output_dir (and wandb when --track)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -646,129 +845,11 @@ def setup(args: Args, run_name: str):
     return writer
 
 
-def train(args: Args, games: list[str], writer=None) -> PearlAgent:
-    """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the
-    current game's posterior at every episode start, one update per env step."""
-    check_args(args, len(games))
-    device = seed_everything(args)
-    if writer is None:
-        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    num_actions = FULL_ACTIONS if args.pad_actions else len(make_env(games[0], 0, args=args).action_set)
-    agent = PearlAgent(num_actions, args).to(device).train()
-    target_network = QNetwork(num_actions, args.latent_size, args.hidden_size, args.num_atoms, args.v_min,
-                              args.v_max, args.noisy_std).to(device)
-    target_network.load_state_dict(agent.q.state_dict())
-    agent.q.bf16 = agent.context_encoder.bf16 = target_network.bf16 = use_bf16(args.precision, device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    buffers = [ReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
-                            args.seed + g) for g in range(len(games))]
-    envs = [make_env(game, args.seed + 1000 * g, num_actions, args=args) for g, game in enumerate(games)]
-    rng = np.random.default_rng(args.seed)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-
-    game = rng.integers(len(games))
-    obs, _ = envs[game].reset()
-    z = infer_z(agent, None, args, device)
-    updates, start_time, update_time = 0, time.time(), 0.0
-    for global_step in range(1, args.total_timesteps + 1):
-        action = act(agent, obs, z, device)
-        next_obs, reward, terminated, truncated, info = envs[game].step(action)
-        # learning sees clipped rewards and life loss as terminal; logging sees the real game
-        buffers[game].add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
-        obs = next_obs
-        if "episode" in info:
-            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-            writer.add_scalar(f"charts/episodic_return/{games[game]}", info["episode"]["r"], global_step)
-            game = rng.integers(len(games))  # a random game at every real reset
-        if terminated or truncated:
-            obs, _ = envs[game].reset()
-            z = infer_z(agent, buffers[game], args, device)
-
-        if global_step >= args.learning_starts and any(b.ready for b in buffers):
-            t0 = time.time()
-            beta = args.priority_weight + (1.0 - args.priority_weight) * min(
-                1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
-            agent.q.reset_noise()
-            batch, parts = sample_games(buffers, args, beta, rng)
-            losses, kl = optimize(agent, target_network, optimizer, batch, parts, buffers, args, device)
-            losses = losses.cpu().numpy()
-            start = 0
-            for g, size in parts:
-                buffers[g].update_priorities(batch["indices"][start:start + size], losses[start:start + size])
-                start += size
-            updates += 1
-            if updates % args.target_network_frequency == 0:
-                target_network.load_state_dict(agent.q.state_dict())
-            update_time += time.time() - t0
-            if global_step % 100 == 0:
-                writer.add_scalar("losses/loss", float(losses.mean()), global_step)
-                writer.add_scalar("losses/kl", float(kl), global_step)
-                writer.add_scalar("charts/beta", beta, global_step)
-        if global_step % 1000 == 0 or global_step == args.total_timesteps:
-            sps = int(global_step / (time.time() - start_time))
-            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
-                  flush=True)
-            writer.add_scalar("charts/SPS", sps, global_step)
-        if global_step % args.save_every == 0 or global_step == args.total_timesteps:
-            save_checkpoint(ckpt_path, args, agent, optimizer, global_step, games, num_actions)
-    return agent
-
-
-def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=None, log_eval=None,
-          eval_every: int = 10_000) -> list[tuple[int, float]]:
-    """Adapt a pretrained PEARL agent to a held-out game with no gradient step: play the game for
-    args.total_timesteps env steps (z resampled from the posterior over the newest transitions at
-    every episode start), and every eval_every steps and at the end evaluate with z = the
-    posterior mean of a context from the last context_window transitions. Each evaluation point
-    goes to log_eval(step, mean_return); returns the curve."""
-    check_args(args, 1)
-    device = seed_everything(args)
-    if writer is None:
-        writer = setup(args, f"{args.exp_name}_adapt_{game}__{args.seed}__{int(time.time())}")
-    rom_id(game)
-    agent = PearlAgent(num_actions, args).to(device)
-    agent.load_state_dict(model_state)
-    agent.q.bf16 = agent.context_encoder.bf16 = use_bf16(args.precision, device)
-    agent.eval()  # acting uses the mean weights; nothing is trained
-    # only the newest transitions are ever read: a window-sized buffer (+ room for the frame stacks)
-    buffer = ReplayBuffer(args.context_window + 8, args.n_step, args.gamma, args.priority_exponent, args.seed)
-    env = make_env(game, args.seed, num_actions, args=args)
-    curve = []
-
-    def run_eval(step: int) -> None:
-        z_mean = infer_z(agent, buffer, args, device, sample=False)
-        score = float(np.mean(evaluate(agent, z_mean, game, args, num_actions, device, seed=args.seed + 10_000 + step)))
-        curve.append((step, score))
-        if log_eval is not None:
-            log_eval(step, score)
-
-    obs, _ = env.reset()
-    z = infer_z(agent, None, args, device)
-    start_time = time.time()
-    for global_step in range(1, args.total_timesteps + 1):
-        action = act(agent, obs, z, device)
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        buffer.add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
-        obs = next_obs
-        if "episode" in info:
-            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-        if terminated or truncated:
-            obs, _ = env.reset()
-            z = infer_z(agent, buffer, args, device)
-        if global_step % 1000 == 0:
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-        if eval_every and global_step % eval_every == 0 and global_step != args.total_timesteps:
-            run_eval(global_step)
-    run_eval(args.total_timesteps)
-    return curve
-
-
 if __name__ == "__main__":
     import tyro
 
     args = tyro.cli(Args)
-    games = resolve_games(args)
+    games = atari.game_set(args.train_games, args.games)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = setup(args, run_name)
     print(f"PEARL-DER on {', '.join(games)} -> {args.output_dir}", flush=True)

@@ -1,23 +1,25 @@
 """Reptile on data-efficient Rainbow (DER) for Atari: meta-pretraining over several games.
 
-    python rainbow_reptile_atari.py --train-games 10          # paper's 10-game set, 1M env steps
+Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
+Learning" (NeurIPS 2022), Sec. 5.3 (Atari), Reptile-Rainbow; Reptile: Nichol et al. 2018. The
+agent plays a random game per reset, as multi-task DER does (rainbow_mt_atari.py). At every env
+step after learning starts it picks one game's buffer, makes `--reptile-k` DER updates on batches
+from that game only (weights phi), and moves the meta-weights theta toward them:
 
-The study's Reptile-Rainbow (Mandi, Abbeel, James 2022, authors' Kaixhin/Rainbow fork): the
-agent plays a random game per reset, as multi-task DER does (rainbow_mt_atari.py); at every
-env step after learning starts it picks one game's buffer, makes `--reptile-k` DER updates on
-batches from that game only (phi), and then moves the meta-weights toward them:
+    theta <- theta + eps * (phi - theta)        (the standard form)
 
-    theta <- theta + eps * (phi - theta)        (Nichol et al. 2018, the standard form)
+with eps linear from --reptile-eps-start to --reptile-eps-end over training. The authors' fork
+(MandiZhao/Rainbow, agent_mt.py learn_reptile) writes theta <- phi + e * (theta - phi), i.e.
+eps = 1 - e, with e going 1 -> 0: the effective eps goes 0 -> 1, which our defaults (0.0 -> 1.0)
+reproduce. Nichol et al.'s standard Reptile anneals from 1.0 to 0.0 instead.
 
-with eps scheduled linearly from --reptile-eps-start to --reptile-eps-end over training.
-The authors' code writes theta <- phi + e * (theta - phi), i.e. eps = 1 - e, and their
-schedule makes the effective eps go 0 -> 1; our defaults (0.0 -> 1.0) reproduce that.
-Nichol et al.'s standard Reptile anneals instead from 1.0 to 0.0
-(--reptile-eps-start 1.0 --reptile-eps-end 0.0).
+    python rainbow_reptile_atari.py --train-games 10         # paper's 10-game set, 1M env steps
+    python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # DER fine-tuning
 
 The network and its state_dict keys equal rainbow_mt_atari's, so finetune.py fine-tunes a
-Reptile checkpoint with the same DER code. Everything else (env, buffer, loss) is the same
-DER as in rainbow_mt_atari.py, repeated here so this file stands alone.
+Reptile checkpoint with the same DER code; the DER pieces here are copies of that file's (a test
+keeps them identical). The environment is envs/atari.py. Below the loop, marked TRY NOT TO
+MODIFY: the network's speed form (tested against the plain modules) and the plumbing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -37,29 +39,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from envs import atari
-from envs.atari import FIVE_GAMES, FULL_ACTIONS, TEN_GAMES, AtariEnv, find_rom_id, pad_action, rom_id  # noqa: F401
+from envs.atari import FULL_ACTIONS
 
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
+MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
 
 @dataclass
 class Args:
     exp_name: str = "rainbow_reptile_atari"
+    """name of the run (TensorBoard directory runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
+    """seed of python, numpy, torch and the emulators"""
     cuda: bool = False
     """use the GPU if there is one"""
     track: bool = False
     """log to Weights & Biases (wandb is imported only then)"""
     wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project, with --track"""
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     torch_threads: int = 2
-    """torch CPU threads; DER's small network gains from a second thread (about 20% more env steps
-    per second on a 2-core CPU, benchmarks/bench_rainbow_atari.py). Use 1 on a machine busy with
-    other work (OpenMP's second thread then waits for a core)"""
+    """torch CPU threads for the learner (2: about 20% faster than 1 on a 2-core CPU,
+    benchmarks/README.md). On a machine busy with other work use 1"""
+    speed_form: bool = True
+    """run the network in its speed form (`fast_forward`: convs as matrix products over 5x5
+    patches, noisy weights composed once per update, bf16 per --precision); the same function as
+    the plain nn.Conv2d modules (tested), faster on a CPU. --no-speed-form runs the plain modules"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay fp32);
-    auto = bf16 where the hardware has native bfloat16 arithmetic"""
+    """speed form only: encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay
+    fp32); auto = bf16 where the hardware has native bfloat16 arithmetic"""
 
     # games
     train_games: int = 10
@@ -69,11 +78,11 @@ class Args:
     pad_actions: bool = True
     """pad every game's action set to 18 (padding = NOOP), as the authors' pretrained agents"""
 
-    # Reptile (authors' fork: k=5 inner updates on one game per env step)
+    # Reptile (authors' bashes/neurips22/pretrain.sh: --reptile_k 5, one game per outer step)
     reptile_k: int = 5
     """inner DER updates on one game's buffer before each outer step"""
     reptile_eps_start: float = 0.0
-    """outer step size at the start; 0.0 -> 1.0 is the authors' effective schedule (their e = 1 - eps)"""
+    """outer step size at learning start; 0.0 -> 1.0 is the authors' effective schedule (their e = 1 - eps)"""
     reptile_eps_end: float = 1.0
     """outer step size at the end of training (standard Reptile anneals 1.0 -> 0.0)"""
 
@@ -85,56 +94,58 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation when this checkpoint is fine-tuned (finetune.py)"""
     eval_epsilon: float = 0.001
-    """epsilon-greedy during evaluation (DER protocol)"""
+    """epsilon-greedy during evaluation when fine-tuned (DER protocol)"""
     eval_max_steps: int = 27_000
     """cap on agent steps per evaluation episode: 108k frames, the ALE standard"""
 
-    # DER hyperparameters (van Hasselt et al. 2019, Table 1; same in the authors' fork)
+    # DER hyperparameters (van Hasselt et al. 2019, Table 1; the same in the authors' scripts)
     buffer_size: int = 1_000_000
-    """total replay capacity, split evenly between the games"""
+    """total replay capacity, split evenly between the games (authors: --memory-capacity 1M)"""
     learning_starts: int = 1600
+    """env steps before the first update (DER)"""
     batch_size: int = 32
-    """every inner batch comes from the one game of the current outer step"""
+    """transitions per inner update, all from the one game of the outer step"""
     learning_rate: float = 1e-4
+    """Adam learning rate (inner updates)"""
     adam_eps: float = 1.5e-4
+    """Adam epsilon"""
     gamma: float = 0.99
+    """discount"""
     n_step: int = 20
+    """multi-step return length"""
     num_atoms: int = 51
+    """C51 atoms of the return distribution"""
     v_min: float = -10.0
+    """lowest atom"""
     v_max: float = 10.0
+    """highest atom"""
     noisy_std: float = 0.1
+    """initial sigma scale of the NoisyNet layers"""
     hidden_size: int = 256
-    """dueling head width: DER uses 256; the authors used 512 for their pretrained agents.
-    We keep 256 everywhere so pretrained and scratch agents have the same capacity."""
+    """dueling head width: DER uses 256; the authors used 512 for their 5- and 10-game agents
+    (--mlps 512). We keep 256 everywhere so pretrained and scratch agents have the same capacity"""
     target_network_frequency: int = 2000
-    """gradient updates (inner steps) between target syncs"""
+    """sync the target network when the env step is a multiple of this (authors' main_mt.py: on
+    env steps, not on the k inner updates)"""
     priority_exponent: float = 0.5
+    """prioritized replay: priority = loss ** exponent"""
     priority_weight: float = 0.4
     """importance-sampling exponent, annealed linearly to 1 over training"""
     max_grad_norm: float = 10.0
+    """gradients clipped to this global L2 norm"""
     max_noops: int = 30
     """up to this many no-ops after a reset"""
     max_episode_steps: int = 27_000
     """agent steps before a training episode is truncated (108k frames)"""
 
 
-# --------------------------------------------------------------------------- environment
-
-
-def make_env(game: str, seed: int, num_actions: int | None = None, episodic_life: bool = True,
-             args: Args | None = None) -> AtariEnv:
-    """envs.atari.make_env with this script's settings (episode caps, no-ops)."""
-    args = args or Args()
-    return atari.make_env(game, seed, num_actions, episodic_life, args.max_noops,
-                          args.max_episode_steps if episodic_life else args.eval_max_steps)
-
-
-# --------------------------------------------------------------------------- network
+# --------------------------------------------------------------------------- ALGO LOGIC: network
 
 
 class NoisyLinear(nn.Module):
-    """Factorised Gaussian NoisyNet layer (Fortunato et al. 2018). In eval() mode it uses the
-    mean weights only."""
+    """Factorised Gaussian NoisyNet layer (Fortunato et al. 2018):
+    y = (mu_w + sigma_w * eps_w) x + mu_b + sigma_b * eps_b, with eps_w = f(eps_out) f(eps_in)^T,
+    eps_b = f(eps_out), f(x) = sign(x) sqrt(|x|). In eval() mode it uses the mean weights."""
 
     def __init__(self, in_features: int, out_features: int, std_init: float = 0.1):
         super().__init__()
@@ -153,23 +164,22 @@ class NoisyLinear(nn.Module):
 
     @torch.no_grad()
     def reset_sigma(self) -> None:
-        self.weight_sigma.fill_(self.std_init / self.in_features**0.5)
+        self.weight_sigma.fill_(self.std_init / self.in_features**0.5)  # sigma_0 / sqrt(p)
         self.bias_sigma.fill_(self.std_init / self.out_features**0.5)
 
     @staticmethod
     def scaled_noise(n: int, device: torch.device) -> torch.Tensor:
-        """n draws of f(x) = sign(x) sqrt(|x|), x ~ N(0, 1): the factorised noise."""
+        """n draws of f(x) = sign(x) sqrt(|x|), x ~ N(0, 1)."""
         x = torch.randn(n, device=device)
         return x.sign() * x.abs().sqrt()
 
     @torch.no_grad()
     def reset_noise(self, eps: torch.Tensor | None = None) -> None:
-        """New noise: eps (in_features + out_features values of `scaled_noise`, drawn here if not
-        given) gives the weight noise eps_out x eps_in and the bias noise eps_out."""
+        """New noise from eps (in_features + out_features values of `scaled_noise`, drawn if not given)."""
         if eps is None:
             eps = self.scaled_noise(self.in_features + self.out_features, self.weight_epsilon.device)
         eps_in, eps_out = eps[:self.in_features], eps[self.in_features:]
-        torch.outer(eps_out, eps_in, out=self.weight_epsilon)
+        torch.outer(eps_out, eps_in, out=self.weight_epsilon)  # eps_w = f(eps_out) f(eps_in)^T
         self.bias_epsilon.copy_(eps_out)
 
     def noisy_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,152 +193,68 @@ class NoisyLinear(nn.Module):
         return F.linear(x, *self.noisy_weights())
 
 
-PATCHES, PATCH_PIXELS = 16 * 16, 5 * 5  # the first conv's 16x16 positions and its 5x5 window
-
-
-def frame_patches(frames: np.ndarray) -> np.ndarray:
-    """(..., 84, 84) frames -> (..., 256, 25): the non-overlapping 5x5 patches that DER's first conv
-    (kernel 5, stride 5) reads, row by row. It never reads the last 4 rows and columns."""
-    lead = frames.shape[:-2]
-    x = frames[..., :80, :80].reshape(*lead, 16, 5, 16, 5)
-    return np.swapaxes(x, -3, -2).reshape(*lead, PATCHES, PATCH_PIXELS)
-
-
-def to_patches(obs: np.ndarray) -> np.ndarray:
-    """(..., 4, 84, 84) frame stacks -> (..., 256, 100), the network's input: at each patch
-    position the 4 frames' 25 pixels, frame by frame (the order of the conv weight's inputs)."""
-    return np.swapaxes(frame_patches(obs), -3, -2).reshape(*obs.shape[:-3], PATCHES, 4 * PATCH_PIXELS)
-
-
 class Encoder(nn.Module):
-    """DER's conv torso: Conv(4 -> 32, 5x5, stride 5), ReLU, Conv(32 -> 64, 5x5, stride 5), ReLU,
-    flatten -> 576 features. A conv whose stride equals its kernel reads non-overlapping patches,
-    so each conv is one matrix product over patches. Written that way, forward plus backward runs
-    1.3 to 1.7 times as fast on a CPU as nn.Conv2d (benchmarks/bench_rainbow_atari.py --compare);
-    the parameters are the nn.Conv2d ones and the outputs equal the conv's (tests/test_atari.py)."""
+    """DER's conv torso over a stack of 4 frames in [0, 1]: (B, 4, 84, 84) -> 576 features."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(4, 32, 5, stride=5)
-        self.conv2 = nn.Conv2d(32, 64, 5, stride=5)
+        self.conv1 = nn.Conv2d(4, 32, kernel_size=5, stride=5)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, stride=5)
 
-    def matrices(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """The two convs as (weight, bias) of linear maps over patches: conv1 reads `to_patches`'
-        100 values (frame, row, column), conv2 a 5x5 block of conv1's outputs (row, column, channel)."""
-        return ((self.conv1.weight.flatten(1), self.conv1.bias),
-                (self.conv2.weight.permute(0, 2, 3, 1).flatten(1), self.conv2.bias))
-
-    def forward(self, patches: torch.Tensor, matrices=None) -> torch.Tensor:
-        """patches (B, 256, 100) from `to_patches` -> features (B, 576); `matrices` as `matrices()`
-        gives them (QNetwork passes its own, with the pixel scale folded in)."""
-        (w1, b1), (w2, b2) = self.matrices() if matrices is None else matrices
-        b = patches.shape[0]
-        x = F.relu(F.linear(patches, w1, b1))  # (B, 16 * 16, 32)
-        # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
-        x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
-        x = F.relu(F.linear(x, w2, b2))  # (B, 9, 64)
-        return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(frames))  # (B, 32, 16, 16)
+        x = F.relu(self.conv2(x))  # (B, 64, 3, 3)
+        return x.flatten(1)  # (B, 576)
 
 
 class QNetwork(nn.Module):
-    """DER network: the conv `Encoder` (576 features), dueling NoisyNet heads over num_atoms return
-    atoms. forward() takes `to_patches` observations (uint8) and gives log-probabilities
-    (batch, actions, atoms). With `bf16` set, the encoder and the hidden layers run in bfloat16;
-    the output layers and the softmax stay fp32 (bf16 there was no faster, README: Atari: Speed).
-
-    The layers' weights for a step come from `weights()`: noise added, cast, the pixel scale folded
-    in. dqn_loss computes them once and shares them between both online passes of an update,
-    instead of each pass composing the noisy weights again."""
+    """DER network: the conv `Encoder`, then dueling NoisyNet heads over num_atoms return atoms.
+    forward(obs): uint8 frame stacks (B, 4, 84, 84) -> log p(s, a, .) of shape (B, actions, atoms).
+    With `weights` (from `step_weights`) it runs the speed form, `fast_forward`: the same function."""
 
     def __init__(self, num_actions: int, hidden_size: int = 256, num_atoms: int = 51, v_min: float = -10.0,
                  v_max: float = 10.0, noisy_std: float = 0.1):
         super().__init__()
         self.num_actions, self.num_atoms = num_actions, num_atoms
-        self.bf16 = False  # set from --precision by `use_bf16`; not part of the state dict
-        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))
+        self.bf16 = False  # speed form only, set from --precision by `use_bf16`; not in the state dict
+        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms))  # z_1 .. z_N
         self.encoder = Encoder()
         self.value_hidden = NoisyLinear(576, hidden_size, noisy_std)
         self.value_out = NoisyLinear(hidden_size, num_atoms, noisy_std)
         self.advantage_hidden = NoisyLinear(576, hidden_size, noisy_std)
         self.advantage_out = NoisyLinear(hidden_size, num_actions * num_atoms, noisy_std)
 
-    def noisy_layers(self):
+    def noisy_layers(self) -> list[NoisyLinear]:
         return [m for m in self.modules() if isinstance(m, NoisyLinear)]
 
     def reset_noise(self) -> None:
-        """New noise in every NoisyNet layer, drawn in one call (fewer small ops than one per layer)."""
+        """New noise in every NoisyNet layer, drawn in one call."""
         sizes = [layer.in_features + layer.out_features for layer in self.noisy_layers()]
         noise = NoisyLinear.scaled_noise(sum(sizes), self.support.device)
         for layer, eps in zip(self.noisy_layers(), noise.split(sizes)):
             layer.reset_noise(eps)
 
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
-
-    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's (weight, bias) as forward() uses them, current noise included (train mode).
-        The first layer takes pixel values 0..255 (exact in bf16) and carries the 1/255 scale; the
-        encoder and hidden layers are in `input_dtype`, the output layers fp32."""
-        (w1, b1), conv2 = self.encoder.matrices()
-        low = {"conv1": (w1 / 255, b1), "conv2": conv2, "value_hidden": self.value_hidden.noisy_weights(),
-               "advantage_hidden": self.advantage_hidden.noisy_weights()}
-        weights = {name: (w.to(self.input_dtype), b.to(self.input_dtype)) for name, (w, b) in low.items()}
-        return weights | {"value_out": self.value_out.noisy_weights(),
-                          "advantage_out": self.advantage_out.noisy_weights()}
-
     def forward(self, obs: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
-        """obs: uint8 `to_patches` observations (or those values already in `input_dtype`, to convert
-        once for several passes). weights: from `weights()`, computed here if not given."""
-        w = self.weights() if weights is None else weights
-        x = self.encoder(obs.to(self.input_dtype), (w["conv1"], w["conv2"]))
-        value = F.linear(F.relu(F.linear(x, *w["value_hidden"])).float(), *w["value_out"])
-        adv = F.linear(F.relu(F.linear(x, *w["advantage_hidden"])).float(), *w["advantage_out"])
-        value, adv = value.view(-1, 1, self.num_atoms), adv.view(-1, self.num_actions, self.num_atoms)
-        return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
+        if weights is not None:  # the speed form (below the loop): same function, faster on a CPU
+            return fast_forward(self, obs, weights)
+        x = self.encoder(obs.float() / 255)
+        value = self.value_out(F.relu(self.value_hidden(x))).view(-1, 1, self.num_atoms)
+        adv = self.advantage_out(F.relu(self.advantage_hidden(x))).view(-1, self.num_actions, self.num_atoms)
+        return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)  # dueling: V + A - mean_a A
 
     def q_values(self, obs: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
-        return (self.forward(obs, weights).exp() * self.support).sum(2)
+        return (self.forward(obs, weights).exp() * self.support).sum(2)  # Q(s, a) = sum_i z_i p_i(s, a)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
-                         support: torch.Tensor) -> torch.Tensor:
-    """C51 projection of the target distribution R + discount * z onto the fixed support.
-    next_probs (B, atoms), returns (B,), discounts (B,) = gamma^n, 0 where the episode ended.
-    When an atom lands exactly on a support point (l == u) it gets the whole mass."""
-    v_min, v_max, atoms = support[0], support[-1], support.numel()
-    delta = (v_max - v_min) / (atoms - 1)
-    tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)
-    # clamped again: (v_max - v_min) / delta can round to just over atoms - 1 (fp32 support [-1, 1]
-    # with 62 atoms on the CPU; [-10, 10] with 51 on CUDA), and its ceil would index past the end
-    b = ((tz - v_min) / delta).clamp(0, atoms - 1)
-    lower, upper = b.floor(), b.ceil()
-    exact = (lower == upper).to(next_probs.dtype)
-    offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
-    target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
-    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))
-    target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))
-    return target.view_as(next_probs)
-
-
-# --------------------------------------------------------------------------- replay
+# --------------------------------------------------------------------------- ALGO LOGIC: replay
 
 
 class SumTree:
     """Sum tree over `capacity` leaves with FANOUT children per node; vectorised update and
     stratified sampling. Each level is one array padded to whole blocks of FANOUT children, so the
     children of node j are entries j*FANOUT .. j*FANOUT+FANOUT-1 of the level below. With 64
-    children, a 100k-leaf tree has 4 levels under the root instead of a binary tree's 17: each
-    sample, add and priority update makes a quarter of the numpy calls (README, Atari: Speed)."""
+    children a 100k-leaf tree has 4 levels under the root (a binary tree: 17), so each sample,
+    add and priority update makes a quarter of the numpy calls (benchmarks/README.md)."""
 
     FANOUT = 64
 
@@ -379,19 +305,27 @@ class SumTree:
         return self.find(np.minimum(values, np.nextafter(self.total, 0)))
 
 
+class Batch(NamedTuple):
+    """A prioritized n-step batch (numpy arrays, first axis the B transitions)."""
+    indices: np.ndarray  # replay entries i (for the priority update)
+    obs: np.ndarray  # s_i, uint8 (B, 4, 84, 84)
+    actions: np.ndarray  # a_i
+    returns: np.ndarray  # R_i = sum_{k<n} gamma^k r_{i+k}, cut at the episode's end
+    discounts: np.ndarray  # gamma^n, or 0 when the episode ended within the n steps
+    next_obs: np.ndarray  # s_{i+n}
+    weights: np.ndarray  # importance-sampling weights (N P(i))^-beta, over their batch maximum
+
+
 class ReplayBuffer:
-    """Prioritized n-step replay that stores every frame once (as its 5x5 patches, the layout
-    the network reads; see `frame_patches`). Entry i holds the newest frame
-    of observation s_i, the action, the (clipped) reward, whether the step ended the episode,
-    and t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before
-    the episode start replaced by zeros (what the env's stack shows). A transition becomes
-    sampleable (gets a priority) once the n following entries exist; its next observation is
-    s_{i+n}."""
+    """Prioritized n-step replay that stores every frame once. Entry i holds the newest frame of
+    observation s_i, the action, the (clipped) reward, whether the step ended the episode, and
+    t_i, the step's index in its episode. s_i = frames i-3..i, with the frames from before the
+    episode start replaced by zeros (what the env's stack shows). A transition becomes sampleable
+    (gets a priority) once the n following entries exist; its next observation is s_{i+n}."""
 
     def __init__(self, capacity: int, n_step: int, gamma: float, priority_exponent: float, seed: int = 0):
         self.capacity, self.n_step, self.gamma, self.alpha = capacity, n_step, gamma, priority_exponent
-        # frames as `frame_patches` gives them; the extra last one stays blank (zeros before an episode start)
-        self.frames = np.zeros((capacity + 1, PATCHES, PATCH_PIXELS), np.uint8)
+        self.frames = np.zeros((capacity + 1, 84, 84), np.uint8)  # the extra last one stays blank
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)
         self.dones = np.zeros(capacity, np.bool_)
@@ -399,16 +333,16 @@ class ReplayBuffer:
         self.tree = SumTree(capacity)
         self.rng = np.random.default_rng(seed)
         self.pos, self.size, self.next_t = 0, 0, 0
-        self.discounts = gamma ** np.arange(n_step, dtype=np.float32)
+        self.discounts = gamma ** np.arange(n_step, dtype=np.float32)  # gamma^0 .. gamma^(n-1)
 
     def add(self, frame: np.ndarray, action: int, reward: float, done: bool) -> None:
         i = self.pos
-        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame_patches(frame), action, reward, done
+        self.frames[i], self.actions[i], self.rewards[i], self.dones[i] = frame, action, reward, done
         self.timesteps[i] = self.next_t
         self.next_t = 0 if done else self.next_t + 1
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
         # entries i..i+3 stop being valid (i is overwritten, i+1..i+3 would stack the new frame); the
-        # entry n steps back now has its full n-step window (one tree update for both)
+        # entry n steps back now has its full n-step window and gets the highest priority seen
         indices, priorities = np.arange(i, i + 4) % self.capacity, np.zeros(4)
         if self.size > self.n_step:
             indices = np.append(indices, (i - self.n_step) % self.capacity)
@@ -416,22 +350,18 @@ class ReplayBuffer:
         self.tree.update(indices, priorities)
 
     def stacked(self, indices: np.ndarray) -> np.ndarray:
-        """Observations s_i rebuilt from single frames, in the network's layout: `to_patches` of the
-        (B, 4, 84, 84) stacks, i.e. (B, 256, 100)."""
+        """Observations s_i (B, 4, 84, 84) rebuilt from single frames."""
         offsets = np.arange(3, -1, -1)  # frame i-3 first, i last
         idx = (indices[:, None] - offsets[None]) % self.capacity  # (B, 4)
         idx[offsets[None] > self.timesteps[indices][:, None]] = self.capacity  # before the episode start: blank
-        # one gather of 25-pixel rows: row (frame f, patch p) of the ((capacity + 1) * 256, 25) view
-        rows = idx[:, None, :] * PATCHES + np.arange(PATCHES)[None, :, None]  # (B, 256, 4)
-        obs = np.take(self.frames.reshape(-1, PATCH_PIXELS), rows, axis=0)  # (B, 256, 4, 25)
-        return obs.reshape(len(indices), PATCHES, 4 * PATCH_PIXELS)
+        return self.frames[idx]
 
     def nstep(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """n-step discounted return and bootstrap discount (gamma^n, or 0 if the episode ended)."""
         idx = (indices[:, None] + np.arange(self.n_step)[None]) % self.capacity
         dones = self.dones[idx]
         alive = np.cumprod(np.concatenate([np.ones((len(indices), 1), bool), ~dones[:, :-1]], 1), 1)
-        returns = (self.rewards[idx] * alive * self.discounts).sum(1)
+        returns = (self.rewards[idx] * alive * self.discounts).sum(1)  # sum_k gamma^k r_{i+k} until done
         bootstrap = np.where(dones.any(1), 0.0, self.gamma**self.n_step).astype(np.float32)
         return returns.astype(np.float32), bootstrap
 
@@ -439,65 +369,69 @@ class ReplayBuffer:
     def ready(self) -> bool:
         return self.tree.total > 0
 
-    def sample(self, batch_size: int, beta: float) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, beta: float) -> Batch:
         indices = self.tree.sample_stratified(batch_size, self.rng)
-        probs = self.tree.get(indices) / self.tree.total
+        probs = self.tree.get(indices) / self.tree.total  # P(i) = p_i / sum_k p_k
         valid = int((self.tree.leaves > 0).sum())
-        weights = (valid * probs) ** -beta
+        weights = (valid * probs) ** -beta  # w_i = (N P(i))^-beta
         returns, discounts = self.nstep(indices)
-        return {"indices": indices, "obs": self.stacked(indices), "actions": self.actions[indices],
-                "returns": returns, "discounts": discounts,
-                "next_obs": self.stacked((indices + self.n_step) % self.capacity), "weights": weights}
+        next_obs = self.stacked((indices + self.n_step) % self.capacity)
+        return Batch(indices, self.stacked(indices), self.actions[indices], returns, discounts, next_obs, weights)
 
     def update_priorities(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        priorities = np.maximum(losses, 1e-6) ** self.alpha
+        priorities = np.maximum(losses, 1e-6) ** self.alpha  # p_i = loss_i ^ omega
         self.tree.max_priority = max(self.tree.max_priority, float(priorities.max()))
         self.tree.update(indices, priorities)
 
 
-# --------------------------------------------------------------------------- learning
+# --------------------------------------------------------------------------- ALGO LOGIC: update
 
 
-def target_distribution(q_network: QNetwork, target_network: QNetwork, weights: dict, next_obs: torch.Tensor,
-                        returns: torch.Tensor, discounts: torch.Tensor) -> torch.Tensor:
-    """The C51 target with double Q: the online net (this step's `weights`) picks the next action,
-    the target net rates it."""
-    with torch.no_grad():
-        next_best = q_network.q_values(next_obs, weights).argmax(1)
-        next_probs = target_network(next_obs).exp()[torch.arange(len(next_best), device=next_obs.device), next_best]
-        return project_distribution(next_probs, returns, discounts, q_network.support)
+def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discounts: torch.Tensor,
+                         support: torch.Tensor) -> torch.Tensor:
+    """C51 projection of the target distribution R + discount * z onto the fixed support.
+    next_probs (B, atoms), returns (B,), discounts (B,) = gamma^n, 0 where the episode ended.
+    When an atom lands exactly on a support point (l == u) it gets the whole mass."""
+    v_min, v_max, atoms = support[0], support[-1], support.numel()
+    delta = (v_max - v_min) / (atoms - 1)
+    tz = (returns[:, None] + discounts[:, None] * support[None]).clamp(v_min, v_max)  # Tz = R + gamma^n z
+    # clamped again: (v_max - v_min) / delta can round to just over atoms - 1 (fp32 support [-1, 1]
+    # with 62 atoms on the CPU; [-10, 10] with 51 on CUDA), and its ceil would index past the end
+    b = ((tz - v_min) / delta).clamp(0, atoms - 1)  # b = (Tz - v_min) / delta_z
+    lower, upper = b.floor(), b.ceil()
+    exact = (lower == upper).to(next_probs.dtype)
+    offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
+    target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
+    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
+    target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))  # m_u += p (b - l)
+    return target.view_as(next_probs)
 
 
-def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: dict[str, np.ndarray], device,
+def dqn_loss(q_network: QNetwork, target_network: QNetwork, batch: Batch, device,
              weights: dict | None = None) -> torch.Tensor:
-    """Per-sample C51 cross-entropy against the double-Q target; `weights`: the online net's for this
-    step (`QNetwork.weights`), computed here if not given."""
-    t = {k: torch.as_tensor(v, device=device) for k, v in batch.items() if k != "indices"}  # frames stay uint8
-    weights = q_network.weights() if weights is None else weights
-    next_obs = t["next_obs"].to(q_network.input_dtype)  # converted once for the online and the target pass
-    target_network.reset_noise()
-    target = target_distribution(q_network, target_network, weights, next_obs, t["returns"], t["discounts"])
-    log_probs = q_network(t["obs"], weights)[torch.arange(len(t["actions"]), device=device), t["actions"]]
+    """Per-sample C51 cross-entropy -sum_i m_i log p_i(s, a) against the double-Q target m.
+    `weights`: the online network's step weights for the speed form (None: the plain modules)."""
+    obs = torch.as_tensor(batch.obs, device=device)  # frames stay uint8 until the network
+    actions = torch.as_tensor(batch.actions, device=device)
+    next_obs = torch.as_tensor(batch.next_obs, device=device)
+    rows = torch.arange(len(actions), device=device)
+    with torch.no_grad():
+        next_best = q_network.q_values(next_obs, weights).argmax(1)  # a* = argmax_a Q_online(s_{t+n}, a)
+        target_network.reset_noise()
+        target_weights = None if weights is None else step_weights(target_network)
+        next_probs = target_network(next_obs, target_weights).exp()[rows, next_best]  # p_target(s_{t+n}, a*)
+        returns = torch.as_tensor(batch.returns, device=device)
+        discounts = torch.as_tensor(batch.discounts, device=device)
+        target = project_distribution(next_probs, returns, discounts, q_network.support)  # m = Phi(R + gamma^n z)
+    log_probs = q_network(obs, weights)[rows, actions]  # log p(s_t, a_t)
     return -(target * log_probs).sum(1)
 
 
-def reptile_step(q_network: nn.Module, theta: list[torch.Tensor], eps: float) -> None:
-    """Outer Reptile update in place: parameters phi become theta + eps * (phi - theta)."""
-    with torch.no_grad():
-        for p, p0 in zip(q_network.parameters(), theta):
-            p.copy_(torch.lerp(p0, p, eps))
-
-
-def reptile_eps(args: Args, global_step: int) -> float:
-    """Linear schedule from reptile_eps_start (at learning_starts) to reptile_eps_end (at the end)."""
-    frac = min(1.0, max(0.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)))
-    return args.reptile_eps_start + frac * (args.reptile_eps_end - args.reptile_eps_start)
-
-
-def optimize(q_network, target_network, optimizer, batch, args: Args, device, weights: dict | None = None) -> torch.Tensor:
-    """One prioritized, importance-weighted gradient step; returns per-sample losses."""
+def optimize(q_network: QNetwork, target_network: QNetwork, optimizer: torch.optim.Optimizer, batch: Batch,
+             args: Args, device, weights: dict | None = None) -> torch.Tensor:
+    """One prioritized gradient step on mean_i w_i loss_i; returns the per-sample losses."""
     losses = dqn_loss(q_network, target_network, batch, device, weights)
-    importance = torch.as_tensor(batch["weights"], dtype=torch.float32, device=device)
+    importance = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
     optimizer.zero_grad()
     (importance * losses).mean().backward()
     clip_gradients(list(q_network.parameters()), args.max_grad_norm)
@@ -507,25 +441,192 @@ def optimize(q_network, target_network, optimizer, batch, args: Args, device, we
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
     """nn.utils.clip_grad_norm_, without its rescaling pass when the norm is under the cap (most
-    steps): the same gradients, one pass over them fewer."""
+    steps): the same gradients, one pass over them fewer. Frozen parameters (no grad) are skipped."""
+    params = [p for p in params if p.grad is not None]
     grad_norm = nn.utils.get_total_norm([p.grad for p in params])
     if grad_norm > max_norm:
         nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
 
 
+def reptile_step(q_network: nn.Module, theta: list[torch.Tensor], eps: float) -> None:
+    """Outer Reptile update in place: the parameters phi become theta + eps * (phi - theta)."""
+    with torch.no_grad():
+        for phi, theta_p in zip(q_network.parameters(), theta):
+            phi.copy_(torch.lerp(theta_p, phi, eps))  # lerp(theta, phi, eps) = theta + eps * (phi - theta)
+
+
+def reptile_eps(args: Args, global_step: int) -> float:
+    """Linear schedule from reptile_eps_start (at learning_starts) to reptile_eps_end (at the end)."""
+    frac = min(1.0, max(0.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)))
+    return args.reptile_eps_start + frac * (args.reptile_eps_end - args.reptile_eps_start)
+
+
+# --------------------------------------------------------------------------- ALGO LOGIC: acting and the loop
+
+
 @torch.inference_mode()
 def act(q_network: QNetwork, obs: np.ndarray, device, weights: dict | None = None) -> int:
-    obs = torch.as_tensor(to_patches(obs), device=device)[None]
+    """argmax_a Q(s, a) with the network's current (noisy, in train mode) weights."""
+    obs = torch.as_tensor(obs, device=device)[None]
     return int(q_network.q_values(obs, weights).argmax(1).item())
+
+
+def train(args: Args, games: list[str], writer=None) -> QNetwork:
+    """Reptile-DER on `games`: one buffer each, a random game per reset; per env step after learning
+    starts, k inner DER updates on one game's buffer, then the outer interpolation."""
+    check_args(args, len(games))
+    device = seed_everything(args)
+    if writer is None:
+        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    num_actions = FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0])
+    q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
+                         args.noisy_std).to(device).train()
+    target_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
+                              args.noisy_std).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    q_network.bf16 = target_network.bf16 = use_bf16(args.precision, device)
+    # one Adam for the inner loops, its moments carried across outer steps (as in the authors' fork)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    buffers = [ReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
+                            args.seed + g) for g in range(len(games))]
+    env = atari.MultiGameEnv(games, args.seed, num_actions, args.max_noops, args.max_episode_steps)
+    rng = np.random.default_rng(args.seed)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+
+    obs, _ = env.reset()
+    start_time, update_time = time.time(), 0.0
+    for global_step in range(1, args.total_timesteps + 1):
+        # fresh noise every env step, before learning starts too; acting and the k inner updates use
+        # it (the authors' learn_reptile draws no noise between its inner updates)
+        q_network.reset_noise()
+        weights = step_weights(q_network) if args.speed_form else None
+        action = act(q_network, obs, device, weights)
+        game = env.game
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        # learning sees clipped rewards and life loss as terminal; logging sees the real game
+        buffers[game].add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
+        obs = next_obs
+        if "episode" in info:
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+            writer.add_scalar(f"charts/episodic_return/{games[game]}", info["episode"]["r"], global_step)
+        if terminated or truncated:
+            obs, _ = env.reset()  # a random game after a game over, the same game after a lost life
+
+        if global_step >= args.learning_starts and any(b.ready for b in buffers):
+            t0 = time.time()
+            beta = args.priority_weight + (1.0 - args.priority_weight) * min(
+                1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
+            task = rng.choice([g for g, b in enumerate(buffers) if b.ready])  # the inner loop's one game
+            theta = [p.detach().clone() for p in q_network.parameters()]
+            for k in range(args.reptile_k):
+                if k > 0 and args.speed_form:  # the parameters changed: weights again, same noise
+                    weights = step_weights(q_network)
+                batch = buffers[task].sample(args.batch_size, beta)
+                batch = batch._replace(weights=batch.weights / batch.weights.max())
+                losses = optimize(q_network, target_network, optimizer, batch, args, device, weights).cpu().numpy()
+                buffers[task].update_priorities(batch.indices, losses)
+            eps = reptile_eps(args, global_step)
+            reptile_step(q_network, theta, eps)  # theta <- theta + eps * (phi - theta)
+            if global_step % args.target_network_frequency == 0:  # on env steps, as the authors
+                target_network.load_state_dict(q_network.state_dict())
+            update_time += time.time() - t0
+            if global_step % 100 == 0:
+                writer.add_scalar("losses/loss", float(losses.mean()), global_step)
+                writer.add_scalar("charts/beta", beta, global_step)
+                writer.add_scalar("charts/reptile_eps", eps, global_step)
+
+        # TRY NOT TO MODIFY: logging and checkpoints
+        if global_step % 1000 == 0 or global_step == args.total_timesteps:
+            sps = int(global_step / (time.time() - start_time))
+            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
+                  flush=True)
+            writer.add_scalar("charts/SPS", sps, global_step)
+        if global_step % args.save_every == 0 or global_step == args.total_timesteps:
+            save_checkpoint(ckpt_path, args, q_network, optimizer, global_step, "reptile", games, num_actions)
+    return q_network
+
+
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: the speed form
+# The same network as QNetwork.forward, computed from its parameters in a form that runs faster
+# on a CPU (benchmarks/bench_rainbow_atari.py --compare; tests/test_atari.py checks it against the
+# plain modules). Whether it pays over a whole 100k run is measured in benchmarks/README.md.
+
+
+def to_patches(obs: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 84, 84) -> (B, 256, 100): conv1 (kernel 5, stride 5) reads 16x16 non-overlapping 5x5
+    patches; at each patch position the 4 frames' 25 pixels, in the order of conv1's weight. The
+    last 4 rows and columns are never read."""
+    b = obs.shape[0]
+    x = obs[:, :, :80, :80].reshape(b, 4, 16, 5, 16, 5)  # (B, frame, row, i, col, j)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, 256, 100)
+
+
+def encoder_matrices(encoder: Encoder, dtype: torch.dtype):
+    """The two convs as (weight, bias) of linear maps over patches, in dtype: conv1 reads
+    `to_patches`' 100 values of raw pixels (the 1/255 scale folded into its weight), conv2 a 5x5
+    block of conv1's outputs (row, column, channel)."""
+    w1, b1 = encoder.conv1.weight.flatten(1) / 255, encoder.conv1.bias
+    w2, b2 = encoder.conv2.weight.permute(0, 2, 3, 1).flatten(1), encoder.conv2.bias
+    return (w1.to(dtype), b1.to(dtype)), (w2.to(dtype), b2.to(dtype))
+
+
+def fast_encoder(obs: torch.Tensor, matrices) -> torch.Tensor:
+    """Encoder(obs / 255) from uint8 frame stacks, each conv one matrix product over its patches."""
+    (w1, b1), (w2, b2) = matrices
+    b = obs.shape[0]
+    x = F.relu(F.linear(to_patches(obs).to(w1.dtype), w1, b1))  # (B, 16 * 16, 32)
+    # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
+    x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
+    x = F.relu(F.linear(x, w2, b2))  # (B, 9, 64)
+    return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+
+
+def step_weights(q_network: QNetwork) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (weight, bias) for one env step, current noise included (train mode), composed
+    once and shared by acting and both online passes of the update. The encoder and the hidden
+    layers are in bf16 when q_network.bf16 (raw pixels 0..255 are exact in bf16); the output
+    layers, the softmax and the loss stay fp32."""
+    dtype = torch.bfloat16 if q_network.bf16 else torch.float32
+    conv1, conv2 = encoder_matrices(q_network.encoder, dtype)
+    weights = {"conv1": conv1, "conv2": conv2}
+    for name in ("value_hidden", "advantage_hidden"):
+        w, b = getattr(q_network, name).noisy_weights()
+        weights[name] = (w.to(dtype), b.to(dtype))
+    weights["value_out"] = q_network.value_out.noisy_weights()
+    weights["advantage_out"] = q_network.advantage_out.noisy_weights()
+    return weights
+
+
+def fast_forward(q_network: QNetwork, obs: torch.Tensor, weights: dict) -> torch.Tensor:
+    """QNetwork.forward(obs) computed from `step_weights`."""
+    x = fast_encoder(obs, (weights["conv1"], weights["conv2"]))
+    value = F.linear(F.relu(F.linear(x, *weights["value_hidden"])).float(), *weights["value_out"])
+    adv = F.linear(F.relu(F.linear(x, *weights["advantage_hidden"])).float(), *weights["advantage_out"])
+    value, adv = value.view(-1, 1, q_network.num_atoms), adv.view(-1, q_network.num_actions, q_network.num_atoms)
+    return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
 
 
 def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
                     train_tasks: list[str], num_actions: int) -> None:
+    """One file, written to a temporary name and renamed; loads with torch.load(weights_only=True)."""
     ckpt = {
-        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": "rainbow_reptile_atari", "benchmark": "atari",
+        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": MODULE, "benchmark": "atari",
         "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
-        "global_step": int(global_step), "model": q_network.state_dict(), "optimizer": optimizer.state_dict(),
-        "num_actions": int(num_actions),
+        "global_step": int(global_step), "model": q_network.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {}, "num_actions": int(num_actions),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")
@@ -547,24 +648,17 @@ def check_args(args: Args, num_games: int) -> None:
                  "eval_episodes", "torch_threads"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    check_der_args(args, num_games)
+
+
+def check_der_args(args, num_games: int) -> None:
+    """The checks every DER script shares."""
     if args.num_atoms < 2 or args.v_min >= args.v_max:
         sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
                  f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
     if args.buffer_size // num_games <= args.n_step + 4:
         sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
                  f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
-
-
-def resolve_games(args: Args) -> list[str]:
-    if args.games:
-        games = list(args.games)
-    elif args.train_games in (5, 10):
-        games = list(FIVE_GAMES if args.train_games == 5 else TEN_GAMES)
-    else:
-        sys.exit(f"error: --train-games must be 5 or 10 (got {args.train_games}); or give --games")
-    for g in games:
-        rom_id(g)
-    return games
 
 
 def keep_freed_memory() -> None:
@@ -580,7 +674,7 @@ def keep_freed_memory() -> None:
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
 
 
-def seed_everything(args: Args) -> torch.device:
+def seed_everything(args) -> torch.device:
     """Seeds, threads and the allocator; returns the device."""
     keep_freed_memory()
     random.seed(args.seed)
@@ -590,7 +684,7 @@ def seed_everything(args: Args) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
-def setup(args: Args, run_name: str):
+def setup(args, run_name: str):
     """TensorBoard writer under args.output_dir (and wandb when --track)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -605,82 +699,11 @@ def setup(args: Args, run_name: str):
     return writer
 
 
-def train(args: Args, games: list[str], writer=None) -> QNetwork:
-    """Reptile-DER on `games`: one buffer each, a random game per reset, k inner DER updates on
-    one game's buffer per env step, then the outer interpolation."""
-    check_args(args, len(games))
-    device = seed_everything(args)
-    if writer is None:
-        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    num_actions = FULL_ACTIONS if args.pad_actions else len(make_env(games[0], 0, args=args).action_set)
-    q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
-                         args.noisy_std).to(device)
-    target_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
-                              args.noisy_std).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    q_network.bf16 = target_network.bf16 = use_bf16(args.precision, device)
-    # one Adam for the inner loops, its moments carried across outer steps (as in the authors' fork)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    buffers = [ReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
-                            args.seed + g) for g in range(len(games))]
-    envs = [make_env(game, args.seed + 1000 * g, num_actions, args=args) for g, game in enumerate(games)]
-    rng = np.random.default_rng(args.seed)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-
-    game = rng.integers(len(games))
-    obs, _ = envs[game].reset()
-    updates, start_time, update_time = 0, time.time(), 0.0
-    for global_step in range(1, args.total_timesteps + 1):
-        action = act(q_network, obs, device)
-        next_obs, reward, terminated, truncated, info = envs[game].step(action)
-        # learning sees clipped rewards and life loss as terminal; logging sees the real game
-        buffers[game].add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
-        obs = next_obs
-        if "episode" in info:
-            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-            writer.add_scalar(f"charts/episodic_return/{games[game]}", info["episode"]["r"], global_step)
-            game = rng.integers(len(games))  # a random game at every real reset
-        if terminated or truncated:
-            obs, _ = envs[game].reset()
-
-        if global_step >= args.learning_starts and any(b.ready for b in buffers):
-            t0 = time.time()
-            beta = args.priority_weight + (1.0 - args.priority_weight) * min(
-                1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
-            task = rng.choice([g for g, b in enumerate(buffers) if b.ready])  # the inner loop's one game
-            theta = [p.detach().clone() for p in q_network.parameters()]
-            for _ in range(args.reptile_k):
-                q_network.reset_noise()
-                batch = buffers[task].sample(args.batch_size, beta)
-                batch["weights"] = batch["weights"] / batch["weights"].max()
-                losses = optimize(q_network, target_network, optimizer, batch, args, device).cpu().numpy()
-                buffers[task].update_priorities(batch["indices"], losses)
-                updates += 1
-                if updates % args.target_network_frequency == 0:
-                    target_network.load_state_dict(q_network.state_dict())
-            eps = reptile_eps(args, global_step)
-            reptile_step(q_network, theta, eps)
-            update_time += time.time() - t0
-            if global_step % 100 == 0:
-                writer.add_scalar("losses/loss", float(losses.mean()), global_step)
-                writer.add_scalar("charts/beta", beta, global_step)
-                writer.add_scalar("charts/reptile_eps", eps, global_step)
-        if global_step % 1000 == 0 or global_step == args.total_timesteps:
-            sps = int(global_step / (time.time() - start_time))
-            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
-                  flush=True)
-            writer.add_scalar("charts/SPS", sps, global_step)
-        if global_step % args.save_every == 0 or global_step == args.total_timesteps:
-            save_checkpoint(ckpt_path, args, q_network, optimizer, global_step, "reptile", games, num_actions)
-    return q_network
-
-
 if __name__ == "__main__":
     import tyro
 
     args = tyro.cli(Args)
-    games = resolve_games(args)
+    games = atari.game_set(args.train_games, args.games)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = setup(args, run_name)
     print(f"Reptile-DER on {', '.join(games)} -> {args.output_dir}", flush=True)

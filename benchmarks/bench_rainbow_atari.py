@@ -13,8 +13,9 @@ it leaves out the evaluations, which train() runs in a second process (see Backg
 Before the timed steps the replay is filled to --replay-fill transitions of random frames, the
 mean replay size of a 100k-step run: sampling from a large replay is slower (cache misses).
 `--compare` times the encoder (forward + backward) and one whole DER update under variants,
-interleaved so that a busy machine slows all of them alike: the patch-matmul encoder vs.
-nn.Conv2d, bf16 vs. fp32, fused vs. per-tensor Adam, 2 vs. 1 torch threads.
+interleaved so that a busy machine slows all of them alike: the speed form (convs as matrix
+products over patches, step weights) vs. the plain nn.Conv2d modules, bf16 vs. fp32, fused vs.
+per-tensor Adam, 2 vs. 1 torch threads.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rainbow_mt_atari as der  # noqa: E402
@@ -47,6 +47,8 @@ def parse():
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings alone (train() keeps freed memory, see keep_freed_memory)")
     p.add_argument("--cuda", action="store_true", help="the networks and the update on the GPU")
+    p.add_argument("--no-speed-form", dest="speed_form", action="store_false",
+                   help="the plain nn.Conv2d modules instead of the speed form (rainbow_mt_atari --no-speed-form)")
     p.add_argument("--compare", action="store_true", help="A/B the update variants instead")
     p.add_argument("--repeats", type=int, default=5, help="--compare: interleaved rounds of 20 updates")
     return p.parse_args()
@@ -97,7 +99,7 @@ def full_loop(opts) -> None:
     for _ in range(opts.steps):
         t0 = time.perf_counter()
         q.reset_noise()
-        weights = q.weights()
+        weights = der.step_weights(q) if opts.speed_form else None
         action = der.act(q, obs, device, weights)
         timers["acting"] += time.perf_counter() - t0
         env_step(action)
@@ -106,13 +108,14 @@ def full_loop(opts) -> None:
         t1 = time.perf_counter()
         losses = der.optimize(q, target, optimizer, batch, args, device, weights).cpu().numpy()
         t2 = time.perf_counter()
-        buffer.update_priorities(batch["indices"], losses)
+        buffer.update_priorities(batch.indices, losses)
         timers["replay"] += (t1 - t0) + (time.perf_counter() - t2)
         timers["update"] += t2 - t1
     total = time.perf_counter() - start
     sps = opts.steps / total
     where = torch.cuda.get_device_name() if opts.cuda else f"CPU, torch threads {opts.threads}"
-    print(f"game {opts.game}, {num_actions} actions, batch {opts.batch_size}, {where}, bf16 {q.bf16}, "
+    print(f"game {opts.game}, {num_actions} actions, batch {opts.batch_size}, {where}, speed form {opts.speed_form}, "
+          f"bf16 {q.bf16 and opts.speed_form}, "
           f"replay {buffer.size} transitions at the end, {opts.steps} steps after learning starts")
     print(f"env steps per second before learning starts (emulator + replay add): {fill_sps:.0f}")
     print(f"env steps per second after learning starts (one update per step):     {sps:.1f}")
@@ -122,16 +125,6 @@ def full_loop(opts) -> None:
     print(f"projected 100k-step DER run (without evaluation): {projected / 60:.1f} min")
 
 
-class ConvEncoder(der.Encoder):
-    """The same parameters run as nn.Conv2d on (B, 4, 84, 84) frames: what the patch encoder replaced.
-    Like the patch encoder inside QNetwork, it reads raw pixel values and carries the 1/255 scale."""
-
-    def forward(self, frames: torch.Tensor, matrices=None) -> torch.Tensor:
-        conv1, conv2 = self.conv1, self.conv2
-        x = F.relu(F.conv2d(frames, (conv1.weight / 255).to(frames.dtype), conv1.bias.to(frames.dtype), stride=5))
-        return F.relu(F.conv2d(x, conv2.weight.to(x.dtype), conv2.bias.to(x.dtype), stride=5)).flatten(1)
-
-
 def compare(opts) -> None:
     der.keep_freed_memory()
     args = der.Args(batch_size=opts.batch_size)
@@ -139,52 +132,48 @@ def compare(opts) -> None:
     rng = np.random.default_rng(0)
     for _ in range(3000):
         buffer.add(rng.integers(0, 255, (84, 84), dtype=np.uint8), int(rng.integers(6)), 0.0, rng.random() < 0.01)
-    patch_batch = buffer.sample(opts.batch_size, 0.4)
-    # the conv variants read the same observations as (B, 4, 84, 84) frames (80x80 is all the convs see)
-    frame_batch = dict(patch_batch)
-    for key in ("obs", "next_obs"):
-        x = patch_batch[key].reshape(-1, 16, 16, 4, 5, 5).transpose(0, 3, 1, 4, 2, 5).reshape(-1, 4, 80, 80)
-        frame_batch[key] = np.pad(x, ((0, 0), (0, 0), (0, 4), (0, 4)))
+    batch = buffer.sample(opts.batch_size, 0.4)
 
-    def variant(conv: bool, bf16: bool, fused: bool = True, threads: int = der.Args.torch_threads):
+    def variant(speed_form: bool, bf16: bool, fused: bool = True, threads: int = der.Args.torch_threads):
         q, t = der.QNetwork(6), der.QNetwork(6)
-        if conv:
-            q.encoder, t.encoder = ConvEncoder(), ConvEncoder()
         q.bf16 = t.bf16 = bf16
         opt = torch.optim.Adam(q.parameters(), lr=1e-4, eps=1.5e-4, fused=fused, foreach=None if fused else False)
-        return q, t, opt, threads, frame_batch if conv else patch_batch
+        return q, t, opt, threads, speed_form
 
     variants = {
-        "patch encoder, bf16, fused Adam (ours)": variant(False, True),
-        "patch encoder, fp32 (--precision fp32)": variant(False, False),
-        "nn.Conv2d encoder, bf16": variant(True, True),
-        "nn.Conv2d encoder, fp32": variant(True, False),
-        "patch encoder, bf16, per-tensor Adam": variant(False, True, fused=False),
-        "patch encoder, bf16, 1 torch thread": variant(False, True, threads=1),
+        "speed form, bf16, fused Adam (ours)": variant(True, True),
+        "speed form, fp32 (--precision fp32)": variant(True, False),
+        "plain modules: nn.Conv2d, fp32 (--no-speed-form)": variant(False, False),
+        "speed form, bf16, per-tensor Adam": variant(True, True, fused=False),
+        "speed form, bf16, 1 torch thread": variant(True, True, threads=1),
     }
-    encoder_times = {name: [] for name in list(variants)[:4]}  # the encoder differs in the first four only
+    encoder_times = {name: [] for name in list(variants)[:3]}  # the encoder differs in the first three only
     update_times = {name: [] for name in variants}
+    obs = torch.as_tensor(batch.obs)
     for _ in range(opts.repeats):
-        for name, (q, t, opt, threads, batch) in variants.items():
+        for name, (q, t, opt, threads, speed_form) in variants.items():
             torch.set_num_threads(threads)
             if name in encoder_times:  # encoder forward + backward, from uint8 frames
-                obs = torch.as_tensor(batch["obs"])
                 t0 = time.perf_counter()
                 for _ in range(20):
                     q.zero_grad()
-                    w = q.weights()
-                    q.encoder(obs.to(q.input_dtype), (w["conv1"], w["conv2"])).float().sum().backward()
+                    if speed_form:
+                        dtype = torch.bfloat16 if q.bf16 else torch.float32
+                        features = der.fast_encoder(obs, der.encoder_matrices(q.encoder, dtype))
+                    else:
+                        features = q.encoder(obs.float() / 255)
+                    features.float().sum().backward()
                 encoder_times[name].append((time.perf_counter() - t0) / 20 * 1000)
             t0 = time.perf_counter()
             for _ in range(20):
                 q.reset_noise()
-                der.optimize(q, t, opt, batch, args, "cpu")
+                der.optimize(q, t, opt, batch, args, "cpu", der.step_weights(q) if speed_form else None)
             update_times[name].append((time.perf_counter() - t0) / 20 * 1000)
     print(f"batch {opts.batch_size}, median of {opts.repeats} interleaved rounds of 20 (ms):")
-    print(f"  {'':42s} {'encoder fwd+bwd':>16s} {'whole update':>13s}")
+    print(f"  {'':50s} {'encoder fwd+bwd':>16s} {'whole update':>13s}")
     for name, v in update_times.items():
         enc = f"{np.median(encoder_times[name]):16.2f}" if name in encoder_times else f"{'':16s}"
-        print(f"  {name:42s} {enc} {np.median(v):13.2f}")
+        print(f"  {name:50s} {enc} {np.median(v):13.2f}")
 
 
 if __name__ == "__main__":

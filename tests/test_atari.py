@@ -1,7 +1,9 @@
 """Exact checks of the Atari (DER) pieces that can be wrong quietly. Expected values are worked
 out by hand in the comments."""
 
+import ast
 import dataclasses
+import inspect
 import os
 import re
 import sys
@@ -16,7 +18,9 @@ import finetune  # noqa: E402
 import rainbow_mt_atari as mt  # noqa: E402
 import rainbow_pearl_atari as pearl  # noqa: E402
 import rainbow_reptile_atari as reptile  # noqa: E402
+from envs import atari  # noqa: E402
 
+torch.set_num_threads(1)  # the machine may be busy: a second OpenMP thread would wait for a core
 SUPPORT = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)  # 5 atoms, spacing 1
 
 
@@ -78,8 +82,8 @@ def test_projection_batch_rows_are_independent():
 
 
 def top_left_pixels(obs):
-    """(..., 256, 100) patch observations -> (..., 4): each frame's pixel (0, 0)."""
-    return obs[..., 0, ::25]
+    """(..., 4, 84, 84) observations -> (..., 4): each frame's pixel (0, 0)."""
+    return obs[..., 0, 0]
 
 
 def filled_buffer(rewards, dones, n=3, gamma=0.5, capacity=64):
@@ -111,8 +115,9 @@ def test_transition_becomes_sampleable_after_n_more_steps():
     # entries 0 and 1 have their 3 successors; 2..4 do not yet
     np.testing.assert_array_equal(buf.tree.get(np.arange(5)) > 0, [True, True, False, False, False])
     batch = buf.sample(16, 0.4)
-    assert set(batch["indices"]) <= {0, 1}
-    np.testing.assert_array_equal(top_left_pixels(batch["next_obs"])[:, -1], batch["indices"] + 3)
+    assert isinstance(batch, mt.Batch)
+    assert set(batch.indices) <= {0, 1}
+    np.testing.assert_array_equal(top_left_pixels(batch.next_obs)[:, -1], batch.indices + 3)
 
 
 def test_multitask_batch_takes_equal_shares_from_distinct_games():
@@ -123,9 +128,9 @@ def test_multitask_batch_takes_equal_shares_from_distinct_games():
         batch, parts = mt.sample_games(buffers, args, 0.4, rng)
         (g0, n0), (g1, n1) = parts
         assert g0 != g1 and n0 == n1 == 4
-        np.testing.assert_array_equal(batch["returns"][:4], g0 * (1 + 0.5 + 0.25))  # reward g, n=3, gamma 0.5
-        np.testing.assert_array_equal(batch["returns"][4:], g1 * (1 + 0.5 + 0.25))
-        assert batch["weights"].max() == 1.0
+        np.testing.assert_array_equal(batch.returns[:4], g0 * (1 + 0.5 + 0.25))  # reward g, n=3, gamma 0.5
+        np.testing.assert_array_equal(batch.returns[4:], g1 * (1 + 0.5 + 0.25))
+        assert batch.weights.max() == 1.0
 
 
 # --------------------------------------------------------------------------- sum tree
@@ -207,7 +212,7 @@ def test_importance_weights_and_priority_update():
     np.testing.assert_allclose(buf.tree.get(np.arange(4)), [1, 2, 3, 4])
     batch = buf.sample(4, beta=1.0)
     # beta = 1: w = 1 / (N P) with N = 4 valid entries, P = p / 10
-    np.testing.assert_allclose(batch["weights"], 10.0 / (4 * buf.tree.get(batch["indices"])))
+    np.testing.assert_allclose(batch.weights, 10.0 / (4 * buf.tree.get(batch.indices)))
 
 
 # --------------------------------------------------------------------------- frame stacks
@@ -229,7 +234,7 @@ def test_frame_stack_does_not_leak_across_episodes():
 def test_frame_stack_matches_env_across_life_loss_and_wraparound():
     # Breakout: lives are lost quickly under random play; the buffer (small, so it wraps) must
     # rebuild exactly the stacks the env showed, zeros after every episode start included
-    env = mt.make_env("Breakout", seed=3, num_actions=18)
+    env = atari.make_env("Breakout", seed=3, num_actions=18)
     buf = mt.ReplayBuffer(150, 3, 0.99, 0.5)
     rng = np.random.default_rng(0)
     obs, _ = env.reset()
@@ -245,110 +250,75 @@ def test_frame_stack_matches_env_across_life_loss_and_wraparound():
             obs, _ = env.reset()
     assert starts >= 2  # several life losses happened
     live = [(buf.pos - 1 - k) % buf.capacity for k in range(buf.capacity - 4)]  # all but the 4 oldest
-    np.testing.assert_array_equal(buf.stacked(np.array(live)), mt.to_patches(np.stack([seen[i] for i in live])))
-
-
-# --------------------------------------------------------------------------- actions
-
-
-def test_pad_action_maps_padding_to_noop():
-    assert [mt.pad_action(a, 6) for a in (0, 5, 6, 17)] == [0, 5, 0, 0]
-    assert reptile.pad_action(3, 4) == 3 and pearl.pad_action(4, 4) == 0
-
-
-def test_padded_actions_play_noop_in_the_emulator():
-    a, b = mt.make_env("Pong", seed=5, num_actions=18), mt.make_env("Pong", seed=5, num_actions=18)
-    assert len(a.action_set) == 6 and a.action_space.n == 18
-    oa, _ = a.reset()
-    ob, _ = b.reset()
-    np.testing.assert_array_equal(oa, ob)
-    for t in range(60):
-        oa, *_ = a.step(17 - t % 12)  # 17..6: all padding
-        ob, *_ = b.step(0)  # NOOP
-    np.testing.assert_array_equal(oa, ob)
-    c = mt.make_env("Pong", seed=5, num_actions=18)
-    c.reset()
-    for t in range(60):
-        oc, *_ = c.step(2)  # RIGHT moves the paddle: a different screen
-    assert not np.array_equal(oc, ob)
-
-
-def test_env_preprocessing_shapes_and_resize():
-    env = mt.make_env("MsPacman", seed=0)
-    obs, _ = env.reset()
-    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
-    np.testing.assert_array_equal(obs[:3], 0)  # stack starts with zeros
-    # area resize: a constant screen stays constant
-    env._screens[:] = 77
-    np.testing.assert_array_equal(env._frame(), 77)
+    np.testing.assert_array_equal(buf.stacked(np.array(live)), np.stack([seen[i] for i in live]))
 
 
 # --------------------------------------------------------------------------- networks
 
 
 def test_patches_hold_each_pixel_where_the_first_conv_reads_it():
-    obs = np.random.default_rng(0).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8)
+    obs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8))
     patches = mt.to_patches(obs)
     assert patches.shape == (2, 256, 100)
-    expected = np.zeros_like(patches)
+    expected = torch.zeros_like(patches)
     for row in range(16):
         for col in range(16):
             for f in range(4):
                 for i in range(5):
                     for j in range(5):
                         expected[:, row * 16 + col, f * 25 + i * 5 + j] = obs[:, f, 5 * row + i, 5 * col + j]
-    np.testing.assert_array_equal(patches, expected)
-    np.testing.assert_array_equal(mt.frame_patches(obs[0, 3]), patches[0].reshape(256, 4, 25)[:, 3])
+    assert torch.equal(patches, expected)
 
 
-@pytest.mark.parametrize("module", [mt, reptile, pearl])
-def test_patch_encoder_equals_the_two_convs(module):
+@pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_fast_encoder_equals_the_two_convs(module):
     torch.manual_seed(0)
     encoder = module.Encoder()
-    x = torch.rand(3, 4, 84, 84)
-    conv = torch.nn.Sequential(encoder.conv1, torch.nn.ReLU(), encoder.conv2, torch.nn.ReLU(), torch.nn.Flatten())
-    out = encoder(torch.from_numpy(module.to_patches(x.numpy())))
-    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
-
-
-def reference_log_probs(net, obs):
-    """DER's network written plainly: nn.Conv2d on [0, 1] frames, each NoisyLinear as its own module."""
-    frames = torch.from_numpy(obs.reshape(-1, 16, 16, 4, 5, 5).transpose(0, 3, 1, 4, 2, 5).reshape(-1, 4, 80, 80))
-    x = frames.float() / 255
-    x = torch.relu(net.encoder.conv2(torch.relu(net.encoder.conv1(x)))).flatten(1)
-    value = net.value_out(torch.relu(net.value_hidden(x))).view(-1, 1, net.num_atoms)
-    adv = net.advantage_out(torch.relu(net.advantage_hidden(x))).view(-1, net.num_actions, net.num_atoms)
-    return torch.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    plain = encoder(obs.float() / 255)  # nn.Conv2d, ReLU, nn.Conv2d, ReLU, flatten
+    fast = module.fast_encoder(obs, module.encoder_matrices(encoder, torch.float32))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_step_weights_give_the_plain_network_and_its_gradients(mode):
-    """forward(obs, weights()) (noise added once, 1/255 folded into the first layer) computes the
-    plain network, and the gradients reach every mu and sigma as through the plain layers."""
+@pytest.mark.parametrize("module", [mt, reptile], ids=["mt", "reptile"])
+def test_speed_form_computes_the_plain_network_and_its_gradients(module, mode):
+    """fast_forward(obs, step_weights()) (noise added once, 1/255 folded into the first layer,
+    patches) computes the plain modules' network, and the gradients reach every mu and sigma."""
     torch.manual_seed(0)
-    net = mt.QNetwork(6).train(mode == "train")
-    obs = np.random.default_rng(0).integers(0, 256, (5, 256, 100), dtype=np.uint8)
-    ours = net(torch.from_numpy(obs), net.weights())
-    ours.exp().mul(torch.arange(6.0)[:, None]).sum().backward()
-    ours_grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+    net = module.QNetwork(6).train(mode == "train")
+    obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    fast = net(obs, module.step_weights(net))
+    fast.exp().mul(torch.arange(6.0)[:, None]).sum().backward()
+    fast_grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
-    ref = reference_log_probs(net, obs)
-    ref.exp().mul(torch.arange(6.0)[:, None]).sum().backward()
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    noisy = {k for k in ours_grads if "sigma" in k}
-    assert bool(noisy) == (mode == "train")  # eval mode: mean weights, no sigma in the graph
+    plain = net(obs)
+    plain.exp().mul(torch.arange(6.0)[:, None]).sum().backward()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert bool({k for k in fast_grads if "sigma" in k}) == (mode == "train")  # eval mode: mean weights only
+    assert set(fast_grads) == {k for k, p in net.named_parameters() if p.grad is not None}
     for k, p in net.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(ours_grads[k], p.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(fast_grads[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pearl_speed_form_computes_the_plain_network():
+    torch.manual_seed(0)
+    agent = pearl.PearlAgent(6, pearl.Args()).eval()
+    obs, z = torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8), torch.randn(4, 32)
+    plain = agent.q(obs, z), agent.context_encoder(obs, torch.arange(4), torch.ones(4))
+    agent.set_speed_form(True, False)
+    fast = agent.q(obs, z), agent.context_encoder(obs, torch.arange(4), torch.ones(4))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_runs_encoder_and_hidden_layers_only():
     torch.manual_seed(0)
     net = mt.QNetwork(6).eval()
-    obs = torch.randint(0, 256, (8, 256, 100), dtype=torch.uint8)
+    obs = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
     exact = net(obs)
     net.bf16 = True
-    weights = net.weights()
+    weights = mt.step_weights(net)
     bf16, fp32 = torch.bfloat16, torch.float32
     assert {k: (w.dtype, b.dtype) for k, (w, b) in weights.items()} == {
         "conv1": (bf16, bf16), "conv2": (bf16, bf16), "value_hidden": (bf16, bf16),
@@ -372,7 +342,7 @@ def test_gradient_clipping_rescales_only_above_the_cap():
 
 def test_network_shapes_and_noisy_eval_mode():
     net = mt.QNetwork(18)
-    out = net(torch.zeros(2, 256, 100, dtype=torch.uint8))
+    out = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
     assert out.shape == (2, 18, 51)
     torch.testing.assert_close(out.exp().sum(2), torch.ones(2, 18))
     layer = net.value_hidden
@@ -428,7 +398,7 @@ def test_kl_to_standard_normal():
 
 def test_pearl_posterior_and_context_window():
     args = pearl.Args(context_size=4, context_window=6)
-    buf = pearl.ReplayBuffer(32, 3, 0.99, 0.5)
+    buf = pearl.ContextReplayBuffer(32, 3, 0.99, 0.5)
     for t in range(20):
         buf.add(np.full((84, 84), t, np.uint8), t % 18, 1.0, False)
     idx = buf.recent(args.context_size, args.context_window)
@@ -467,14 +437,12 @@ def test_checkpoint_round_trip(module, tmp_path):
     net = module.PearlAgent(18, args) if module is pearl else module.QNetwork(18)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     opt.zero_grad()
-    obs = torch.zeros(1, 256, 100, dtype=torch.uint8)
+    obs = torch.zeros(1, 4, 84, 84, dtype=torch.uint8)
     (net.q(obs, torch.zeros(1, 32)) if module is pearl else net(obs)).sum().backward()
     opt.step()  # so the optimizer state holds tensors too
     path = str(tmp_path / "checkpoint.pt")
-    if module is pearl:
-        module.save_checkpoint(path, args, net, opt, 123, ["Pong", "Breakout"], 18)
-    else:
-        module.save_checkpoint(path, args, net, opt, 123, "mt" if module is mt else "reptile", ["Pong", "Breakout"], 18)
+    method = {mt: "mt", reptile: "reptile", pearl: "pearl"}[module]
+    module.save_checkpoint(path, args, net, opt, 123, method, ["Pong", "Breakout"], 18)
     ckpt = torch.load(path, weights_only=True)
     assert not os.path.exists(path + ".tmp")
     assert ckpt["format"] == finetune.CHECKPOINT_FORMAT and ckpt["format_version"] == 1
@@ -518,6 +486,103 @@ def test_training_is_repeatable_with_a_seed(tmp_path):
     states = []
     for run in range(2):
         args = mt.Args(games=("Pong",), total_timesteps=130, learning_starts=100, buffer_size=500, batch_size=8,
-                       games_per_batch=1, pad_actions=False, output_dir=str(tmp_path / str(run)), seed=7)
+                       games_per_batch=1, pad_actions=False, output_dir=str(tmp_path / str(run)), seed=7,
+                       torch_threads=1)
         states.append(mt.train(args, ["Pong"], method="scratch").state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def tiny(module, tmp_path, **change):
+    """Args for a run of a few env steps (one thread: the machine may be busy)."""
+    return dataclasses.replace(module.Args(games=("Pong",), total_timesteps=130, learning_starts=100, buffer_size=500,
+                                           batch_size=8, pad_actions=False, output_dir=str(tmp_path), torch_threads=1),
+                               **change)
+
+
+def test_adaptation_evaluates_before_the_first_update(tmp_path):
+    points = []
+    args = tiny(mt, tmp_path, total_timesteps=60, learning_starts=1000, eval_episodes=2, eval_max_steps=5,
+                background_eval=False, games_per_batch=1)
+    mt.train(args, ["Pong"], method="scratch", log_eval=lambda *p: points.append(p), eval_every=25)
+    assert [(step, episodes) for step, _, episodes in points] == [(0, 2), (25, 2), (50, 2), (60, 2)]
+
+
+def test_reptile_syncs_the_target_on_env_steps(tmp_path, monkeypatch):
+    """Target sync when the env step is a multiple of --target-network-frequency (authors'
+    main_mt.py), not every that many inner updates: with k = 5 and frequency 10, learning from
+    step 100 to 130, the syncs are at env steps 100, 110, 120, 130 (plus the copy at the start),
+    not at every 2nd env step (every 10 inner updates)."""
+    steps, syncs = [0], []
+    step = reptile.atari.MultiGameEnv.step
+    monkeypatch.setattr(reptile.atari.MultiGameEnv, "step", lambda self, a: steps.append(steps[-1] + 1) or step(self, a))
+    load = reptile.QNetwork.load_state_dict
+    monkeypatch.setattr(reptile.QNetwork, "load_state_dict", lambda self, *a, **k: syncs.append(steps[-1]) or load(self, *a, **k))
+    reptile.train(tiny(reptile, tmp_path, reptile_k=5, target_network_frequency=10), ["Pong"])
+    assert syncs == [0, 100, 110, 120, 130]
+
+
+def test_reptile_draws_new_noise_every_step_before_learning_starts(tmp_path, monkeypatch):
+    draws = []
+    reset = reptile.QNetwork.reset_noise
+    monkeypatch.setattr(reptile.QNetwork, "reset_noise", lambda self: draws.append(1) or reset(self))
+    reptile.train(tiny(reptile, tmp_path, total_timesteps=40), ["Pong"])
+    assert len(draws) == 40  # one per env step; no update ran (learning starts at 100)
+
+
+def test_frozen_encoder_stays_bit_identical_while_the_heads_learn(tmp_path):
+    torch.manual_seed(0)
+    net = mt.QNetwork(6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    mt.train(tiny(mt, tmp_path, freeze_encoder=True, games_per_batch=1), ["Pong"], q_network=net, method="finetune")
+    after = net.state_dict()
+    for k in before:
+        if k.startswith("encoder."):
+            assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["value_hidden.weight_mu"], after["value_hidden.weight_mu"])
+    assert not torch.equal(before["advantage_out.bias_mu"], after["advantage_out.bias_mu"])
+    net = mt.QNetwork(6)
+    conv = net.encoder.conv1.weight.clone()
+    mt.train(tiny(mt, tmp_path, freeze_encoder=True, unfreeze_encoder_at=110, games_per_batch=1), ["Pong"],
+             q_network=net, method="finetune")
+    assert not torch.equal(conv, net.encoder.conv1.weight)  # trains from step 110 on
+
+
+def test_pearl_loss_adds_the_kl_unweighted_to_every_sample():
+    ce, kl = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 0.5, 1.0])
+    w = torch.tensor([1.0, 0.5, 0.25])
+    # mean of 1 * (1 + 0.5), 0.5 * (2 + 0.5), 0.25 * (4 + 1) = (1.5 + 1.25 + 1.25) / 3
+    torch.testing.assert_close(pearl.pearl_loss(ce, kl, w, 1.0), torch.tensor(4.0 / 3))
+    assert pearl.Args().kl_weight == 1.0
+
+
+# --------------------------------------------------------------------------- the copies stay identical
+
+SHARED = ["NoisyLinear", "Encoder", "SumTree", "Batch", "ReplayBuffer", "project_distribution", "clip_gradients",
+          "to_patches", "encoder_matrices", "fast_encoder", "use_bf16", "save_checkpoint", "_plain", "check_der_args",
+          "keep_freed_memory", "seed_everything", "setup"]
+SHARED_MT_REPTILE = ["QNetwork", "dqn_loss", "optimize", "act", "step_weights", "fast_forward"]
+SHARED_MT_PEARL = ["sample_games"]
+
+
+@pytest.mark.parametrize("other, names", [(reptile, SHARED + SHARED_MT_REPTILE), (pearl, SHARED + SHARED_MT_PEARL)],
+                         ids=["reptile", "pearl"])
+def test_shared_pieces_are_identical_copies(other, names):
+    for name in names:
+        assert inspect.getsource(getattr(other, name)) == inspect.getsource(getattr(mt, name)), name
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_every_args_field_has_a_docstring(module):
+    cls = next(node for node in ast.parse(inspect.getsource(module)).body
+               if isinstance(node, ast.ClassDef) and node.name == "Args")
+    documented = {stmt.target.id for stmt, nxt in zip(cls.body, cls.body[1:])
+                  if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                  and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
+    assert [f.name for f in dataclasses.fields(module.Args) if f.name not in documented] == []
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_script_opens_on_the_algorithm(module):
+    lines = inspect.getsource(module).splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("class NoisyLinear"))
+    assert first < len(lines) / 3, (first, len(lines))

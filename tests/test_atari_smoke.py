@@ -14,7 +14,9 @@ sys.path.insert(0, ROOT)
 
 import finetune  # noqa: E402
 
-TINY = ["--total-timesteps", "150", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8"]
+# one torch thread: on a busy machine a second OpenMP thread waits for a core (and spins)
+TINY = ["--total-timesteps", "150", "--learning-starts", "100", "--buffer-size", "1000", "--batch-size", "8",
+        "--torch-threads", "1"]
 # evaluation episodes can last thousands of steps: one short capped episode per evaluation
 TINY_EVAL = ["--eval-every", "75", "--eval-episodes", "1", "--eval-max-steps", "30"]
 
@@ -57,7 +59,9 @@ def test_finetune_from_checkpoint(checkpoints, method, tmp_path):
     proc = run("finetune.py", "--checkpoint", checkpoints[method], "--task", "Pong", *TINY, *TINY_EVAL,
                "--output-dir", str(tmp_path))
     rows = read_eval(tmp_path)
-    assert rows[0] == ["env_step", "mean_return"] and [r[0] for r in rows[1:]] == ["75", "150"]
+    # the zero-shot point first, then every --eval-every steps and the end; each point 1 episode
+    assert rows[0] == ["env_step", "mean_return", "episodes"]
+    assert [(r[0], r[2]) for r in rows[1:]] == [("0", "1"), ("75", "1"), ("150", "1")]
     assert "final mean_return" in proc.stdout.strip().splitlines()[-1]
     if method != "pearl":  # DER fine-tuning writes its own checkpoint, padded to 18 actions
         ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -65,17 +69,32 @@ def test_finetune_from_checkpoint(checkpoints, method, tmp_path):
 
 
 def test_finetune_encoder_only(checkpoints, tmp_path):
+    """Authors' --load_conv_only: the pretrained convs, frozen, under fresh heads over the game's own actions."""
     run("finetune.py", "--checkpoint", checkpoints["mt"], "--task", "Pong", "--load-encoder-only", *TINY, *TINY_EVAL,
         "--output-dir", str(tmp_path))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["method"] == "finetune"
+    pretrained = torch.load(checkpoints["mt"], weights_only=True)["model"]
+    assert ckpt["method"] == "finetune" and ckpt["num_actions"] == 6  # Pong's own action set
+    assert ckpt["args"]["freeze_encoder"] is True
+    for k in ("encoder.conv1.weight", "encoder.conv1.bias", "encoder.conv2.weight", "encoder.conv2.bias"):
+        assert torch.equal(ckpt["model"][k], pretrained[k]), k  # 50 updates later: bit-identical
+    assert ckpt["model"]["advantage_out.weight_mu"].shape[0] == 6 * 51
+    assert not torch.equal(ckpt["model"]["value_hidden.weight_mu"], pretrained["value_hidden.weight_mu"])
+
+
+def test_unfreeze_without_frozen_encoder_is_one_line(checkpoints, tmp_path):
+    proc = run("finetune.py", "--checkpoint", checkpoints["mt"], "--task", "Pong", *TINY, "--unfreeze-encoder-at", "100",
+               "--output-dir", str(tmp_path / "ft"), ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --unfreeze-encoder-at needs a frozen encoder "
+                                                    "(finetune.py --load-encoder-only)")
 
 
 def test_scratch_uses_the_games_own_actions(tmp_path):
     run("finetune.py", "--scratch", "atari", "--task", "Pong", *TINY, *TINY_EVAL, "--output-dir", str(tmp_path))
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == "scratch" and ckpt["num_actions"] == 6  # Pong's minimal action set
-    assert len(read_eval(tmp_path)) == 3
+    assert [r[0] for r in read_eval(tmp_path)[1:]] == ["0", "75", "150"]
 
 
 # --------------------------------------------------------------------------- errors

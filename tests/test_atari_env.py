@@ -1,0 +1,94 @@
+"""envs/atari.py: the DER preprocessing, action padding, game names and sets, the multi-game env."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the frame resize runs in torch: one thread, as the scripts' evaluation process
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from envs import atari  # noqa: E402
+
+
+def test_pad_action_maps_padding_to_noop():
+    assert [atari.pad_action(a, 6) for a in (0, 5, 6, 17)] == [0, 5, 0, 0]
+    assert atari.pad_action(3, 4) == 3 and atari.pad_action(4, 4) == 0
+
+
+def test_padded_actions_play_noop_in_the_emulator():
+    a, b = atari.make_env("Pong", seed=5, num_actions=18), atari.make_env("Pong", seed=5, num_actions=18)
+    assert len(a.action_set) == 6 and a.action_space.n == 18
+    oa, _ = a.reset()
+    ob, _ = b.reset()
+    np.testing.assert_array_equal(oa, ob)
+    for t in range(60):
+        oa, *_ = a.step(17 - t % 12)  # 17..6: all padding
+        ob, *_ = b.step(0)  # NOOP
+    np.testing.assert_array_equal(oa, ob)
+    c = atari.make_env("Pong", seed=5, num_actions=18)
+    c.reset()
+    for t in range(60):
+        oc, *_ = c.step(2)  # RIGHT moves the paddle: a different screen
+    assert not np.array_equal(oc, ob)
+
+
+def test_env_preprocessing_shapes_and_resize():
+    env = atari.make_env("MsPacman", seed=0)
+    obs, _ = env.reset()
+    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
+    np.testing.assert_array_equal(obs[:3], 0)  # stack starts with zeros
+    env._screens[:] = 77  # area resize: a constant screen stays constant
+    np.testing.assert_array_equal(env._frame(), 77)
+    env._screens[0], env._screens[1] = 10, 200  # the max over the last two screens
+    np.testing.assert_array_equal(env._frame(), 200)
+    assert env.ale.getFloat("repeat_action_probability") == 0.0  # no sticky actions
+
+
+def test_life_loss_ends_a_learning_episode_but_not_an_evaluation_game():
+    learn, play = atari.make_env("Breakout", seed=3), atari.make_env("Breakout", seed=3, episodic_life=False)
+    rng = np.random.default_rng(0)
+    for env in (learn, play):
+        env.reset()
+    ends = {"learn": [], "play": []}
+    for t in range(400):
+        a = int(rng.integers(4))
+        for name, env in (("learn", learn), ("play", play)):
+            _, _, terminated, truncated, info = env.step(a)
+            if terminated or truncated:
+                ends[name].append(("episode" in info, env.ale.lives()))
+                env.reset()
+    assert ends["learn"] and not any(game_over for game_over, _ in ends["learn"][:1])  # first end: a lost life
+    assert all(game_over for game_over, _ in ends["play"])  # evaluation ends only at game over
+
+
+def test_game_names_and_sets():
+    assert atari.rom_id("BattleZone") == "battle_zone" and atari.find_rom_id("ALE/Pong-v5") == "pong"
+    assert atari.find_rom_id("drawer-open-v3") is None and atari.find_rom_id("NoSuchGame") is None
+    with pytest.raises(SystemExit, match="error: unknown Atari game 'NoSuchGame'"):
+        atari.rom_id("NoSuchGame")
+    assert atari.game_set(5) == ["Breakout", "DemonAttack", "Robotank", "BankHeist", "Solaris"]
+    assert atari.game_set(10)[5:] == ["Alien", "Seaquest", "Asteroids", "Krull", "Frostbite"]
+    assert atari.game_set(5, ("Pong",)) == ["Pong"]
+    with pytest.raises(SystemExit, match="--train-games must be 5 or 10"):
+        atari.game_set(3)
+    assert atari.num_game_actions("Pong") == 6 and atari.num_game_actions("BattleZone") == 18
+
+
+def test_multi_game_env_picks_a_game_per_game_over_and_keeps_it_after_a_lost_life():
+    env = atari.MultiGameEnv(["Breakout", "Breakout"], seed=0, num_actions=18)  # short games: many game overs
+    rng = np.random.default_rng(0)
+    env.reset()
+    played, switches_without_game_over = set(), 0
+    for t in range(1500):
+        game = env.game
+        played.add(game)
+        _, _, terminated, truncated, info = env.step(int(rng.integers(18)))
+        if terminated or truncated:
+            env.reset()
+            if "episode" not in info and env.game != game:
+                switches_without_game_over += 1
+    assert switches_without_game_over == 0
+    assert played == {0, 1}
