@@ -163,15 +163,19 @@ def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
 
 
 def is_atari_task(task: str) -> bool:
-    return importlib.import_module(BASE_MODULES["atari"]).find_rom_id(task) is not None
+    return importlib.import_module("envs.atari").find_rom_id(task) is not None
 
 
 def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
-    """MT/Reptile/scratch: DER on the one game for 100k env steps. PEARL: infer z, no gradient."""
+    """MT/Reptile/scratch: DER on the one game for 100k env steps (rainbow_mt_atari.train). PEARL:
+    infer z, no gradient (rainbow_pearl_atari.adapt). Both evaluate at step 0, every --eval-every
+    env steps (default 5000, the authors' bashes/neurips22/finetune.sh) and at the end.
+    --load-encoder-only: the pretrained conv encoder, frozen, under fresh heads over the game's own
+    action set (authors' --load_conv_only); --unfreeze-encoder-at N lets it train from step N."""
     if not is_atari_task(opts.task):
         raise FinetuneError(f"unknown Atari game '{opts.task}'")
     method = ckpt["method"] if ckpt else "scratch"
-    eval_every = opts.eval_every or 10_000
+    eval_every = opts.eval_every or 5_000
     # DER fine-tuning budget (paper, Sec. 5.3): 100k env steps, fresh 100k replay, learning starts 1600.
     budget = dict(total_timesteps=100_000, buffer_size=100_000, learning_starts=1600, games=(opts.task,),
                   output_dir=run.output_dir)
@@ -182,15 +186,19 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
                     log_eval=run.log_eval, eval_every=eval_every)
         return
     der = importlib.import_module(BASE_MODULES["atari"])
-    # one game per batch; pretrained agents keep their 18 padded actions, scratch uses the game's own set
-    args = script_args(der, ckpt, overrides, games_per_batch=1, pad_actions=ckpt is not None, **budget)
+    encoder_only = ckpt is not None and opts.load_encoder_only
+    # one game per batch; pretrained agents keep their 18 padded actions, scratch and --load-encoder-only
+    # use the game's own set
+    args = script_args(der, ckpt, overrides, games_per_batch=1, pad_actions=ckpt is not None and not encoder_only,
+                       freeze_encoder=encoder_only, unfreeze_encoder_at=None, **budget)
     q_network = None
     if ckpt is not None:
         saved = ckpt["args"]
-        q_network = der.QNetwork(int(ckpt["num_actions"]), saved["hidden_size"], saved["num_atoms"], saved["v_min"],
+        num_actions = der.atari.num_game_actions(opts.task) if encoder_only else int(ckpt["num_actions"])
+        q_network = der.QNetwork(num_actions, saved["hidden_size"], saved["num_atoms"], saved["v_min"],
                                  saved["v_max"], args.noisy_std)
         state = ckpt["model"]
-        if opts.load_encoder_only:
+        if encoder_only:  # the heads stay freshly initialised
             state = {k: v for k, v in state.items() if k.startswith("encoder.")}
         missing, unexpected = q_network.load_state_dict(state, strict=False)
         expected_missing = [k for k in q_network.state_dict() if k not in state]

@@ -3,9 +3,9 @@
     python benchmarks/check_gpu.py                  # on a machine with CUDA
     python benchmarks/check_gpu.py --device cpu     # the same code paths against themselves
 
-1. DER (rainbow_mt_atari.py): the same network, target network and noise on the CPU and on
-   `--device`; per-sample C51 loss and the gradient of every parameter, in fp32 on both and in
-   bf16 on `--device` against fp32 on the CPU. The batch comes from a replay of random frames
+1. DER (rainbow_mt_atari.py): the same network, target network and noise, the plain modules on
+   the CPU against the speed form (what training runs) on `--device`; per-sample C51 loss and the
+   gradient of every parameter, in fp32 on both and in bf16 on `--device` against fp32 on the CPU. The batch comes from a replay of random frames
    with rewards in {-1, 0, 1}, so returns reach the support's ends (the clamped projection).
 2. PPO (ppo_mt_procgen.py): log-probability, entropy and value of the same actions, fp32 and bf16.
 3. RolloutPolicy: on CUDA the rollout's policy step is a CUDA graph. Its log-probability, entropy
@@ -52,7 +52,7 @@ def check_der(device: torch.device) -> None:
         target.reset_noise = target_dev.reset_noise = lambda: None  # dqn_loss draws target noise: keep the shared one
         loss_cpu = der.dqn_loss(q, target, batch, "cpu")
         loss_cpu.mean().backward()
-        loss_dev = der.dqn_loss(q_dev, target_dev, batch, device)
+        loss_dev = der.dqn_loss(q_dev, target_dev, batch, device, der.step_weights(q_dev))  # the speed form
         loss_dev.mean().backward()
         worst = max(rel(p_dev.grad, p.grad) for p, p_dev in zip(q.parameters(), q_dev.parameters()))
         print(f"DER, {'bf16' if bf16 else 'fp32'} on {device}: loss {rel(loss_dev, loss_cpu):.1e}, "
