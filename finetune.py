@@ -138,7 +138,9 @@ def is_procgen_task(task: str) -> bool:
 
 
 def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
-    """MT/Reptile/scratch: PPO on the one level. RL2: roll out, no gradient."""
+    """MT/Reptile/scratch: PPO on the one level, evaluated on it in separate envs (--eval-episodes on
+    --eval-num-envs) at step 0, every --eval-every env steps (default: every PPO iteration, as the
+    authors) and at the end. RL2: roll out, no gradient; step 0 from a fresh recurrent state."""
     level = int(opts.task)
     method = ckpt["method"] if ckpt else "scratch"
     if method == "rl2":
@@ -156,7 +158,7 @@ def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     if ckpt is not None:
         agent.load_state_dict(ckpt["model"])
     ppo.train(args, agent=agent, method="finetune" if ckpt else "scratch", train_tasks=[level],
-              writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every)
+              writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every, eval_level=level)
 
 
 # --------------------------------------------------------------------------- Atari

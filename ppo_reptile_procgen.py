@@ -1,24 +1,29 @@
 """Reptile around PPO on Procgen CoinRun (Nichol et al. 2018; Mandi, Abbeel & James 2022).
 
-Each outer step samples one training level, runs `--reptile-k` PPO iterations with all
-environments on that level (the inner loop, weights theta -> phi), then moves the
-meta-weights toward the result:  theta <- theta + eps * (phi - theta),  with eps
-scheduled linearly from `--reptile-eps-start` to `--reptile-eps-end` over the outer steps.
-The checkpoint holds theta, which `finetune.py` fine-tunes with plain PPO like an MT one.
+The "Reptile" pretraining of Mandi, Abbeel & James, "On the Effectiveness of Fine-tuning Versus
+Meta-reinforcement Learning" (NeurIPS 2022), Sec. 5.1, with Reptile from Nichol, Achiam &
+Schulman, "On First-Order Meta-Learning Algorithms" (2018), Sec. 3. Each outer step samples one
+training level, runs `--reptile-k` PPO iterations with all environments on that level (the inner
+loop, weights theta -> phi), then moves the meta-weights toward the result:
+theta <- theta + eps * (phi - theta), with eps scheduled linearly from `--reptile-eps-start` to
+`--reptile-eps-end` over the outer steps. The checkpoint holds theta, which `finetune.py`
+fine-tunes with plain PPO (ppo_mt_procgen.train) like an MT one.
 
     python ppo_reptile_procgen.py --num-levels 1000
+
+The story, top to bottom: Args, the network, the rollout buffer and GAE, the PPO loss and
+update (all as in ppo_mt_procgen.py), the Reptile step, the training loop. Plumbing and the
+speed tricks come last. The environment is `envs/procgen.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -26,20 +31,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-NUM_ACTIONS = 15  # Procgen's full action set; CoinRun uses all 15 ids.
+from envs.procgen import NUM_ACTIONS, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward
+
+SCRIPT = "ppo_reptile_procgen"  # the module name checkpoints record (finetune.py checks it)
 
 
 @dataclass
 class Args:
     exp_name: str = "ppo_reptile_procgen"
+    """the name of this experiment (part of the default run directory's name)"""
     seed: int = 1
+    """seed of Python, numpy, torch and the environments"""
     torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA when available"""
     track: bool = False
     """log to Weights & Biases (wandb is imported only when set)"""
     wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project, with --track"""
     wandb_entity: Optional[str] = None
+    """the wandb entity (team), with --track"""
     output_dir: Optional[str] = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
     save_every: int = 50
@@ -47,134 +59,76 @@ class Args:
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
+    """the Procgen game (the paper: coinrun)"""
     distribution_mode: Literal["easy", "hard", "extreme", "memory", "exploration"] = "hard"
+    """Procgen's level distribution (the paper and the authors: hard)"""
     num_levels: int = 1000
     """training levels (the paper reports 100, 1000 and 10000); 0 means unlimited"""
     start_level: int = 0
     """first training level; held-out test levels start at 10000"""
     env_threads: Optional[int] = None
     """procgen's threads stepping the envs (default: one per CPU core; procgen's own default is 4).
-    On a 16-core GPU machine, 16 threads halved the env time of a 256-env rollout (README)"""
+    A machine setting, never taken from a checkpoint (benchmarks/README.md)"""
 
     # PPO, as in the authors' SB3 config (DESIGN.md section 3).
     total_timesteps: int = 1500 * 256 * 256
     """1500 iterations of 256 envs x 256 steps (~100M steps)"""
     learning_rate: float = 5e-4
+    """Adam's learning rate (authors: 5e-4)"""
     anneal_lr: bool = False
-    """the authors keep the learning rate constant"""
+    """anneal the learning rate linearly to 0 (the authors keep it constant)"""
     num_envs: int = 256
+    """parallel training environments (authors: 256)"""
     num_steps: int = 256
+    """steps per environment in one rollout (authors' n_steps: 256)"""
     gamma: float = 0.99
+    """discount factor"""
     gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
     num_minibatches: int = 32
-    """256 x 256 / 32 = minibatches of 2048 samples"""
+    """256 x 256 / 32 = minibatches of 2048 samples (authors' batch_size)"""
     update_epochs: int = 3
+    """passes over the rollout per PPO update (authors' n_epochs: 3)"""
     norm_adv: bool = True
+    """normalise advantages within each minibatch (SB3 does)"""
     clip_coef: float = 0.2
+    """PPO's clipping range epsilon"""
     ent_coef: float = 0.01
+    """weight of the entropy bonus"""
     vf_coef: float = 0.5
+    """weight of the value loss mean((R - V)^2) (SB3's form: no extra 1/2)"""
     max_grad_norm: float = 0.5
+    """clip the gradient's global norm to this"""
     target_kl: Optional[float] = 0.01
     """stop the epoch loop once a minibatch's approx KL exceeds 1.5 x this (SB3's rule)"""
     norm_reward: bool = True
     """scale rewards by a running std of the discounted return (openai/train-procgen's VecNormalize)"""
-    # Reptile. The authors' code writes theta <- phi + e * (theta - phi), i.e. eps = 1 - e, with
-    # e annealed 1 -> 0: the effective eps goes 0 -> 1, which these defaults reproduce. Nichol
-    # et al.'s standard Reptile anneals the outer step size the other way, 1.0 -> 0.0.
-    reptile_k: int = 3
-    """PPO iterations in the inner loop on one sampled level"""
-    reptile_eps_start: float = 0.0
-    reptile_eps_end: float = 1.0
-
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """convolutions in bfloat16 autocast (heads, losses and optimizer stay fp32); auto = bf16 where
     the hardware runs it natively (recent CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32"""
 
-
-# ----------------------------------------------------------------------------- environment
-
-
-def import_procgen():
-    """procgen still imports the unmaintained `gym`, which prints a banner; keep it out of sight."""
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        import procgen
-    return procgen
-
-
-class ProcgenVecEnv:
-    """ProcgenEnv with numpy uint8 observations (N, 64, 64, 3) and episode bookkeeping.
-
-    `step` returns (obs, reward, done, finished) where `finished` is a list of
-    (env_index, episodic_return, episodic_length, level_seed) for episodes that just ended.
-    Procgen resets finished environments itself; `obs` is then the new episode's first frame.
-    """
-
-    def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int,
-                 threads: Optional[int] = None):
-        procgen = import_procgen()
-        from procgen.env import ENV_NAMES
-
-        if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
-            raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
-        if threads is not None and threads < 1:
-            raise SystemExit(f"error: --env-threads must be at least 1 (got {threads})")
-        self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,
-                                      start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed,
-                                      num_threads=threads or os.cpu_count() or 4)
-        self.num_envs = num_envs
-        self.returns = np.zeros(num_envs, dtype=np.float64)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.level_seeds = np.zeros(num_envs, dtype=np.int64)
-
-    def reset(self) -> np.ndarray:
-        self.returns[:] = 0
-        self.lengths[:] = 0
-        obs = self.env.reset()["rgb"]
-        self.level_seeds[:] = [info["level_seed"] for info in self.env.env.get_info()]
-        return obs
-
-    def step(self, actions: np.ndarray):
-        obs, reward, done, infos = self.env.step(actions)
-        self.returns += reward
-        self.lengths += 1
-        finished = []
-        for i in np.flatnonzero(done):
-            finished.append((int(i), float(self.returns[i]), int(self.lengths[i]), int(infos[i]["prev_level_seed"])))
-        self.returns[done] = 0
-        self.lengths[done] = 0
-        self.level_seeds[:] = [info["level_seed"] for info in infos]
-        return obs["rgb"], reward.astype(np.float32), done, finished
-
-    def close(self):
-        self.env.close()
+    # Reptile. The authors' code writes theta <- phi + e * (theta - phi), i.e. eps = 1 - e, with
+    # e annealed 1 -> 0: the effective eps goes 0 -> 1, which these defaults reproduce. Nichol
+    # et al.'s standard Reptile anneals the outer step size the other way, 1.0 -> 0.0.
+    reptile_k: int = 3
+    """PPO iterations in the inner loop on one sampled level (authors: ppo.reptile_k=3)"""
+    reptile_eps_start: float = 0.0
+    """outer step size eps at the first outer step (0.0 reproduces the authors' schedule)"""
+    reptile_eps_end: float = 1.0
+    """outer step size eps at the last outer step (1.0 reproduces the authors' schedule)"""
 
 
-class RewardNormalizer:
-    """Divides rewards by the running std of each env's discounted return, then clips to [-10, 10]."""
-
-    def __init__(self, num_envs: int, gamma: float, eps: float = 1e-8):
-        self.gamma, self.eps = gamma, eps
-        self.ret = np.zeros(num_envs, dtype=np.float64)
-        self.mean, self.var, self.count = 0.0, 1.0, eps
-
-    def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
-        self.ret = self.ret * self.gamma + reward
-        batch_mean, batch_var, n = self.ret.mean(), self.ret.var(), len(self.ret)
-        delta, total = batch_mean - self.mean, self.count + n  # parallel (Chan et al.) variance update
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.count = total
-        self.ret[done] = 0.0
-        return np.clip(reward / np.sqrt(self.var + self.eps), -10, 10).astype(np.float32)
+# ----------------------------------------------------------------------------- ALGO LOGIC: the network
 
 
-# ----------------------------------------------------------------------------- network
-
-
-def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
+def ortho_init(module: nn.Module, gain: float) -> nn.Module:
+    """SB3's `ortho_init`: every Conv2d and Linear inside `module` gets orthogonal weights scaled
+    by `gain` and zero biases (ActorCriticPolicy: features sqrt(2), policy head 0.01, value 1)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(layer.weight, gain)
+            nn.init.zeros_(layer.bias)
+    return module
 
 
 class ResidualBlock(nn.Module):
@@ -206,7 +160,7 @@ class ImpalaEncoder(nn.Module):
 
     def __init__(self, channels=(16, 32, 32), out_features: int = 256):
         super().__init__()
-        self.bf16 = False  # set by `use_bf16`; not part of the state dict
+        self.bf16 = False  # set from --precision (use_bf16); not part of the state dict
         stages, c_in = [], 3
         for c in channels:
             stages.append(ConvSequence(c_in, c))
@@ -218,8 +172,8 @@ class ImpalaEncoder(nn.Module):
         # uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1]. The permuted view is already
         # channels_last in memory, which is the fast layout for CPU convolutions: no copy.
         x = obs.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
-        # no autocast cache: each weight is cast once per pass anyway, and a cache must stay off
-        # while a CUDA graph is captured (RolloutPolicy)
+        # SPEED: bf16 autocast where the hardware has it (use_bf16). No autocast cache: each weight
+        # is cast once per pass anyway, and a cache must stay off while a CUDA graph is captured.
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             x = self.stages(x)
             x = F.relu(self.fc(F.relu(x).flatten(1)))
@@ -227,36 +181,40 @@ class ImpalaEncoder(nn.Module):
 
 
 class Agent(nn.Module):
+    """IMPALA-CNN features shared by a policy head (logits over 15 actions) and a value head."""
+
     def __init__(self, num_actions: int = NUM_ACTIONS):
         super().__init__()
-        self.encoder = ImpalaEncoder()
-        self.actor = layer_init(nn.Linear(256, num_actions), std=0.01)
-        self.critic = layer_init(nn.Linear(256, 1), std=1.0)
+        self.encoder = ortho_init(ImpalaEncoder(), np.sqrt(2))
+        self.actor = ortho_init(nn.Linear(256, num_actions), 0.01)
+        self.critic = ortho_init(nn.Linear(256, 1), 1.0)
         self.to(memory_format=torch.channels_last)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.encoder(obs)).squeeze(-1)
 
     def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None):
+        """Samples a ~ pi(.|s) unless `action` is given; returns a, log pi(a|s), entropy, V(s)."""
         hidden = self.encoder(obs)
-        logits = self.actor(hidden)
-        log_probs = logits.log_softmax(-1)
+        log_probs = self.actor(hidden).log_softmax(-1)
         if action is None:
             action = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return action, log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1), entropy, self.critic(hidden).squeeze(-1)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# ----------------------------------------------------------------------------- ALGO LOGIC: rollouts and GAE
 
 
-# ----------------------------------------------------------------------------- PPO
+class Batch(NamedTuple):
+    """One rollout, flattened to B = num_steps x num_envs samples: what the PPO update reads."""
+
+    obs: torch.Tensor  # (B, 64, 64, 3) uint8
+    actions: torch.Tensor  # (B,) a_t
+    logprobs: torch.Tensor  # (B,) log pi_old(a_t | s_t)
+    values: torch.Tensor  # (B,) V_old(s_t)
+    advantages: torch.Tensor  # (B,) GAE A_t
+    returns: torch.Tensor  # (B,) A_t + V_old(s_t): the value target
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
@@ -269,83 +227,188 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     """
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
-    next_value, last_gae = last_value, torch.zeros_like(last_value)
+    next_value = last_value
+    last_gae = torch.zeros_like(last_value)
     for t in reversed(range(num_steps)):
         nonterminal = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * nonterminal - values[t]
-        last_gae = delta + gamma * gae_lambda * nonterminal * last_gae
+        delta = rewards[t] + gamma * next_value * nonterminal - values[t]  # TD error
+        last_gae = delta + gamma * gae_lambda * nonterminal * last_gae  # A_t = delta_t + gamma lambda A_{t+1}
         advantages[t] = last_gae
         next_value = values[t]
     return advantages, advantages + values
 
 
-def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args, generator: torch.Generator) -> dict:
+class RolloutBuffer:
+    """(num_steps, num_envs) rollout storage; observations stay uint8 (4x less memory traffic)."""
+
+    def __init__(self, num_steps: int, num_envs: int, device: torch.device):
+        self.obs = torch.zeros((num_steps, num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros((num_steps, num_envs), dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((num_steps, num_envs), device=device)
+        self.rewards = torch.zeros((num_steps, num_envs), device=device)
+        self.dones = torch.zeros((num_steps, num_envs), device=device)
+        self.values = torch.zeros((num_steps, num_envs), device=device)
+
+    @torch.inference_mode()
+    def collect(self, policy: RolloutPolicy, envs: VecNormalizeReward, next_obs: torch.Tensor, args: Args):
+        """Fill the buffer with one rollout; returns (next_obs, batch, finished episodes)."""
+        finished_all = []
+        for step in range(self.obs.shape[0]):
+            self.obs[step] = next_obs
+            action, logprob, _, value = policy(next_obs)
+            self.actions[step] = action
+            self.logprobs[step] = logprob
+            self.values[step] = value
+            raw_obs, reward, done, finished = envs.step(action.cpu().numpy())  # reward: normalised
+            self.rewards[step] = torch.from_numpy(reward)
+            self.dones[step] = torch.from_numpy(done.astype(np.float32))
+            next_obs = torch.from_numpy(raw_obs).to(self.obs.device)
+            finished_all += finished
+        last_value = policy.agent.get_value(next_obs)
+        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value, args.gamma, args.gae_lambda)
+        batch = Batch(obs=self.obs.reshape(-1, 64, 64, 3), actions=self.actions.reshape(-1),
+                      logprobs=self.logprobs.reshape(-1), values=self.values.reshape(-1),
+                      advantages=advantages.reshape(-1), returns=returns.reshape(-1))
+        return next_obs, batch, finished_all
+
+
+# ----------------------------------------------------------------------------- ALGO LOGIC: the PPO update
+
+
+class PPOLoss(NamedTuple):
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    v_loss: torch.Tensor
+    entropy: torch.Tensor
+
+
+def ppo_loss(logratio: torch.Tensor, advantages: torch.Tensor, newvalue: torch.Tensor, returns: torch.Tensor,
+             entropy: torch.Tensor, args: Args) -> PPOLoss:
+    """PPO's objective on one minibatch (Schulman et al. 2017, eq. 9), in SB3's form."""
+    ratio = logratio.exp()  # r = pi(a|s) / pi_old(a|s)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()  # -E[min(r A, clip(r) A)]
+    v_loss = F.mse_loss(returns, newvalue)  # E[(R - V)^2]; SB3 has no 1/2 here
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+    return PPOLoss(loss, pg_loss, v_loss, entropy_loss)
+
+
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, generator: torch.Generator) -> dict:
     """Clipped-surrogate PPO over flat (B, ...) tensors for `update_epochs` epochs."""
-    batch_size = batch["obs"].shape[0]
+    batch_size = batch.obs.shape[0]
     minibatch_size = batch_size // args.num_minibatches
     stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
     stopped = False
     for _epoch in range(args.update_epochs):
         order = torch.randperm(batch_size, generator=generator)
         for start in range(0, minibatch_size * args.num_minibatches, minibatch_size):
-            mb = order[start:start + minibatch_size]
-            _, newlogprob, entropy, newvalue = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
-            logratio = newlogprob - batch["logprobs"][mb]
-            ratio = logratio.exp()
-            with torch.no_grad():  # statistics stay on the device: one host sync per minibatch (the KL check), not five
-                approx_kl = ((ratio - 1) - logratio).mean()  # the k3 estimator (Schulman 2020)
+            mb = Batch(*(field[order[start:start + minibatch_size]] for field in batch))
+            _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb.obs, mb.actions)
+            logratio = newlogprob - mb.logprobs
+            with torch.no_grad():  # statistics stay on the device: one host sync per minibatch (the KL check)
+                approx_kl = ((logratio.exp() - 1) - logratio).mean()  # the k3 estimator (Schulman 2020)
                 stats["approx_kl"].append(approx_kl)
-                stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                stats["clipfrac"].append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean())
             if args.target_kl is not None and approx_kl.item() > 1.5 * args.target_kl:
                 stopped = True  # SB3 early stopping: skip this minibatch and all that follow
                 break
-            mb_adv = batch["advantages"][mb]
-            if args.norm_adv:
-                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-            pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-            v_loss = 0.5 * ((newvalue - batch["returns"][mb]) ** 2).mean()
-            entropy_loss = entropy.mean()
-            loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+            terms = ppo_loss(logratio, mb.advantages, newvalue, mb.returns, entropy, args)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            terms.loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
-            stats["pg_loss"].append(pg_loss.detach())
-            stats["v_loss"].append(v_loss.detach())
-            stats["entropy"].append(entropy_loss.detach())
+            stats["pg_loss"].append(terms.pg_loss.detach())
+            stats["v_loss"].append(terms.v_loss.detach())
+            stats["entropy"].append(terms.entropy.detach())
         if stopped:
             break
     out = {k: torch.stack(v).mean().item() if v else float("nan") for k, v in stats.items()}
-    y_pred, y_true = batch["values"], batch["returns"]
-    var_y = y_true.var()
-    out["explained_variance"] = float("nan") if var_y == 0 else float(1 - (y_true - y_pred).var() / var_y)
+    var_y = batch.returns.var()
+    out["explained_variance"] = float("nan") if var_y == 0 else float(1 - (batch.returns - batch.values).var() / var_y)
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- ALGO LOGIC: the Reptile step
 
 
-def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args: Args, global_step: int,
-                    method: str, train_tasks: list) -> None:
-    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
-    ckpt = {
-        "format": "finetune-vs-meta-rl",
-        "format_version": 1,
-        "module": "ppo_reptile_procgen",
-        "benchmark": "procgen",
-        "method": method,
-        "train_tasks": [int(t) for t in train_tasks],
-        "args": dataclasses.asdict(args),
-        "global_step": int(global_step),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def reptile_eps(outer_step: int, num_outer_steps: int, eps_start: float, eps_end: float) -> float:
+    """Linear schedule over outer steps 0 .. num_outer_steps - 1 (start at the first, end at the last)."""
+    if num_outer_steps <= 1:
+        return eps_start
+    return eps_start + (eps_end - eps_start) * outer_step / (num_outer_steps - 1)
 
 
-# ----------------------------------------------------------------------------- training loop
+@torch.no_grad()
+def reptile_step(meta: dict[str, torch.Tensor], agent: nn.Module, eps: float) -> None:
+    """theta <- theta + eps * (phi - theta) for every floating-point tensor, then agent <- theta."""
+    phi = agent.state_dict()
+    for name, theta in meta.items():
+        if theta.is_floating_point():
+            theta.add_(phi[name] - theta, alpha=eps)  # theta + eps * (phi - theta)
+        else:
+            theta.copy_(phi[name])
+    agent.load_state_dict(meta)
+
+
+# ----------------------------------------------------------------------------- ALGO LOGIC: the training loop
+
+
+def train(args: Args, agent: Optional[Agent] = None, writer=None) -> Agent:
+    """Reptile-PPO over levels [start_level, start_level + num_levels)."""
+    if args.num_levels < 1 or args.reptile_k < 1:
+        raise SystemExit("error: Reptile needs --num-levels >= 1 (a finite level set to sample from) and --reptile-k >= 1")
+    num_iterations, device, writer, own_writer = setup(args, writer)
+    generator = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
+    agent = (agent if agent is not None else Agent()).to(device)
+    agent.encoder.bf16 = use_bf16(args.precision, device)
+    # One Adam for the inner loops; its moments carry over between levels, as in Nichol et al.'s code.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    ret_rms = RunningMeanStd()  # one reward scale across all levels' envs
+    buffer = RolloutBuffer(args.num_steps, args.num_envs, device)
+    policy = RolloutPolicy(agent, args.num_envs, device)  # reptile_step loads theta in place: the graph stays valid
+    meta = {k: v.detach().clone() for k, v in agent.state_dict().items()}  # theta
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    num_outer = -(-num_iterations // args.reptile_k)
+
+    global_step = 0
+    iteration = 0
+    start_time = time.time()
+    for outer in range(num_outer):
+        level = int(rng.choice(train_tasks))
+        # All envs play the sampled level; a new level means a new ProcgenEnv (its level set is fixed).
+        envs = ProcgenVecEnv(args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed + outer,
+                             args.env_threads)
+        envs = VecNormalizeReward(envs, args.gamma, norm_reward=args.norm_reward, ret_rms=ret_rms)
+        next_obs = torch.from_numpy(envs.reset()).to(device)
+        for _ in range(min(args.reptile_k, num_iterations - iteration)):  # the inner loop: theta -> phi
+            iteration += 1
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+            next_obs, batch, finished = buffer.collect(policy, envs, next_obs, args)
+            global_step += args.num_envs * args.num_steps
+            stats = ppo_update(agent, optimizer, batch, args, generator)
+            log_iteration(writer, iteration, num_iterations, global_step, start_time, finished, stats,
+                          optimizer.param_groups[0]["lr"])
+        envs.close()
+        eps = reptile_eps(outer, num_outer, args.reptile_eps_start, args.reptile_eps_end)
+        reptile_step(meta, agent, eps)  # the outer step
+        writer.add_scalar("charts/reptile_eps", eps, global_step)
+        writer.add_scalar("charts/reptile_level", level, global_step)
+        if (outer + 1) % max(1, args.save_every // args.reptile_k) == 0 or outer == num_outer - 1:
+            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, "reptile", train_tasks)
+
+    print(f"saved {ckpt_path}")
+    if own_writer:
+        writer.close()
+    return agent
+
+
+# ----------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
 
 LOSS_TAGS = {"pg_loss": "policy_loss", "v_loss": "value_loss", "entropy": "entropy", "approx_kl": "approx_kl",
              "clipfrac": "clipfrac", "explained_variance": "explained_variance"}
@@ -358,7 +421,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args: Args, run_name: str):
+def make_writer(args, run_name: str):
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -369,85 +432,6 @@ def make_writer(args: Args, run_name: str):
     writer = SummaryWriter(args.output_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
-
-
-class RolloutPolicy:
-    """The rollout's action step, `agent.get_action_and_value(obs)` without gradients. On CUDA it is
-    replayed from a CUDA graph: IMPALA's forward for 256 observations is about 60 small kernels, and
-    launching them one by one, not the GPU, set the pace (README, Procgen: GPU speed). The graph
-    reads the parameters in place, so it sees every optimizer step without being captured again.
-    The returned tensors are overwritten by the next call."""
-
-    def __init__(self, agent: Agent, num_envs: int, device: torch.device):
-        self.agent, self.graph = agent, None
-        if device.type != "cuda":
-            return
-        self.obs = torch.zeros((num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(3):  # warm-up off the main stream (cuDNN/cuBLAS handles, workspaces)
-                agent.get_action_and_value(self.obs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.out = agent.get_action_and_value(self.obs)
-
-    def __call__(self, obs: torch.Tensor):
-        if self.graph is None:
-            with torch.inference_mode():
-                return self.agent.get_action_and_value(obs)
-        self.obs.copy_(obs)
-        self.graph.replay()
-        return self.out
-
-
-class RolloutBuffer:
-    """(num_steps, num_envs) rollout storage; observations stay uint8 (4x less memory traffic)."""
-
-    def __init__(self, num_steps: int, num_envs: int, device: torch.device):
-        self.obs = torch.zeros((num_steps, num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
-        self.actions = torch.zeros((num_steps, num_envs), dtype=torch.long, device=device)
-        self.logprobs, self.rewards, self.dones, self.values = (
-            torch.zeros((num_steps, num_envs), device=device) for _ in range(4))
-
-    @torch.inference_mode()
-    def collect(self, policy: RolloutPolicy, envs: ProcgenVecEnv, next_obs: torch.Tensor, normalize, args: Args):
-        """Fill the buffer with one rollout; returns (next_obs, batch, finished episodes)."""
-        finished_all = []
-        for step in range(self.obs.shape[0]):
-            self.obs[step] = next_obs
-            action, logprob, _, value = policy(next_obs)
-            self.actions[step], self.logprobs[step], self.values[step] = action, logprob, value
-            raw_obs, reward, done, finished = envs.step(action.cpu().numpy())
-            if normalize is not None:
-                reward = normalize(reward, done)
-            self.rewards[step] = torch.from_numpy(reward)
-            self.dones[step] = torch.from_numpy(done.astype(np.float32))
-            next_obs = torch.from_numpy(raw_obs).to(self.obs.device)
-            finished_all += finished
-        advantages, returns = compute_gae(self.rewards, self.values, self.dones, policy.agent.get_value(next_obs),
-                                          args.gamma, args.gae_lambda)
-        batch = {"obs": self.obs.reshape(-1, 64, 64, 3), "actions": self.actions.reshape(-1),
-                 "logprobs": self.logprobs.reshape(-1), "advantages": advantages.reshape(-1),
-                 "returns": returns.reshape(-1), "values": self.values.reshape(-1)}
-        return next_obs, batch, finished_all
-
-
-def log_iteration(writer, iteration: int, num_iterations: int, global_step: int, start_time: float, finished: list,
-                  stats: dict, lr: float) -> None:
-    sps = int(global_step / (time.time() - start_time))
-    returns = [ret for _env, ret, _len, _level in finished]
-    if returns:
-        writer.add_scalar("charts/episodic_return", np.mean(returns), global_step)
-        writer.add_scalar("charts/episodic_length", np.mean([n for _e, _r, n, _l in finished]), global_step)
-    writer.add_scalar("charts/learning_rate", lr, global_step)
-    for k, tag in LOSS_TAGS.items():
-        writer.add_scalar(f"losses/{tag}", stats[k], global_step)
-    writer.add_scalar("charts/SPS", sps, global_step)
-    mean_ret = f"{np.mean(returns):.2f}" if returns else "n/a"
-    print(f"iter {iteration}/{num_iterations} step={global_step} episodic_return={mean_ret} "
-          f"({len(returns)} episodes) SPS={sps}", flush=True)
 
 
 def setup(args: Args, writer):
@@ -469,72 +453,85 @@ def setup(args: Args, writer):
     return num_iterations, device, writer or make_writer(args, run_name), writer is None
 
 
-def reptile_eps(outer_step: int, num_outer_steps: int, eps_start: float, eps_end: float) -> float:
-    """Linear schedule over outer steps 0 .. num_outer_steps - 1 (start at the first, end at the last)."""
-    if num_outer_steps <= 1:
-        return eps_start
-    return eps_start + (eps_end - eps_start) * outer_step / (num_outer_steps - 1)
+def log_iteration(writer, iteration: int, num_iterations: int, global_step: int, start_time: float, finished: list,
+                  stats: dict, lr: float) -> None:
+    """Training episodes and losses to TensorBoard under CleanRL's tags, and one line to stdout."""
+    sps = int(global_step / (time.time() - start_time))
+    returns = [episode.ret for episode in finished]
+    if returns:
+        writer.add_scalar("charts/episodic_return", np.mean(returns), global_step)
+        writer.add_scalar("charts/episodic_length", np.mean([episode.length for episode in finished]), global_step)
+    writer.add_scalar("charts/learning_rate", lr, global_step)
+    for k, tag in LOSS_TAGS.items():
+        writer.add_scalar(f"losses/{tag}", stats[k], global_step)
+    writer.add_scalar("charts/SPS", sps, global_step)
+    mean_ret = f"{np.mean(returns):.2f}" if returns else "n/a"
+    print(f"iter {iteration}/{num_iterations} step={global_step} episodic_return={mean_ret} "
+          f"({len(returns)} episodes) SPS={sps}", flush=True)
 
 
-@torch.no_grad()
-def reptile_step(meta: dict[str, torch.Tensor], agent: nn.Module, eps: float) -> None:
-    """theta <- theta + eps * (phi - theta) for every floating-point tensor, then agent <- theta."""
-    phi = agent.state_dict()
-    for name, theta in meta.items():
-        if theta.is_floating_point():
-            theta.add_(phi[name] - theta, alpha=eps)
-        else:
-            theta.copy_(phi[name])
-    agent.load_state_dict(meta)
+def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args, global_step: int,
+                    method: str, train_tasks: list) -> None:
+    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
+    ckpt = {
+        "format": "finetune-vs-meta-rl",
+        "format_version": 1,
+        "module": SCRIPT,
+        "benchmark": "procgen",
+        "method": method,
+        "train_tasks": [int(t) for t in train_tasks],
+        "args": dataclasses.asdict(args),
+        "global_step": int(global_step),
+        "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
-def train(args: Args, agent: Optional[Agent] = None, writer=None) -> Agent:
-    """Reptile-PPO over levels [start_level, start_level + num_levels)."""
-    num_iterations, device, writer, own_writer = setup(args, writer)
-    generator = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
-    if args.num_levels < 1 or args.reptile_k < 1:
-        raise SystemExit("error: Reptile needs --num-levels >= 1 (a finite level set to sample from) and --reptile-k >= 1")
-    agent = (agent if agent is not None else Agent()).to(device)
-    agent.encoder.bf16 = use_bf16(args.precision, device)
-    # One Adam for the inner loops; its moments carry over between levels, as in Nichol et al.'s code.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    normalize = RewardNormalizer(args.num_envs, args.gamma) if args.norm_reward else None
-    buffer = RolloutBuffer(args.num_steps, args.num_envs, device)
-    policy = RolloutPolicy(agent, args.num_envs, device)  # reptile_step loads theta in place: the graph stays valid
-    meta = {k: v.detach().clone() for k, v in agent.state_dict().items()}  # theta
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    num_outer = -(-num_iterations // args.reptile_k)
+# ----------------------------------------------------------------------------- SPEED: faster forms of plain steps
 
-    global_step, iteration, start_time = 0, 0, time.time()
-    for outer in range(num_outer):
-        level = int(rng.choice(train_tasks))
-        # All envs play the sampled level; a new level means a new ProcgenEnv (its level set is fixed).
-        envs = ProcgenVecEnv(args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed + outer,
-                             args.env_threads)
-        next_obs = torch.from_numpy(envs.reset()).to(device)
-        for _ in range(min(args.reptile_k, num_iterations - iteration)):
-            iteration += 1
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-            next_obs, batch, finished = buffer.collect(policy, envs, next_obs, normalize, args)
-            global_step += args.num_envs * args.num_steps
-            stats = ppo_update(agent, optimizer, batch, args, generator)
-            log_iteration(writer, iteration, num_iterations, global_step, start_time, finished, stats,
-                          optimizer.param_groups[0]["lr"])
-        envs.close()
-        eps = reptile_eps(outer, num_outer, args.reptile_eps_start, args.reptile_eps_end)
-        reptile_step(meta, agent, eps)
-        writer.add_scalar("charts/reptile_eps", eps, global_step)
-        writer.add_scalar("charts/reptile_level", level, global_step)
-        if (outer + 1) % max(1, args.save_every // args.reptile_k) == 0 or outer == num_outer - 1:
-            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, "reptile", train_tasks)
 
-    print(f"saved {ckpt_path}")
-    if own_writer:
-        writer.close()
-    return agent
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class RolloutPolicy:
+    """The rollout's action step, `agent.get_action_and_value(obs)` without gradients. On CUDA it is
+    replayed from a CUDA graph: IMPALA's forward for 256 observations is about 60 small kernels, and
+    launching them one by one, not the GPU, set the pace (benchmarks/README.md, Procgen). The graph
+    reads the parameters in place, so it sees every optimizer step without being captured again.
+    The returned tensors are overwritten by the next call. Off CUDA it is the plain call."""
+
+    def __init__(self, agent: Agent, num_envs: int, device: torch.device):
+        self.agent = agent
+        self.graph = None
+        if device.type != "cuda":
+            return
+        self.obs = torch.zeros((num_envs, 64, 64, 3), dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):  # warm-up off the main stream (cuDNN/cuBLAS handles, workspaces)
+                agent.get_action_and_value(self.obs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.out = agent.get_action_and_value(self.obs)
+
+    def __call__(self, obs: torch.Tensor):
+        if self.graph is None:
+            with torch.inference_mode():
+                return self.agent.get_action_and_value(obs)
+        self.obs.copy_(obs)
+        self.graph.replay()
+        return self.out
 
 
 if __name__ == "__main__":

@@ -1,26 +1,31 @@
 """RL2 with PPO on Procgen CoinRun (Duan et al. 2016; Mandi, Abbeel & James 2022).
 
-A recurrent policy is trained across meta-episodes: `--num-trials` consecutive episodes
-(trials) on the same level. The LSTM reads [IMPALA embedding of the frame, one-hot previous
-action, previous reward, "a trial just began" flag]; its state carries across the trials
-of a meta-episode and is reset only when the level changes. Returns are not cut at trial
-ends, so the agent learns to use earlier trials to do better in later ones. Adaptation to a
-held-out level (`finetune.py`, via `adapt`) is rolling out with the recurrent state: no
-gradient step.
+The "RL2" meta-RL baseline of Mandi, Abbeel & James, "On the Effectiveness of Fine-tuning Versus
+Meta-reinforcement Learning" (NeurIPS 2022), Sec. 5.1, after Duan et al., "RL^2: Fast
+Reinforcement Learning via Slow Reinforcement Learning" (2016), Sec. 2. A recurrent policy is
+trained across meta-episodes: `--num-trials` consecutive episodes (trials) on the same level. The
+LSTM reads [IMPALA embedding of the frame, one-hot previous action, previous reward, "a trial
+just began" flag]; its state carries across the trials of a meta-episode and is reset only when
+the level changes. Returns are not cut at trial ends, so the agent learns to use earlier trials
+to do better in later ones. Adaptation to a held-out level (`finetune.py`, via `adapt`) is
+rolling out with the recurrent state: no gradient step.
 
     python ppo_rl2_procgen.py --num-levels 1000
+    python finetune.py --checkpoint runs/.../checkpoint.pt --task 10000
+
+The story, top to bottom: Args, the network (IMPALA-CNN, embedding, LSTM, heads), the
+meta-episode environment, the sequence rollout and GAE, PPO over whole sequences, the training
+loop, and the adaptation (`adapt`). Plumbing comes last. The environment is `envs/procgen.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -28,20 +33,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-NUM_ACTIONS = 15  # Procgen's full action set; CoinRun uses all 15 ids.
+from envs.procgen import NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
+
+SCRIPT = "ppo_rl2_procgen"  # the module name checkpoints record (finetune.py checks it)
 
 
 @dataclass
 class Args:
     exp_name: str = "ppo_rl2_procgen"
+    """the name of this experiment (part of the default run directory's name)"""
     seed: int = 1
+    """seed of Python, numpy, torch and the environments"""
     torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA when available"""
     track: bool = False
     """log to Weights & Biases (wandb is imported only when set)"""
     wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project, with --track"""
     wandb_entity: Optional[str] = None
+    """the wandb entity (team), with --track"""
     output_dir: Optional[str] = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
     save_every: int = 50
@@ -49,39 +61,54 @@ class Args:
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
+    """the Procgen game (the paper: coinrun)"""
     distribution_mode: Literal["easy", "hard", "extreme", "memory", "exploration"] = "hard"
+    """Procgen's level distribution (the paper and the authors: hard)"""
     num_levels: int = 1000
     """training levels (the paper reports 100, 1000 and 10000)"""
     start_level: int = 0
     """first training level; held-out test levels start at 10000"""
     env_threads: Optional[int] = None
     """procgen's threads stepping the envs (default: one per CPU core; procgen's own default is 4).
-    On a 16-core GPU machine, 16 threads halved the env time of a 256-env rollout (README)"""
+    A machine setting, never taken from a checkpoint (benchmarks/README.md)"""
     num_trials: int = 2
-    """episodes per meta-episode on one level (authors: 2)"""
+    """episodes per meta-episode on one level (authors: max_trials 2)"""
 
     # RL2 network (authors: a 2-layer LSTM of 128 units over a 256-d embedding).
     lstm_layers: int = 2
+    """stacked LSTM layers (authors: 2)"""
     lstm_hidden: int = 128
+    """units per LSTM layer (authors: 128)"""
 
     # PPO, as in the authors' SB3 config (DESIGN.md section 3).
     total_timesteps: int = 1500 * 256 * 256
     """1500 iterations of 256 envs x 256 steps (~100M steps)"""
     learning_rate: float = 5e-4
+    """Adam's learning rate (authors: 5e-4)"""
     anneal_lr: bool = False
-    """the authors keep the learning rate constant"""
+    """anneal the learning rate linearly to 0 (the authors keep it constant)"""
     num_envs: int = 256
+    """parallel training environments (authors: 256)"""
     num_steps: int = 256
+    """steps per environment in one rollout (one sequence per env)"""
     gamma: float = 0.99
+    """discount factor"""
     gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
     num_minibatches: int = 32
     """minibatches of whole env sequences: 256 envs / 32 = 8 sequences x 256 steps = 2048 samples"""
     update_epochs: int = 3
+    """passes over the rollout per PPO update (authors' n_epochs: 3)"""
     norm_adv: bool = True
+    """normalise advantages within each minibatch (SB3 does)"""
     clip_coef: float = 0.2
+    """PPO's clipping range epsilon"""
     ent_coef: float = 0.01
+    """weight of the entropy bonus"""
     vf_coef: float = 0.5
+    """weight of the value loss mean((R - V)^2) (SB3's form: no extra 1/2)"""
     max_grad_norm: float = 0.5
+    """clip the gradient's global norm to this"""
     target_kl: Optional[float] = 0.01
     """stop the epoch loop once a minibatch's approx KL exceeds 1.5 x this (SB3's rule)"""
     norm_reward: bool = True
@@ -90,141 +117,25 @@ class Args:
     """convolutions in bfloat16 autocast (LSTM, heads, losses and optimizer stay fp32); auto = bf16
     where the hardware runs it natively (recent CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32"""
 
-
-# ----------------------------------------------------------------------------- environment
-
-
-def import_procgen():
-    """procgen still imports the unmaintained `gym`, which prints a banner; keep it out of sight."""
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        import procgen
-    return procgen
+    # Adaptation's zero-shot point (adapt): meta-episodes from a fresh recurrent state on the
+    # held-out level, in their own envs (the authors' launch script: 100 episodes on 50 envs).
+    eval_episodes: int = 100
+    """episodes of the step-0 evaluation on the held-out level (authors: 100)"""
+    eval_num_envs: int = 50
+    """parallel envs of the step-0 evaluation's own ProcgenEnv (authors: 50)"""
 
 
-class ProcgenVecEnv:
-    """ProcgenEnv with numpy uint8 observations (N, 64, 64, 3) and episode bookkeeping.
-
-    `step` returns (obs, reward, done, finished) where `finished` is a list of
-    (env_index, episodic_return, episodic_length, level_seed) for episodes that just ended.
-    Procgen resets finished environments itself; `obs` is then the new episode's first frame.
-    """
-
-    def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int,
-                 threads: Optional[int] = None):
-        procgen = import_procgen()
-        from procgen.env import ENV_NAMES
-
-        if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
-            raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
-        if threads is not None and threads < 1:
-            raise SystemExit(f"error: --env-threads must be at least 1 (got {threads})")
-        self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,
-                                      start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed,
-                                      num_threads=threads or os.cpu_count() or 4)
-        self.num_envs = num_envs
-        self.returns = np.zeros(num_envs, dtype=np.float64)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.level_seeds = np.zeros(num_envs, dtype=np.int64)
-
-    def reset(self) -> np.ndarray:
-        self.returns[:] = 0
-        self.lengths[:] = 0
-        obs = self.env.reset()["rgb"]
-        self.level_seeds[:] = [info["level_seed"] for info in self.env.env.get_info()]
-        return obs
-
-    def step(self, actions: np.ndarray):
-        obs, reward, done, infos = self.env.step(actions)
-        self.returns += reward
-        self.lengths += 1
-        finished = []
-        for i in np.flatnonzero(done):
-            finished.append((int(i), float(self.returns[i]), int(self.lengths[i]), int(infos[i]["prev_level_seed"])))
-        self.returns[done] = 0
-        self.lengths[done] = 0
-        self.level_seeds[:] = [info["level_seed"] for info in infos]
-        return obs["rgb"], reward.astype(np.float32), done, finished
-
-    def close(self):
-        self.env.close()
+# ----------------------------------------------------------------------------- ALGO LOGIC: the network
 
 
-class RewardNormalizer:
-    """Divides rewards by the running std of each env's discounted return, then clips to [-10, 10]."""
-
-    def __init__(self, num_envs: int, gamma: float, eps: float = 1e-8):
-        self.gamma, self.eps = gamma, eps
-        self.ret = np.zeros(num_envs, dtype=np.float64)
-        self.mean, self.var, self.count = 0.0, 1.0, eps
-
-    def __call__(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
-        self.ret = self.ret * self.gamma + reward
-        batch_mean, batch_var, n = self.ret.mean(), self.ret.var(), len(self.ret)
-        delta, total = batch_mean - self.mean, self.count + n  # parallel (Chan et al.) variance update
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.count = total
-        self.ret[done] = 0.0
-        return np.clip(reward / np.sqrt(self.var + self.eps), -10, 10).astype(np.float32)
-
-
-
-
-class MetaEpisodeVecEnv(ProcgenVecEnv):
-    """ProcgenVecEnv whose environments replay their level for `num_trials` episodes.
-
-    When a trial ends before the last, the environment is restored to the saved initial
-    state of its level (procgen's get_state/set_state), so the next trial is the same level.
-    After the last trial Procgen's own reset draws a new level and a new meta-episode begins.
-    `step` additionally returns `new_meta[i]`: env i's next observation starts a new
-    meta-episode (reset the recurrent state there, and do not bootstrap across it).
-    """
-
-    def __init__(self, num_trials: int, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.num_trials = num_trials
-        self.trial = np.zeros(self.num_envs, dtype=np.int64)
-        self.initial_states: list = []
-
-    def reset(self) -> np.ndarray:
-        obs = super().reset()
-        self.trial[:] = 0
-        self.initial_states = list(self.env.env.callmethod("get_state"))
-        return obs
-
-    def step(self, actions: np.ndarray):
-        obs, reward, done, finished = super().step(actions)
-        # finished episodes as (env, return, length, level, trial index within the meta-episode)
-        finished = [(i, ret, length, level, int(self.trial[i])) for i, ret, length, level in finished]
-        new_meta = np.zeros(self.num_envs, dtype=bool)
-        if done.any():
-            states = list(self.env.env.callmethod("get_state"))
-            replay = []
-            for i in np.flatnonzero(done):
-                self.trial[i] += 1
-                if self.trial[i] < self.num_trials:
-                    states[i] = self.initial_states[i]  # same level, from its first frame
-                    replay.append(i)
-                else:
-                    self.trial[i] = 0
-                    new_meta[i] = True
-                    self.initial_states[i] = states[i]  # Procgen already reset env i to a new level
-            if replay:
-                self.env.env.callmethod("set_state", states)
-                _, gym3_obs, _ = self.env.env.observe()
-                obs = gym3_obs["rgb"].copy()
-                infos = self.env.env.get_info()
-                self.level_seeds[replay] = [infos[i]["level_seed"] for i in replay]
-        return obs, reward, done, new_meta, finished
-
-
-# ----------------------------------------------------------------------------- network
-
-
-def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
+def ortho_init(module: nn.Module, gain: float) -> nn.Module:
+    """SB3's `ortho_init`: every Conv2d and Linear inside `module` gets orthogonal weights scaled
+    by `gain` and zero biases (ActorCriticPolicy: features sqrt(2), policy head 0.01, value 1)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(layer.weight, gain)
+            nn.init.zeros_(layer.bias)
+    return module
 
 
 class ResidualBlock(nn.Module):
@@ -256,7 +167,7 @@ class ImpalaEncoder(nn.Module):
 
     def __init__(self, channels=(16, 32, 32), out_features: int = 256):
         super().__init__()
-        self.bf16 = False  # set by `use_bf16`; not part of the state dict
+        self.bf16 = False  # set from --precision (use_bf16); not part of the state dict
         stages, c_in = [], 3
         for c in channels:
             stages.append(ConvSequence(c_in, c))
@@ -268,7 +179,9 @@ class ImpalaEncoder(nn.Module):
         # uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [0, 1]. The permuted view is already
         # channels_last in memory, which is the fast layout for CPU convolutions: no copy.
         x = obs.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # SPEED: bf16 autocast where the hardware has it (use_bf16). No autocast cache: each weight
+        # is cast once per pass anyway, and a cache must stay off while a CUDA graph is captured.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             x = self.stages(x)
             x = F.relu(self.fc(F.relu(x).flatten(1)))
         return x.float()
@@ -280,16 +193,16 @@ class RL2Agent(nn.Module):
     def __init__(self, num_actions: int = NUM_ACTIONS, lstm_hidden: int = 128, lstm_layers: int = 2):
         super().__init__()
         self.num_actions = num_actions
-        self.encoder = ImpalaEncoder()
-        self.embed = layer_init(nn.Linear(256 + num_actions + 2, 256))
+        self.encoder = ortho_init(ImpalaEncoder(), np.sqrt(2))
+        self.embed = ortho_init(nn.Linear(256 + num_actions + 2, 256), np.sqrt(2))
         self.lstm = nn.LSTM(256, lstm_hidden, lstm_layers)
-        for name, param in self.lstm.named_parameters():
+        for name, param in self.lstm.named_parameters():  # CleanRL's ppo_atari_lstm.py: orthogonal, zero biases
             if "bias" in name:
                 nn.init.constant_(param, 0)
             else:
                 nn.init.orthogonal_(param, 1.0)
-        self.actor = layer_init(nn.Linear(lstm_hidden, num_actions), std=0.01)
-        self.critic = layer_init(nn.Linear(lstm_hidden, 1), std=1.0)
+        self.actor = ortho_init(nn.Linear(lstm_hidden, num_actions), 0.01)
+        self.critic = ortho_init(nn.Linear(lstm_hidden, 1), 1.0)
         self.to(memory_format=torch.channels_last)
 
     def initial_state(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +220,7 @@ class RL2Agent(nn.Module):
         h, c = state
         outputs = []
         for t in range(num_steps):
-            keep = (1.0 - resets[t]).view(1, -1, 1)
+            keep = (1.0 - resets[t]).view(1, -1, 1)  # a new meta-episode starts from a zero state
             out, (h, c) = self.lstm(x[t:t + 1], (h * keep, c * keep))
             outputs.append(out)
         return torch.cat(outputs), (h, c)
@@ -323,16 +236,77 @@ class RL2Agent(nn.Module):
         return action, logprob, entropy, self.critic(hidden).squeeze(-1), state
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# ----------------------------------------------------------------------------- ALGO LOGIC: meta-episodes
 
 
-# ----------------------------------------------------------------------------- PPO over whole sequences
+class RL2Episode(NamedTuple):
+    """One finished episode (trial): env, undiscounted return, length, level, trial index."""
+
+    env: int
+    ret: float
+    length: int
+    level: int
+    trial: int
+
+
+class MetaEpisodeVecEnv(ProcgenVecEnv):
+    """ProcgenVecEnv whose environments replay their level for `num_trials` episodes.
+
+    When a trial ends before the last, the environment is restored to the saved initial state
+    of its level (procgen's get_state/set_state), so the next trial is the same level. After the
+    last trial Procgen's own reset draws a new level and a new meta-episode begins. For RL2 the
+    meta-episode is the episode: `step` returns (obs, reward, meta_done, trial_done, finished),
+    where meta_done[i] means env i's next observation starts a new meta-episode (reset the
+    recurrent state there, and do not bootstrap across it) and trial_done[i] that a trial ended.
+    """
+
+    def __init__(self, num_trials: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_trials = num_trials
+        self.trial = np.zeros(self.num_envs, dtype=np.int64)
+        self.initial_states: list = []
+
+    def reset(self) -> np.ndarray:
+        obs = super().reset()
+        self.trial[:] = 0
+        self.initial_states = self.get_states()
+        return obs
+
+    def step(self, actions: np.ndarray):
+        obs, reward, trial_done, finished = super().step(actions)
+        finished = [RL2Episode(*episode, int(self.trial[episode.env])) for episode in finished]
+        meta_done = np.zeros(self.num_envs, dtype=bool)
+        if trial_done.any():
+            states = self.get_states()
+            replay = False
+            for i in np.flatnonzero(trial_done):
+                self.trial[i] += 1
+                if self.trial[i] < self.num_trials:
+                    states[i] = self.initial_states[i]  # same level, from its first frame
+                    replay = True
+                else:
+                    self.trial[i] = 0
+                    meta_done[i] = True
+                    self.initial_states[i] = states[i]  # Procgen already reset env i to a new level
+            if replay:
+                obs = self.set_states(states)
+        return obs, reward, meta_done, trial_done, finished
+
+
+class SequenceBatch(NamedTuple):
+    """One rollout as (T, N) sequences, one per env: what PPO over whole sequences reads."""
+
+    obs: torch.Tensor  # (T, N, 64, 64, 3) uint8
+    prev_actions: torch.Tensor  # (T, N) a_{t-1}, -1 at a meta-episode start
+    prev_rewards: torch.Tensor  # (T, N) raw r_{t-1}, 0 at a meta-episode start
+    trial_starts: torch.Tensor  # (T, N) 1 where a trial begins
+    resets: torch.Tensor  # (T, N) 1 where the recurrent state is zeroed before step t
+    initial_state: tuple  # (h, c), each (layers, N, hidden): the LSTM state before step 0
+    actions: torch.Tensor  # (T, N) a_t
+    logprobs: torch.Tensor  # (T, N) log pi_old(a_t | history)
+    values: torch.Tensor  # (T, N) V_old(history)
+    advantages: torch.Tensor  # (T, N) GAE A_t, across trials, cut at meta-episode ends
+    returns: torch.Tensor  # (T, N) A_t + V_old: the value target
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
@@ -345,16 +319,110 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
     """
     num_steps = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
-    next_value, last_gae = last_value, torch.zeros_like(last_value)
+    next_value = last_value
+    last_gae = torch.zeros_like(last_value)
     for t in reversed(range(num_steps)):
         nonterminal = 1.0 - dones[t]
-        delta = rewards[t] + gamma * next_value * nonterminal - values[t]
-        last_gae = delta + gamma * gae_lambda * nonterminal * last_gae
+        delta = rewards[t] + gamma * next_value * nonterminal - values[t]  # TD error
+        last_gae = delta + gamma * gae_lambda * nonterminal * last_gae  # A_t = delta_t + gamma lambda A_{t+1}
         advantages[t] = last_gae
         next_value = values[t]
     return advantages, advantages + values
 
 
+class RL2Rollout:
+    """(num_steps, num_envs) sequence storage plus the recurrent inputs carried from step to step."""
+
+    def __init__(self, agent: RL2Agent, envs: VecNormalizeReward, device: torch.device, num_steps: int):
+        n = envs.num_envs
+        self.obs = torch.zeros((num_steps, n, 64, 64, 3), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros((num_steps, n), dtype=torch.long, device=device)
+        self.prev_actions = torch.zeros((num_steps, n), dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((num_steps, n), device=device)
+        self.rewards = torch.zeros((num_steps, n), device=device)
+        self.dones = torch.zeros((num_steps, n), device=device)
+        self.values = torch.zeros((num_steps, n), device=device)
+        self.prev_rewards = torch.zeros((num_steps, n), device=device)
+        self.trial_starts = torch.zeros((num_steps, n), device=device)
+        self.resets = torch.zeros((num_steps, n), device=device)
+        # What the next step will see: a fresh meta-episode everywhere.
+        self.next_obs = torch.from_numpy(envs.reset()).to(device)
+        self.prev_action = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.prev_reward = torch.zeros(n, device=device)
+        self.trial_start = torch.ones(n, device=device)
+        self.reset = torch.ones(n, device=device)
+        self.state = agent.initial_state(n, device)
+
+    def _inputs(self):
+        return (self.next_obs[None], self.prev_action[None], self.prev_reward[None], self.trial_start[None],
+                self.state, self.reset[None])
+
+    @torch.inference_mode()
+    def step(self, agent: RL2Agent, envs: VecNormalizeReward):
+        """One step of every env from the carried inputs; carries the next inputs.
+        Returns (action, log-prob, value, learning reward, meta_done, finished episodes)."""
+        device = self.next_obs.device
+        action, logprob, _, value, self.state = agent.get_action_and_value(*self._inputs())
+        action = action[0]
+        raw_obs, reward, meta_done, trial_done, finished = envs.step(action.cpu().numpy())
+        meta_done = torch.from_numpy(meta_done).to(device)
+        raw_reward = torch.from_numpy(envs.get_original_reward()).to(device)  # the LSTM sees raw rewards
+        self.next_obs = torch.from_numpy(raw_obs).to(device)
+        self.prev_action = torch.where(meta_done, -1, action)
+        self.prev_reward = torch.where(meta_done, 0.0, raw_reward)
+        self.trial_start = torch.from_numpy(trial_done.astype(np.float32)).to(device)
+        self.reset = meta_done.float()
+        return action, logprob[0], value[0], reward, meta_done, finished
+
+    @torch.inference_mode()
+    def collect(self, agent: RL2Agent, envs: VecNormalizeReward, args: Args) -> tuple[SequenceBatch, list]:
+        """One rollout; returns the (T, N) batch (with GAE) and the finished episodes."""
+        initial_state = tuple(s.clone() for s in self.state)
+        finished_all = []
+        for step in range(self.obs.shape[0]):
+            self.obs[step] = self.next_obs
+            self.prev_actions[step] = self.prev_action
+            self.prev_rewards[step] = self.prev_reward
+            self.trial_starts[step] = self.trial_start
+            self.resets[step] = self.reset
+            action, logprob, value, reward, meta_done, finished = self.step(agent, envs)
+            self.actions[step] = action
+            self.logprobs[step] = logprob
+            self.values[step] = value
+            self.rewards[step] = torch.from_numpy(reward)
+            self.dones[step] = meta_done.float()  # returns run across trials, stop at meta-episode ends
+            finished_all += finished
+        last_value = agent.get_action_and_value(*self._inputs())[3][0]
+        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value, args.gamma, args.gae_lambda)
+        batch = SequenceBatch(obs=self.obs, prev_actions=self.prev_actions, prev_rewards=self.prev_rewards,
+                              trial_starts=self.trial_starts, resets=self.resets, initial_state=initial_state,
+                              actions=self.actions, logprobs=self.logprobs, values=self.values,
+                              advantages=advantages, returns=returns)
+        return batch, finished_all
+
+
+# ----------------------------------------------------------------------------- ALGO LOGIC: PPO over whole sequences
+
+
+class PPOLoss(NamedTuple):
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    v_loss: torch.Tensor
+    entropy: torch.Tensor
+
+
+def ppo_loss(logratio: torch.Tensor, advantages: torch.Tensor, newvalue: torch.Tensor, returns: torch.Tensor,
+             entropy: torch.Tensor, args: Args) -> PPOLoss:
+    """PPO's objective on one minibatch (Schulman et al. 2017, eq. 9), in SB3's form."""
+    ratio = logratio.exp()  # r = pi(a|s) / pi_old(a|s)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()  # -E[min(r A, clip(r) A)]
+    v_loss = F.mse_loss(returns, newvalue)  # E[(R - V)^2]; SB3 has no 1/2 here
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+    return PPOLoss(loss, pg_loss, v_loss, entropy_loss)
 
 
 def sequence_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -363,74 +431,151 @@ def sequence_minibatches(num_envs: int, num_minibatches: int, generator: torch.G
     return list(torch.randperm(num_envs, generator=generator).chunk(num_minibatches))
 
 
-def ppo_update(agent: RL2Agent, optimizer: torch.optim.Optimizer, rollout: dict, args: Args,
+def sequence_minibatch(batch: SequenceBatch, envs: torch.Tensor) -> SequenceBatch:
+    """The whole sequences of the envs `envs` (columns of every (T, N) field; the state's batch axis)."""
+    h0, c0 = batch.initial_state
+    fields = {name: value[:, envs] for name, value in batch._asdict().items() if name != "initial_state"}
+    return SequenceBatch(**fields, initial_state=(h0[:, envs], c0[:, envs]))
+
+
+def ppo_update(agent: RL2Agent, optimizer: torch.optim.Optimizer, batch: SequenceBatch, args: Args,
                generator: torch.Generator) -> dict:
     """Clipped-surrogate PPO on (T, N) rollouts, minibatching over environments (whole sequences)."""
     stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
-    h0, c0 = rollout["state"]
     stopped = False
     for _epoch in range(args.update_epochs):
-        for mb in sequence_minibatches(args.num_envs, args.num_minibatches, generator):
+        for envs in sequence_minibatches(args.num_envs, args.num_minibatches, generator):
+            mb = sequence_minibatch(batch, envs)
             _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
-                rollout["obs"][:, mb], rollout["prev_actions"][:, mb], rollout["prev_rewards"][:, mb],
-                rollout["trial_starts"][:, mb], (h0[:, mb], c0[:, mb]), rollout["resets"][:, mb],
-                rollout["actions"][:, mb])
-            logratio = newlogprob - rollout["logprobs"][:, mb]
-            ratio = logratio.exp()
-            with torch.no_grad():  # statistics stay on the device: one host sync per minibatch (the KL check), not five
-                approx_kl = ((ratio - 1) - logratio).mean()  # the k3 estimator (Schulman 2020)
+                mb.obs, mb.prev_actions, mb.prev_rewards, mb.trial_starts, mb.initial_state, mb.resets, mb.actions)
+            logratio = newlogprob - mb.logprobs
+            with torch.no_grad():  # statistics stay on the device: one host sync per minibatch (the KL check)
+                approx_kl = ((logratio.exp() - 1) - logratio).mean()  # the k3 estimator (Schulman 2020)
                 stats["approx_kl"].append(approx_kl)
-                stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                stats["clipfrac"].append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean())
             if args.target_kl is not None and approx_kl.item() > 1.5 * args.target_kl:
                 stopped = True  # SB3 early stopping: skip this minibatch and all that follow
                 break
-            mb_adv = rollout["advantages"][:, mb]
-            if args.norm_adv:
-                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-            pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-            v_loss = 0.5 * ((newvalue - rollout["returns"][:, mb]) ** 2).mean()
-            entropy_loss = entropy.mean()
-            loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+            terms = ppo_loss(logratio, mb.advantages, newvalue, mb.returns, entropy, args)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            terms.loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
-            stats["pg_loss"].append(pg_loss.detach())
-            stats["v_loss"].append(v_loss.detach())
-            stats["entropy"].append(entropy_loss.detach())
+            stats["pg_loss"].append(terms.pg_loss.detach())
+            stats["v_loss"].append(terms.v_loss.detach())
+            stats["entropy"].append(terms.entropy.detach())
         if stopped:
             break
     out = {k: torch.stack(v).mean().item() if v else float("nan") for k, v in stats.items()}
-    y_pred, y_true = rollout["values"], rollout["returns"]
-    var_y = y_true.var()
-    out["explained_variance"] = float("nan") if var_y == 0 else float(1 - (y_true - y_pred).var() / var_y)
+    var_y = batch.returns.var()
+    out["explained_variance"] = float("nan") if var_y == 0 else float(1 - (batch.returns - batch.values).var() / var_y)
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- ALGO LOGIC: the training loop
 
 
-def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args: Args, global_step: int,
-                    train_tasks: list) -> None:
-    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
-    ckpt = {
-        "format": "finetune-vs-meta-rl",
-        "format_version": 1,
-        "module": "ppo_rl2_procgen",
-        "benchmark": "procgen",
-        "method": "rl2",
-        "train_tasks": [int(t) for t in train_tasks],
-        "args": dataclasses.asdict(args),
-        "global_step": int(global_step),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+def make_agent(args: Args, device: torch.device) -> RL2Agent:
+    agent = RL2Agent(NUM_ACTIONS, args.lstm_hidden, args.lstm_layers).to(device)
+    agent.encoder.bf16 = use_bf16(args.precision, device)
+    return agent
 
 
-# ----------------------------------------------------------------------------- rollouts and training loop
+def train(args: Args, writer=None) -> RL2Agent:
+    """RL2-PPO over meta-episodes on levels [start_level, start_level + num_levels)."""
+    num_iterations, device, writer, own_writer = setup(args, writer)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
+    envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, args.num_levels, args.start_level,
+                             args.distribution_mode, args.seed, args.env_threads)
+    envs = VecNormalizeReward(envs, args.gamma, norm_reward=args.norm_reward)  # returns end at meta-episode ends
+    agent = make_agent(args, device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    rollout = RL2Rollout(agent, envs, device, args.num_steps)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    global_step = 0
+    start_time = time.time()
+    for iteration in range(1, num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+        batch, finished = rollout.collect(agent, envs, args)
+        global_step += args.num_envs * args.num_steps
+        stats = ppo_update(agent, optimizer, batch, args, generator)
+        for k, tag in LOSS_TAGS.items():
+            writer.add_scalar(f"losses/{tag}", stats[k], global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        report(writer, "charts", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
+        if iteration % args.save_every == 0 or iteration == num_iterations:
+            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, "rl2", train_tasks)
+    envs.close()
+    print(f"saved {ckpt_path}")
+    if own_writer:
+        writer.close()
+    return agent
+
+
+# ----------------------------------------------------------------------------- ALGO LOGIC: adaptation (no gradient)
+
+
+@torch.inference_mode()
+def evaluate(agent: RL2Agent, envs: VecNormalizeReward, num_episodes: int, device: torch.device) -> list:
+    """Adaptation's zero-shot point: meta-episodes from a fresh recurrent state in the evaluation's
+    own envs, before any adaptation rollout, until each env has finished its share of
+    `num_episodes` (EvalEpisodes; an env's episodes are its trials in order: 0, 1, 0, 1, ...)."""
+    counted = EvalEpisodes(envs.num_envs, num_episodes)
+    rollout = RL2Rollout(agent, envs, device, num_steps=0)  # resets the envs: every env starts a meta-episode
+    while not counted.complete:
+        finished = rollout.step(agent, envs)[-1]
+        counted.add(finished)
+    return counted.episodes
+
+
+def adapt(args: Args, model_state: dict, level: int, writer=None,
+          log_eval: Optional[Callable[[int, float, int], None]] = None, eval_every: Optional[int] = None) -> None:
+    """Test-time adaptation on one held-out level: meta-episodes of `num_trials` episodes with the
+    recurrent state reset at the start of each (as in training), no gradient step.
+    `log_eval(env_step, mean_return, episodes)` receives the zero-shot point at step 0 (evaluate:
+    its own envs, a fresh state) and then, every `eval_every` env steps (default: every rollout)
+    and at the end, the mean return of the adaptation rollout's episodes finished since the last
+    point. TensorBoard has both per trial index (eval/trial_k_return)."""
+    if args.eval_episodes < 1 or args.eval_num_envs < 1:
+        raise SystemExit(f"error: --eval-episodes ({args.eval_episodes}) and --eval-num-envs ({args.eval_num_envs}) "
+                         "must be at least 1")
+    num_iterations, device, writer, own_writer = setup(args, writer)
+    agent = make_agent(args, device)
+    agent.load_state_dict(model_state)
+    agent.eval()
+    start_time = time.time()
+    if log_eval is not None:
+        eval_envs = MetaEpisodeVecEnv(args.num_trials, args.eval_num_envs, args.env_id, 1, level,
+                                      args.distribution_mode, args.seed + 1, args.env_threads)
+        episodes = evaluate(agent, VecNormalizeReward(eval_envs, args.gamma, norm_reward=False), args.eval_episodes,
+                            device)
+        eval_envs.close()
+        report(writer, "eval", 0, num_iterations, 0, start_time, episodes, args.num_trials)
+        log_eval(0, float(np.mean([e.ret for e in episodes])), len(episodes))
+    envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed,
+                             args.env_threads)
+    envs = VecNormalizeReward(envs, args.gamma, norm_reward=False)
+    rollout = RL2Rollout(agent, envs, device, args.num_steps)
+    global_step = 0
+    next_eval = eval_every or args.num_envs * args.num_steps
+    pending = []  # adaptation episodes finished since the last point
+    for iteration in range(1, num_iterations + 1):
+        _, finished = rollout.collect(agent, envs, args)
+        global_step += args.num_envs * args.num_steps
+        report(writer, "eval", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
+        pending += [episode.ret for episode in finished]
+        if log_eval is not None and pending and (global_step >= next_eval or iteration == num_iterations):
+            log_eval(global_step, float(np.mean(pending)), len(pending))
+            pending = []
+            next_eval = global_step + (eval_every or args.num_envs * args.num_steps)
+    envs.close()
+    if own_writer:
+        writer.close()
+
+
+# ----------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
 
 LOSS_TAGS = {"pg_loss": "policy_loss", "v_loss": "value_loss", "entropy": "entropy", "approx_kl": "approx_kl",
              "clipfrac": "clipfrac", "explained_variance": "explained_variance"}
@@ -443,7 +588,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args: Args, run_name: str):
+def make_writer(args, run_name: str):
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -461,9 +606,12 @@ def setup(args: Args, writer):
     (num_iterations, device, writer, owns_writer)."""
     if args.num_envs < 1 or args.num_steps < 1:
         raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
-    batch_size = args.num_envs * args.num_steps
+    if args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
+        raise SystemExit(f"error: --num-envs ({args.num_envs}) must be divisible by --num-minibatches "
+                         f"({args.num_minibatches}): RL2 minibatches are whole env sequences")
     if args.num_trials < 1:
         raise SystemExit("error: --num-trials must be at least 1")
+    batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
@@ -475,72 +623,18 @@ def setup(args: Args, writer):
     return num_iterations, device, writer or make_writer(args, run_name), writer is None
 
 
-class RL2Rollout:
-    """(num_steps, num_envs) sequence storage plus the recurrent inputs carried between rollouts."""
-
-    def __init__(self, args: Args, agent: RL2Agent, envs: MetaEpisodeVecEnv, device: torch.device):
-        steps, n = args.num_steps, args.num_envs
-        self.args = args
-        self.obs = torch.zeros((steps, n, 64, 64, 3), dtype=torch.uint8, device=device)
-        self.actions, self.prev_actions = (torch.zeros((steps, n), dtype=torch.long, device=device) for _ in range(2))
-        self.logprobs, self.rewards, self.dones, self.values, self.prev_rewards, self.trial_starts, self.resets = (
-            torch.zeros((steps, n), device=device) for _ in range(7))
-        # What the next step will see: a fresh meta-episode everywhere.
-        self.next_obs = torch.from_numpy(envs.reset()).to(device)
-        self.prev_action = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.prev_reward = torch.zeros(n, device=device)
-        self.trial_start = torch.ones(n, device=device)
-        self.reset = torch.ones(n, device=device)
-        self.state = agent.initial_state(n, device)
-
-    def _inputs(self):
-        return (self.next_obs[None], self.prev_action[None], self.prev_reward[None], self.trial_start[None],
-                self.state, self.reset[None])
-
-    @torch.inference_mode()
-    def collect(self, agent: RL2Agent, envs: MetaEpisodeVecEnv, normalize) -> tuple[dict, list]:
-        """One rollout; returns the (T, N) batch (with GAE) and the finished episodes."""
-        device = self.obs.device
-        start_state = tuple(s.clone() for s in self.state)
-        finished_all = []
-        for step in range(self.obs.shape[0]):
-            self.obs[step], self.prev_actions[step], self.prev_rewards[step] = self.next_obs, self.prev_action, self.prev_reward
-            self.trial_starts[step], self.resets[step] = self.trial_start, self.reset
-            action, logprob, _, value, self.state = agent.get_action_and_value(*self._inputs())
-            action = action[0]
-            self.actions[step], self.logprobs[step], self.values[step] = action, logprob[0], value[0]
-            raw_obs, reward, done, new_meta, finished = envs.step(action.cpu().numpy())
-            finished_all += finished
-            new_meta_t = torch.from_numpy(new_meta).to(device)
-            self.rewards[step] = torch.from_numpy(normalize(reward, new_meta) if normalize is not None else reward)
-            self.dones[step] = new_meta_t.float()  # returns run across trials, stop at meta-episode ends
-            self.next_obs = torch.from_numpy(raw_obs).to(device)
-            self.prev_action = torch.where(new_meta_t, -1, action)
-            self.prev_reward = torch.where(new_meta_t, 0.0, torch.from_numpy(reward).to(device))
-            self.trial_start = torch.from_numpy(done.astype(np.float32)).to(device)
-            self.reset = new_meta_t.float()
-        last_value = agent.get_action_and_value(*self._inputs())[3][0]
-        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value,
-                                          self.args.gamma, self.args.gae_lambda)
-        batch = {"obs": self.obs, "actions": self.actions, "logprobs": self.logprobs, "values": self.values,
-                 "prev_actions": self.prev_actions, "prev_rewards": self.prev_rewards,
-                 "trial_starts": self.trial_starts, "resets": self.resets, "state": start_state,
-                 "advantages": advantages, "returns": returns}
-        return batch, finished_all
-
-
 def report(writer, prefix: str, iteration: int, num_iterations: int, global_step: int, start_time: float,
            finished: list, num_trials: int) -> None:
     """TensorBoard and stdout: mean return overall and per trial index of the finished episodes."""
-    sps = int(global_step / (time.time() - start_time))
+    sps = int(global_step / max(time.time() - start_time, 1e-9))
     writer.add_scalar("charts/SPS", sps, global_step)
-    returns = [ret for _e, ret, _n, _l, _t in finished]
+    returns = [episode.ret for episode in finished]
     per_trial = []
     if returns:
         writer.add_scalar(f"{prefix}/episodic_return", np.mean(returns), global_step)
-        writer.add_scalar(f"{prefix}/episodic_length", np.mean([n for _e, _r, n, _l, _t in finished]), global_step)
+        writer.add_scalar(f"{prefix}/episodic_length", np.mean([episode.length for episode in finished]), global_step)
         for k in range(num_trials):
-            trial_returns = [ret for _e, ret, _n, _l, t in finished if t == k]
+            trial_returns = [episode.ret for episode in finished if episode.trial == k]
             if trial_returns:
                 writer.add_scalar(f"{prefix}/trial_{k}_return", np.mean(trial_returns), global_step)
                 per_trial.append(f"trial{k}={np.mean(trial_returns):.2f}")
@@ -549,72 +643,39 @@ def report(writer, prefix: str, iteration: int, num_iterations: int, global_step
           f"({len(returns)} episodes) SPS={sps}", flush=True)
 
 
-def make_agent(args: Args, device: torch.device) -> RL2Agent:
-    agent = RL2Agent(NUM_ACTIONS, args.lstm_hidden, args.lstm_layers).to(device)
-    agent.encoder.bf16 = use_bf16(args.precision, device)
-    return agent
+def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args, global_step: int,
+                    method: str, train_tasks: list) -> None:
+    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
+    ckpt = {
+        "format": "finetune-vs-meta-rl",
+        "format_version": 1,
+        "module": SCRIPT,
+        "benchmark": "procgen",
+        "method": method,
+        "train_tasks": [int(t) for t in train_tasks],
+        "args": dataclasses.asdict(args),
+        "global_step": int(global_step),
+        "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
 
 
-def train(args: Args, writer=None) -> RL2Agent:
-    """RL2-PPO over meta-episodes on levels [start_level, start_level + num_levels)."""
-    if args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
-        raise SystemExit(f"error: --num-envs ({args.num_envs}) must be divisible by --num-minibatches "
-                         f"({args.num_minibatches}): RL2 minibatches are whole env sequences")
-    num_iterations, device, writer, own_writer = setup(args, writer)
-    generator = torch.Generator().manual_seed(args.seed)
-    train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
-    envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, args.num_levels, args.start_level,
-                             args.distribution_mode, args.seed, args.env_threads)
-    agent = make_agent(args, device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    normalize = RewardNormalizer(args.num_envs, args.gamma) if args.norm_reward else None
-    rollout = RL2Rollout(args, agent, envs, device)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    global_step, start_time = 0, time.time()
-    for iteration in range(1, num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-        batch, finished = rollout.collect(agent, envs, normalize)
-        global_step += args.num_envs * args.num_steps
-        stats = ppo_update(agent, optimizer, batch, args, generator)
-        for k, tag in LOSS_TAGS.items():
-            writer.add_scalar(f"losses/{tag}", stats[k], global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        report(writer, "charts", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
-        if iteration % args.save_every == 0 or iteration == num_iterations:
-            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, train_tasks)
-    envs.close()
-    print(f"saved {ckpt_path}")
-    if own_writer:
-        writer.close()
-    return agent
+# ----------------------------------------------------------------------------- SPEED: faster forms of plain steps
 
 
-def adapt(args: Args, model_state: dict, level: int, writer=None,
-          log_eval: Optional[Callable[[int, float], None]] = None, eval_every: Optional[int] = None) -> None:
-    """Test-time adaptation on one held-out level: meta-episodes of `num_trials` episodes with the
-    recurrent state reset at the start of each (as in training), no gradient step. `log_eval`
-    receives the mean episodic return of the episodes finished every `eval_every` env steps."""
-    num_iterations, device, writer, own_writer = setup(args, writer)
-    envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed,
-                             args.env_threads)
-    agent = make_agent(args, device)
-    agent.load_state_dict(model_state)
-    agent.eval()
-    rollout = RL2Rollout(args, agent, envs, device)
-    global_step, start_time, next_eval, pending = 0, time.time(), eval_every or 0, []
-    for iteration in range(1, num_iterations + 1):
-        _, finished = rollout.collect(agent, envs, None)
-        global_step += args.num_envs * args.num_steps
-        report(writer, "eval", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
-        pending += [ret for _e, ret, _n, _l, _t in finished]
-        if log_eval is not None and pending and (global_step >= next_eval or iteration == num_iterations):
-            log_eval(global_step, float(np.mean(pending)))
-            pending, next_eval = [], global_step + (eval_every or 0)
-    envs.close()
-    if own_writer:
-        writer.close()
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    args = tyro.cli(Args)
+    torch.set_float32_matmul_precision("high")
+    train(args)

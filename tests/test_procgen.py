@@ -12,6 +12,7 @@ import torch
 
 import finetune
 import ppo_mt_procgen as mt
+from envs.procgen import VecNormalizeReward
 import ppo_reptile_procgen as reptile
 import ppo_rl2_procgen as rl2
 
@@ -84,10 +85,10 @@ def test_reptile_training_moves_meta_weights_by_eps(tmp_path):
 
 class ScriptedMetaEnv:
     """Stands in for MetaEpisodeVecEnv with 2 envs: env 0 ends a trial after step 1 (same level)
-    and its meta-episode after step 3; env 1 never ends."""
+    and its meta-episode after step 3; env 1 never ends. step -> (obs, reward, meta_done, trial_done, [])."""
 
     num_envs = 2
-    events = {1: ([True, False], [False, False]), 3: ([True, False], [True, False])}
+    events = {1: ([False, False], [True, False]), 3: ([True, False], [True, False])}
 
     def __init__(self):
         self.t = 0
@@ -96,29 +97,30 @@ class ScriptedMetaEnv:
         return np.zeros((2, 64, 64, 3), dtype=np.uint8)
 
     def step(self, actions):
-        done, new_meta = self.events.get(self.t, ([False, False], [False, False]))
+        meta_done, trial_done = self.events.get(self.t, ([False, False], [False, False]))
         obs = np.full((2, 64, 64, 3), self.t + 1, dtype=np.uint8)
         reward = np.array([10.0 * (self.t + 1), 0.0], dtype=np.float32)
         self.t += 1
-        return obs, reward, np.array(done), np.array(new_meta), []
+        return obs, reward, np.array(meta_done), np.array(trial_done), []
 
 
 def test_rl2_hidden_state_resets_at_level_change_not_at_trial_end():
-    args = rl2.Args(num_envs=2, num_steps=5, norm_reward=False)
+    args = rl2.Args(num_envs=2, num_steps=5)
     agent = rl2.RL2Agent()
-    env = ScriptedMetaEnv()
-    rollout = rl2.RL2Rollout(args, agent, env, torch.device("cpu"))
-    batch, _ = rollout.collect(agent, env, None)
+    env = VecNormalizeReward(ScriptedMetaEnv(), args.gamma)  # the LSTM must still see the raw rewards
+    rollout = rl2.RL2Rollout(agent, env, torch.device("cpu"), args.num_steps)
+    batch, _ = rollout.collect(agent, env, args)
     # Reset flag before step t: at t=0 (start) and after the meta-episode ended at t=3, never at the trial end.
-    assert batch["resets"][:, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
-    assert batch["resets"][:, 1].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
-    assert batch["trial_starts"][:, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert batch.resets[:, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert batch.resets[:, 1].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert batch.trial_starts[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
     # Previous reward crosses the trial boundary (the agent learns from it), not the level change.
-    assert batch["prev_rewards"][:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 0.0]
-    assert batch["prev_actions"][0, 0].item() == -1 and batch["prev_actions"][4, 0].item() == -1
-    assert batch["prev_actions"][2, 0].item() == batch["actions"][1, 0].item()
-    # Returns are cut only at the meta-episode end.
+    assert batch.prev_rewards[:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 0.0]
+    assert batch.prev_actions[0, 0].item() == -1 and batch.prev_actions[4, 0].item() == -1
+    assert batch.prev_actions[2, 0].item() == batch.actions[1, 0].item()
+    # Returns are cut only at the meta-episode end; the learning signal is the normalised reward.
     assert rollout.dones[:, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert rollout.rewards[0, 0].item() != 10.0
 
 
 def test_rl2_recurrent_reset_equals_fresh_start():
@@ -149,7 +151,7 @@ def test_rl2_meta_episode_env_replays_level_then_changes_it():
     rng = np.random.default_rng(0)
     events = []
     for _ in range(5000):
-        obs, _, done, new_meta, finished = env.step(rng.integers(0, 15, 2))
+        obs, _, new_meta, done, finished = env.step(rng.integers(0, 15, 2))
         if done[0]:
             events.append((bool(new_meta[0]), [f for f in finished if f[0] == 0][0]))
             if len(events) == 1:  # trial 0 over: same level from its first frame, no new meta-episode
@@ -175,19 +177,18 @@ def test_rl2_update_replays_rollout_exactly(tmp_path):
     args = rl2.Args(num_levels=3, num_envs=4, num_steps=16, num_minibatches=2, precision="fp32", norm_reward=False)
     torch.manual_seed(0)
     agent = rl2.RL2Agent(lstm_hidden=32)
-    env = rl2.MetaEpisodeVecEnv(2, 4, "coinrun", 3, 0, "easy", 0)
-    rollout = rl2.RL2Rollout(args, agent, env, torch.device("cpu"))
-    rollout.collect(agent, env, None)  # a second rollout starts from a carried, non-zero state
-    batch, _ = rollout.collect(agent, env, None)
-    assert batch["state"][0].abs().sum() > 0
-    for mb in rl2.sequence_minibatches(4, 2, torch.Generator().manual_seed(1)):
+    env = VecNormalizeReward(rl2.MetaEpisodeVecEnv(2, 4, "coinrun", 3, 0, "easy", 0), args.gamma, norm_reward=False)
+    rollout = rl2.RL2Rollout(agent, env, torch.device("cpu"), args.num_steps)
+    rollout.collect(agent, env, args)  # a second rollout starts from a carried, non-zero state
+    batch, _ = rollout.collect(agent, env, args)
+    assert batch.initial_state[0].abs().sum() > 0
+    for envs in rl2.sequence_minibatches(4, 2, torch.Generator().manual_seed(1)):
+        mb = rl2.sequence_minibatch(batch, envs)
         with torch.no_grad():
             _, logprob, _, value, _ = agent.get_action_and_value(
-                batch["obs"][:, mb], batch["prev_actions"][:, mb], batch["prev_rewards"][:, mb],
-                batch["trial_starts"][:, mb], (batch["state"][0][:, mb], batch["state"][1][:, mb]),
-                batch["resets"][:, mb], batch["actions"][:, mb])
-        torch.testing.assert_close(logprob, batch["logprobs"][:, mb], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(value, batch["values"][:, mb], atol=1e-5, rtol=1e-5)
+                mb.obs, mb.prev_actions, mb.prev_rewards, mb.trial_starts, mb.initial_state, mb.resets, mb.actions)
+        torch.testing.assert_close(logprob, batch.logprobs[:, envs], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(value, batch.values[:, envs], atol=1e-5, rtol=1e-5)
     env.close()
 
 
@@ -228,14 +229,17 @@ def test_finetune_runs_and_writes_eval_csv(pretrained, tmp_path, source):
     src = ["--scratch", "procgen"] if source == "scratch" else ["--checkpoint", str(pretrained[source])]
     out = tmp_path / "ft"
     proc = run_script("finetune.py", *src, "--task", "10000", "--num-envs", "4", "--num-steps", "32",
-                      "--num-minibatches", "2", "--total-timesteps", "512", "--output-dir", str(out))
+                      "--num-minibatches", "2", "--total-timesteps", "256", "--eval-every", "256",
+                      "--eval-episodes", "1", "--eval-num-envs", "1", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "eval.csv").read_text().splitlines()[0] == "env_step,mean_return"
+    rows = (out / "eval.csv").read_text().splitlines()
+    assert rows[0] == "env_step,mean_return,episodes"
+    assert rows[1].startswith("0,") and rows[1].endswith(",1")  # the zero-shot point: 1 evaluation episode
     assert proc.stdout.strip().splitlines()[-1].startswith(("ppo_", "scratch[procgen]"))
     if source != "ppo_rl2_procgen":
         ckpt = finetune.load_checkpoint(str(out / "checkpoint.pt"))
         assert ckpt["train_tasks"] == [10000] and ckpt["args"]["num_levels"] == 1
-        assert ckpt["args"]["start_level"] == 10000 and ckpt["args"]["total_timesteps"] == 512
+        assert ckpt["args"]["start_level"] == 10000 and ckpt["args"]["total_timesteps"] == 256
 
 
 def test_finetune_overrides_default_to_checkpoint_values(pretrained):
@@ -282,7 +286,135 @@ def test_script_rejects_impossible_flags():
     assert proc.returncode != 0 and "unknown Procgen game 'coinrn'" in proc.stderr.strip().splitlines()[-1]
 
 
+
+# ----------------------------------------------------------------------------- PPO loss and initialisation (SB3)
+
+
 @pytest.mark.parametrize("module", [mt, reptile, rl2], ids=["mt", "reptile", "rl2"])
-def test_env_threads_must_be_positive(module):
-    with pytest.raises(SystemExit, match=r"--env-threads must be at least 1 \(got 0\)"):
-        module.ProcgenVecEnv(2, "coinrun", 1, 0, "easy", 0, threads=0)
+def test_ppo_loss_is_sb3s_on_a_hand_made_batch(module):
+    args = module.Args(norm_adv=False, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    # sample 0: ratio 1.5 with A = +1 -> clipped at 1.2: -min(1.5, 1.2) = -1.2
+    # sample 1: ratio 0.5 with A = +2 -> unclipped side is smaller: -min(1.0, 1.6) = -1.0
+    logratio = torch.log(torch.tensor([1.5, 0.5]))
+    advantages = torch.tensor([1.0, 2.0])
+    values, returns = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])
+    entropy = torch.tensor([0.3, 0.5])
+    terms = module.ppo_loss(logratio, advantages, values, returns, entropy, args)
+    assert terms.pg_loss.item() == pytest.approx(-1.1)  # mean(-1.2, -1.0)
+    assert terms.v_loss.item() == pytest.approx(2.5)  # mean((0 - 1)^2, (4 - 2)^2), no 1/2
+    assert terms.entropy.item() == pytest.approx(0.4)
+    assert terms.loss.item() == pytest.approx(-1.1 - 0.01 * 0.4 + 0.5 * 2.5)
+
+
+def assert_orthogonal(weight: torch.Tensor, gain: float):
+    w = weight.detach().flatten(1)  # conv (out, in, k, k) -> (out, in k k)
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    torch.testing.assert_close(gram, gain**2 * torch.eye(gram.shape[0]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("module", [mt, rl2], ids=["mt_reptile", "rl2"])
+def test_sb3_ortho_init_gains(module):
+    agent = module.Agent() if module is mt else module.RL2Agent()
+    layers = [m for m in agent.encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 1 + 3 * 5  # fc, and per stage one conv plus two residual blocks of two
+    features = layers + ([agent.embed] if module is rl2 else [])
+    for layer in features:  # SB3: features extractor (and mlp extractor) gain sqrt(2)
+        assert_orthogonal(layer.weight, np.sqrt(2))
+        assert layer.bias.abs().max() == 0
+    assert_orthogonal(agent.actor.weight, 0.01)  # policy head
+    assert_orthogonal(agent.critic.weight, 1.0)  # value head
+    assert agent.actor.bias.abs().max() == 0 and agent.critic.bias.abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- the scripts' shape
+
+
+SHARED_ALL = ["ortho_init", "ResidualBlock", "ConvSequence", "ImpalaEncoder", "compute_gae", "PPOLoss", "ppo_loss",
+              "seed_everything", "make_writer", "save_checkpoint", "use_bf16"]
+SHARED_MT_REPTILE = ["Agent", "Batch", "RolloutBuffer", "ppo_update", "setup", "log_iteration", "RolloutPolicy"]
+
+
+@pytest.mark.parametrize("name", SHARED_ALL + SHARED_MT_REPTILE)
+def test_duplicated_pieces_are_identical(name):
+    import inspect
+
+    others = [reptile, rl2] if name in SHARED_ALL else [reptile]
+    for module in others:
+        assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(mt, name)), (name, module.__name__)
+    for module in (reptile, rl2):
+        assert module.LOSS_TAGS == mt.LOSS_TAGS and module.NUM_ACTIONS == mt.NUM_ACTIONS
+
+
+@pytest.mark.parametrize("module", [mt, reptile, rl2], ids=["mt", "reptile", "rl2"])
+def test_every_args_field_has_a_docstring(module):
+    import ast
+    import dataclasses
+    import inspect
+
+    body = ast.parse(inspect.getsource(module.Args)).body[0].body
+    documented = set()
+    for node, after in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str) and after.value.value.strip():
+            documented.add(node.target.id)
+    missing = [f.name for f in dataclasses.fields(module.Args) if f.name not in documented]
+    assert not missing, f"{module.__name__}.Args fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("module", [mt, reptile, rl2], ids=["mt", "reptile", "rl2"])
+def test_scripts_are_short_and_open_on_the_algorithm(module):
+    import inspect
+
+    lines = inspect.getsource(module).splitlines()
+    assert len(lines) < 700
+    first_network_line = min(i for i, line in enumerate(lines) if line.startswith("class ResidualBlock"))
+    assert first_network_line < len(lines) / 3
+
+
+# ----------------------------------------------------------------------------- evaluation on the held-out level
+
+
+def test_evaluation_runs_the_held_out_level_in_envs_training_never_steps(tmp_path, monkeypatch):
+    """Training on level 3, evaluating on level 10000: the evaluation's envs are stepped only inside
+    `evaluate` and play only level 10000; the training envs are never stepped there."""
+    made = []
+    inside = {"eval": False}
+
+    class RecordingEnv(mt.ProcgenVecEnv):
+        def __init__(self, num_envs, env_id, num_levels, start_level, *rest):
+            super().__init__(num_envs, env_id, num_levels, start_level, *rest)
+            self.start_level, self.steps_in_eval, self.steps_in_training, self.levels = start_level, 0, 0, set()
+            made.append(self)
+
+        def step(self, actions):
+            out = super().step(actions)
+            if inside["eval"]:
+                self.steps_in_eval += 1
+            else:
+                self.steps_in_training += 1
+            self.levels |= {episode.level for episode in out[3]} | set(self.level_seeds.tolist())
+            return out
+
+    plain_evaluate = mt.evaluate
+
+    def recording_evaluate(*a, **k):
+        inside["eval"] = True
+        try:
+            return plain_evaluate(*a, **k)
+        finally:
+            inside["eval"] = False
+
+    monkeypatch.setattr(mt, "ProcgenVecEnv", RecordingEnv)
+    monkeypatch.setattr(mt, "evaluate", recording_evaluate)
+    args = mt.Args(num_levels=1, start_level=3, distribution_mode="easy", num_envs=2, num_steps=16, num_minibatches=1,
+                   total_timesteps=64, eval_episodes=3, eval_num_envs=2, output_dir=str(tmp_path), precision="fp32",
+                   env_threads=1)
+    points = []
+    mt.train(args, log_eval=lambda step, value, episodes: points.append((step, value, episodes)), eval_every=32,
+             eval_level=10000)
+    train_env, eval_env = sorted(made, key=lambda env: env.start_level)
+    assert (train_env.start_level, eval_env.start_level) == (3, 10000) and eval_env.num_envs == 2
+    assert eval_env.steps_in_training == 0 and eval_env.steps_in_eval > 0 and eval_env.levels == {10000}
+    assert train_env.steps_in_eval == 0 and train_env.steps_in_training == 64 // 2 and train_env.levels == {3}
+    assert [step for step, _, _ in points] == [0, 32, 64]  # step 0, every eval_every, the end
+    assert all(episodes == 3 for _, _, episodes in points)

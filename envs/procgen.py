@@ -1,0 +1,190 @@
+"""Procgen CoinRun for the three PPO scripts, as CleanRL takes its environments from gym wrappers.
+
+- `ProcgenVecEnv`: procgen's vectorised `ProcgenEnv` with numpy uint8 frames (N, 64, 64, 3) and
+  episode bookkeeping (return, length and level of every episode that ends).
+- `VecNormalizeReward`: the reward half of a `VecNormalize` wrapper (SB3, openai/baselines):
+  rewards divided by a running standard deviation of the discounted return, then clipped.
+- `EvalEpisodes`: which episodes an evaluation on several envs counts (SB3's `evaluate_policy` rule).
+
+procgen still imports the unmaintained `gym` package; `import_procgen` keeps its banner out of
+sight. Nothing here depends on the learning method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+NUM_ACTIONS = 15  # Procgen's full action set; CoinRun uses all 15 ids.
+
+
+def import_procgen():
+    """procgen still imports the unmaintained `gym`, which prints a banner; keep it out of sight."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        import procgen
+    return procgen
+
+
+class Episode(NamedTuple):
+    """One finished episode: which env played it, its undiscounted return, length and level."""
+
+    env: int
+    ret: float
+    length: int
+    level: int
+
+
+class ProcgenVecEnv:
+    """ProcgenEnv with numpy uint8 observations (N, 64, 64, 3) and episode bookkeeping.
+
+    `step` returns (obs, reward, done, finished) where `finished` lists an `Episode` for every
+    episode that just ended. Procgen resets finished environments itself; `obs` is then the new
+    episode's first frame. `get_states`/`set_states` save and restore every env's full state
+    (procgen's own get_state/set_state), e.g. to start an evaluation from the level's first frame.
+    """
+
+    def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int,
+                 threads: Optional[int] = None):
+        procgen = import_procgen()
+        from procgen.env import ENV_NAMES
+
+        if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
+            raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
+        if threads is not None and threads < 1:
+            raise SystemExit(f"error: --env-threads must be at least 1 (got {threads})")
+        self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,
+                                      start_level=start_level, distribution_mode=distribution_mode, rand_seed=seed,
+                                      num_threads=threads or os.cpu_count() or 4)
+        self.num_envs = num_envs
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.level_seeds = np.zeros(num_envs, dtype=np.int64)
+
+    def reset(self) -> np.ndarray:
+        self.returns[:] = 0
+        self.lengths[:] = 0
+        obs = self.env.reset()["rgb"]
+        self.level_seeds[:] = [info["level_seed"] for info in self.env.env.get_info()]
+        return obs
+
+    def step(self, actions: np.ndarray):
+        obs, reward, done, infos = self.env.step(actions)
+        self.returns += reward
+        self.lengths += 1
+        finished = []
+        for i in np.flatnonzero(done):
+            finished.append(Episode(int(i), float(self.returns[i]), int(self.lengths[i]), int(infos[i]["prev_level_seed"])))
+        self.returns[done] = 0
+        self.lengths[done] = 0
+        self.level_seeds[:] = [info["level_seed"] for info in infos]
+        return obs["rgb"], reward.astype(np.float32), done, finished
+
+    def get_states(self) -> list:
+        """Every env's full state (bytes), including its random generator."""
+        return list(self.env.env.callmethod("get_state"))
+
+    def set_states(self, states: list, fresh_episodes: bool = False) -> np.ndarray:
+        """Restore `states` (one per env) and return the observations there. With
+        `fresh_episodes`, the episode counters restart too (the states are episode starts)."""
+        self.env.env.callmethod("set_state", states)
+        _, obs, _ = self.env.env.observe()
+        self.level_seeds[:] = [info["level_seed"] for info in self.env.env.get_info()]
+        if fresh_episodes:
+            self.returns[:] = 0
+            self.lengths[:] = 0
+        return obs["rgb"].copy()
+
+    def close(self):
+        self.env.close()
+
+
+class RunningMeanStd:
+    """Running mean and variance of a stream of batches (the parallel update of Chan et al.)."""
+
+    def __init__(self, epsilon: float = 1e-8):
+        self.mean, self.var, self.count = 0.0, 1.0, epsilon
+
+    def update(self, batch: np.ndarray) -> None:
+        batch_mean, batch_var, n = batch.mean(), batch.var(), len(batch)
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+
+class VecNormalizeReward:
+    """The reward part of `VecNormalize(venv, norm_obs=False)` (SB3; openai/baselines, which
+    openai/train-procgen uses for Procgen): wraps a vectorised env and divides each reward by the
+    running std of the discounted return G <- gamma * G + r (per env, G restarts where `done`),
+    then clips to [-clip, clip]. `get_original_reward()` gives the last step's raw rewards.
+
+    `step` passes through whatever the wrapped env returns, (obs, reward, done, ...), with the
+    reward replaced; `done` (the third value) is where discounted returns end. With
+    `norm_reward=False` rewards pass unchanged. Pass `ret_rms` to keep one running statistic
+    across several wrapped envs (Reptile builds a new env for every sampled level).
+    """
+
+    def __init__(self, venv, gamma: float, norm_reward: bool = True, clip: float = 10.0, epsilon: float = 1e-8,
+                 ret_rms: Optional[RunningMeanStd] = None):
+        self.venv, self.gamma, self.norm_reward, self.clip, self.epsilon = venv, gamma, norm_reward, clip, epsilon
+        self.ret_rms = ret_rms if ret_rms is not None else RunningMeanStd(epsilon)
+        self.returns = np.zeros(venv.num_envs, dtype=np.float64)
+        self.original_reward = np.zeros(venv.num_envs, dtype=np.float32)
+
+    def normalize(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + reward  # discounted return so far, per env
+        self.ret_rms.update(self.returns)
+        self.returns[done] = 0.0
+        return np.clip(reward / np.sqrt(self.ret_rms.var + self.epsilon), -self.clip, self.clip).astype(np.float32)
+
+    def step(self, actions: np.ndarray):
+        obs, reward, done, *rest = self.venv.step(actions)
+        self.original_reward = reward
+        if self.norm_reward:
+            reward = self.normalize(reward, done)
+        return (obs, reward, done, *rest)
+
+    def get_original_reward(self) -> np.ndarray:
+        return self.original_reward
+
+    def reset(self) -> np.ndarray:
+        self.returns[:] = 0
+        return self.venv.reset()
+
+    def __getattr__(self, name):  # everything else is the wrapped env's (num_envs, level_seeds, close, ...)
+        return getattr(self.venv, name)
+
+
+class EvalEpisodes:
+    """Which episodes an evaluation of `num_episodes` on `num_envs` parallel envs counts.
+
+    All envs start an episode together; env i counts its first (num_episodes + i) // num_envs
+    episodes (SB3's `evaluate_policy` rule; the targets sum to num_episodes) and later ones are
+    ignored. Counting each env's first episodes, rather than the first num_episodes episodes to
+    finish anywhere, keeps the estimate unbiased: short episodes finish first, and stopping at
+    the first num_episodes endings would over-represent them.
+    """
+
+    def __init__(self, num_envs: int, num_episodes: int):
+        self.targets = np.array([(num_episodes + i) // num_envs for i in range(num_envs)], dtype=np.int64)
+        self.counts = np.zeros(num_envs, dtype=np.int64)
+        self.episodes: list = []  # the counted episodes, in the order they finished
+
+    def add(self, finished: list) -> None:
+        for episode in finished:
+            if self.counts[episode[0]] < self.targets[episode[0]]:
+                self.counts[episode[0]] += 1
+                self.episodes.append(episode)
+
+    @property
+    def complete(self) -> bool:
+        return bool((self.counts >= self.targets).all())
+
+    @property
+    def returns(self) -> list[float]:
+        return [episode[1] for episode in self.episodes]
