@@ -82,6 +82,23 @@ def test_finetune_encoder_only(checkpoints, tmp_path):
     assert not torch.equal(ckpt["model"]["value_hidden.weight_mu"], pretrained["value_hidden.weight_mu"])
 
 
+@pytest.mark.parametrize("flags, unfreeze_at", [([], None), (["--unfreeze-encoder-at", "50000"], 50000)])
+def test_finetune_encoder_only_passes_unfreeze_step(checkpoints, tmp_path, monkeypatch, flags, unfreeze_at):
+    """finetune.py's fine-tuning default (never unfreeze) gives way to the user's --unfreeze-encoder-at."""
+    import rainbow_mt_atari
+
+    seen = {}
+    monkeypatch.setattr(rainbow_mt_atari, "train", lambda args, games, q_network, **kw: seen.update(
+        args=args, games=games, q_network=q_network))
+    finetune.main(["--checkpoint", checkpoints["mt"], "--task", "Pong", "--load-encoder-only", *flags,
+                   "--output-dir", str(tmp_path)])
+    args = seen["args"]
+    assert args.freeze_encoder is True and args.unfreeze_encoder_at == unfreeze_at
+    assert args.pad_actions is False and seen["games"] == ["Pong"]
+    assert args.total_timesteps == 100_000 and args.learning_starts == 1600  # the fine-tuning budget
+    assert seen["q_network"].advantage_out.weight_mu.shape[0] == 6 * 51  # Pong's own actions
+
+
 def test_unfreeze_without_frozen_encoder_is_one_line(checkpoints, tmp_path):
     proc = run("finetune.py", "--checkpoint", checkpoints["mt"], "--task", "Pong", *TINY, "--unfreeze-encoder-at", "100",
                "--output-dir", str(tmp_path / "ft"), ok=False)
