@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None, help="where eval.csv, logs and checkpoint.pt go (default runs/finetune_...)")
     parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (default: the benchmark's)")
     parser.add_argument("--load-encoder-only", action="store_true",
-                        help="Atari/RLBench: keep the pretrained encoder, re-initialise the heads (paper appendix)")
+                        help="Atari/RLBench: keep the pretrained encoder, re-initialise the heads (paper appendix); "
+                             "Atari freezes it, unless --unfreeze-encoder-at N lets it train from step N")
     return parser
 
 
