@@ -57,16 +57,11 @@ class Args:
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     torch_threads: int = 2
-    """torch CPU threads for the learner (2: about 20% faster than 1 on a 2-core CPU,
-    benchmarks/README.md). While a background evaluation runs the learner uses one. On a machine
-    busy with other work use 1: a second OpenMP thread would wait for a core"""
+    """torch CPU threads for the learner (one while a background evaluation runs); use 1 on a busy machine"""
     speed_form: bool = True
-    """run the network in its speed form (`fast_forward`: convs as matrix products over 5x5
-    patches, noisy weights composed once per step, bf16 per --precision); the same function as
-    the plain nn.Conv2d modules (tested), faster on a CPU. --no-speed-form runs the plain modules"""
+    """train with the network's speed form (`fast_forward`, the same function; faster on a CPU)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """speed form only: encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay
-    fp32); auto = bf16 where the hardware has native bfloat16 arithmetic"""
+    """speed form: encoder and hidden layers in bf16 (auto: where the hardware has native bf16)"""
 
     # games
     train_games: int = 10
@@ -94,8 +89,7 @@ class Args:
     freeze_encoder: bool = False
     """keep the conv encoder fixed (no gradient step); authors' --load_conv_only freezes the convs"""
     unfreeze_encoder_at: int | None = None
-    """with --freeze-encoder: the env step from which the encoder trains too (authors'
-    --unfreeze_conv_when); default never"""
+    """with --freeze-encoder: env step from which the encoder trains (authors' --unfreeze_conv_when); never"""
 
     # DER hyperparameters (van Hasselt et al. 2019, Table 1; the same in the authors' scripts)
     buffer_size: int = 1_000_000
@@ -123,8 +117,7 @@ class Args:
     noisy_std: float = 0.1
     """initial sigma scale of the NoisyNet layers"""
     hidden_size: int = 256
-    """dueling head width: DER uses 256; the authors used 512 for their 5- and 10-game agents
-    (--mlps 512). We keep 256 everywhere so pretrained and scratch agents have the same capacity"""
+    """dueling head width (DER: 256; the authors' 5- and 10-game agents: 512; docs/atari.md)"""
     target_network_frequency: int = 2000
     """sync the target network when the env step is a multiple of this (authors' main_mt.py)"""
     replay_ratio: int = 1
@@ -252,11 +245,8 @@ class QNetwork(nn.Module):
 
 
 class SumTree:
-    """Sum tree over `capacity` leaves with FANOUT children per node; vectorised update and
-    stratified sampling. Each level is one array padded to whole blocks of FANOUT children, so the
-    children of node j are entries j*FANOUT .. j*FANOUT+FANOUT-1 of the level below. With 64
-    children a 100k-leaf tree has 4 levels under the root (a binary tree: 17), so each sample,
-    add and priority update makes a quarter of the numpy calls (benchmarks/README.md)."""
+    """Sum tree over `capacity` leaves, FANOUT children per node (64: 4 levels under the root for 100k
+    leaves, a binary tree has 17); each level one array, node j's children at j*FANOUT ... of the next."""
 
     FANOUT = 64
 
@@ -477,7 +467,7 @@ def act(q_network: QNetwork, obs: np.ndarray, device, weights: dict | None = Non
 @torch.no_grad()
 def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, device, seed: int) -> list[float]:
     """DER protocol: real game over, unclipped scores, epsilon 0.001, mean weights (no noise)."""
-    env = make_env(game, seed, num_actions, episodic_life=False, args=args)
+    env = atari.make_env(game, seed, num_actions, False, args.max_noops, args.eval_max_steps)
     rng = np.random.default_rng(seed)
     was_training = q_network.training
     q_network.eval()
@@ -493,14 +483,6 @@ def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, devic
                 break
     q_network.train(was_training)
     return returns
-
-
-def make_env(game: str, seed: int, num_actions: int | None = None, episodic_life: bool = True,
-             args: Args | None = None) -> atari.AtariEnv:
-    """envs.atari.make_env with this script's episode caps and no-ops."""
-    args = args or Args()
-    return atari.make_env(game, seed, num_actions, episodic_life, args.max_noops,
-                          args.max_episode_steps if episodic_life else args.eval_max_steps)
 
 
 def train(args: Args, games: list[str], q_network: QNetwork | None = None, method: str = "mt", writer=None,
@@ -672,12 +654,10 @@ def evaluate_snapshot(state: dict[str, np.ndarray], bf16: bool, game: str, args:
 
 
 class Evaluator:
-    """Runs `evaluate` at the steps train() asks for and hands log_eval(step, mean, episodes) the
-    scores in step order. With --background-eval (and log_eval given), each evaluation
-    runs in a second process on a snapshot of the network while training goes on, and the learner
-    drops to one torch thread meanwhile, leaving the other core to it (12k steps with an
-    evaluation every 1500: 101 s with the drop, 129 s without). The scores are those of
-    evaluating in the loop: same snapshot, same seeds. Without log_eval it does nothing."""
+    """Runs `evaluate` when train() asks and hands log_eval(step, mean, episodes) the scores in step
+    order; nothing without log_eval. With --background-eval each evaluation runs in a second process
+    on a snapshot while training goes on (same scores: same snapshot, same seeds), and the learner
+    drops to one torch thread meanwhile (benchmarks/README.md)."""
 
     def __init__(self, log_eval, game: str, args: Args, num_actions: int, device):
         self.log_eval, self.game, self.args, self.num_actions, self.device = log_eval, game, args, num_actions, device
@@ -772,10 +752,8 @@ def check_der_args(args, num_games: int) -> None:
 
 
 def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse. By default it hands big freed blocks back to the OS
-    and page-faults them in again at the next allocation, and DER allocates a few MB of batch and
-    activation tensors per update. Measured effect on a CPU step: from none (within noise) to 8%
-    faster (benchmarks/bench_rainbow_atari.py --default-malloc). Does nothing without glibc."""
+    """Ask glibc to keep freed memory for reuse rather than return it to the OS and page-fault it in
+    again at the next update (none to 8% faster, benchmarks/README.md). Does nothing without glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

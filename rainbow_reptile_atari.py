@@ -60,15 +60,11 @@ class Args:
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     torch_threads: int = 2
-    """torch CPU threads for the learner (2: about 20% faster than 1 on a 2-core CPU,
-    benchmarks/README.md). On a machine busy with other work use 1"""
+    """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True
-    """run the network in its speed form (`fast_forward`: convs as matrix products over 5x5
-    patches, noisy weights composed once per update, bf16 per --precision); the same function as
-    the plain nn.Conv2d modules (tested), faster on a CPU. --no-speed-form runs the plain modules"""
+    """train with the network's speed form (`fast_forward`, the same function; faster on a CPU)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """speed form only: encoder and hidden layers in bfloat16 (output layers, C51 loss and Adam stay
-    fp32); auto = bf16 where the hardware has native bfloat16 arithmetic"""
+    """speed form: encoder and hidden layers in bf16 (auto: where the hardware has native bf16)"""
 
     # games
     train_games: int = 10
@@ -122,11 +118,9 @@ class Args:
     noisy_std: float = 0.1
     """initial sigma scale of the NoisyNet layers"""
     hidden_size: int = 256
-    """dueling head width: DER uses 256; the authors used 512 for their 5- and 10-game agents
-    (--mlps 512). We keep 256 everywhere so pretrained and scratch agents have the same capacity"""
+    """dueling head width (DER: 256; the authors' 5- and 10-game agents: 512; docs/atari.md)"""
     target_network_frequency: int = 2000
-    """sync the target network when the env step is a multiple of this (authors' main_mt.py: on
-    env steps, not on the k inner updates)"""
+    """sync the target when the env step is a multiple of this (authors' main_mt.py; not per inner update)"""
     priority_exponent: float = 0.5
     """prioritized replay: priority = loss ** exponent"""
     priority_weight: float = 0.4
@@ -250,11 +244,8 @@ class QNetwork(nn.Module):
 
 
 class SumTree:
-    """Sum tree over `capacity` leaves with FANOUT children per node; vectorised update and
-    stratified sampling. Each level is one array padded to whole blocks of FANOUT children, so the
-    children of node j are entries j*FANOUT .. j*FANOUT+FANOUT-1 of the level below. With 64
-    children a 100k-leaf tree has 4 levels under the root (a binary tree: 17), so each sample,
-    add and priority update makes a quarter of the numpy calls (benchmarks/README.md)."""
+    """Sum tree over `capacity` leaves, FANOUT children per node (64: 4 levels under the root for 100k
+    leaves, a binary tree has 17); each level one array, node j's children at j*FANOUT ... of the next."""
 
     FANOUT = 64
 
@@ -662,10 +653,8 @@ def check_der_args(args, num_games: int) -> None:
 
 
 def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse. By default it hands big freed blocks back to the OS
-    and page-faults them in again at the next allocation, and DER allocates a few MB of batch and
-    activation tensors per update. Measured effect on a CPU step: from none (within noise) to 8%
-    faster (benchmarks/bench_rainbow_atari.py --default-malloc). Does nothing without glibc."""
+    """Ask glibc to keep freed memory for reuse rather than return it to the OS and page-fault it in
+    again at the next update (none to 8% faster, benchmarks/README.md). Does nothing without glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -60,7 +60,7 @@ def full_loop(opts) -> None:
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     args = der.Args(batch_size=opts.batch_size, games_per_batch=1, pad_actions=False, torch_threads=opts.threads)
-    env = der.make_env(opts.game, 0, args=args)
+    env = der.atari.make_env(opts.game, 0, max_noops=args.max_noops)
     num_actions = der.FULL_ACTIONS if opts.full_actions else len(env.action_set)
     if opts.cuda and not torch.cuda.is_available():
         raise SystemExit("error: --cuda given but torch sees no CUDA device")
