@@ -69,7 +69,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 # settings of the machine and the run, not of the agent: a checkpoint's values do not carry over
-MACHINE_SETTINGS = {"cuda", "torch_threads", "env_threads", "precision", "track", "wandb_project_name", "background_eval"}
+MACHINE_SETTINGS = {"cuda", "torch_threads", "env_threads", "precision", "speed_form", "track", "wandb_project_name",
+                    "background_eval"}
 
 
 def script_args(module, ckpt: dict | None, overrides: list[str], **finetune_defaults):
