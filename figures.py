@@ -47,6 +47,8 @@ SUMMARY_COLUMNS = ["benchmark", "train_set", "method", "score", "n_runs", "mean"
 SCORES = ("final", "auc", "zero_shot")
 METHODS = ("mt", "reptile", "rl2", "pearl", "scratch")  # drawing order; unknown methods follow
 COLORS = {"mt": "#0072B2", "reptile": "#E69F00", "rl2": "#009E73", "pearl": "#CC79A7", "scratch": "#555555"}
+# line style and marker per method too: curves that coincide (all at 0 success, say) stay distinguishable
+STYLES = {"mt": ("-", "o"), "reptile": ("--", "s"), "rl2": ("-.", "^"), "pearl": ("-.", "^"), "scratch": (":", "D")}
 BASE_ALGO = {"procgen": "PPO", "atari": "Rainbow", "rlbench": "C2F-ARM"}
 UNIT = {"procgen": ("level", "levels"), "atari": ("game", "games"), "rlbench": ("task", "tasks")}
 
@@ -444,8 +446,9 @@ def draw_panel(ax, runs: list[dict], benchmark: str, title: str, xlabel: bool = 
                          f"others at {ends[-1]:.0f}; the curve stops at {ends[0]:.0f}")
         steps, mean, stderr, n = curve(group)
         color = COLORS.get(method)
-        ax.plot(steps, mean, color=color, lw=1.8, marker="o" if len(steps) <= 12 else None, ms=3,
-                label=method_name(benchmark, method))
+        linestyle, marker = STYLES.get(method, ("-", "o"))
+        ax.plot(steps, mean, color=color, lw=1.8, ls=linestyle, marker=marker if len(steps) <= 12 else None,
+                ms=4, mfc="none", label=method_name(benchmark, method))
         if n > 1:
             ax.fill_between(steps, mean - stderr, mean + stderr, color=color, alpha=0.25, lw=0)
     ax.set_title(title)
