@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import NUM_ACTIONS, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward
+from envs.procgen import NUM_ACTIONS, check_env_id, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward
 
 SCRIPT = "ppo_reptile_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -86,7 +86,7 @@ class Args:
     gae_lambda: float = 0.95
     """lambda of generalised advantage estimation"""
     num_minibatches: int = 32
-    """256 x 256 / 32 = minibatches of 2048 samples (authors' batch_size)"""
+    """minibatches per epoch: 256 x 256 / 32 = 2048 samples each (authors' batch_size: 2048)"""
     update_epochs: int = 3
     """passes over the rollout per PPO update (authors' n_epochs: 3)"""
     norm_adv: bool = True
@@ -445,6 +445,7 @@ def setup(args: Args, writer):
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
+    check_env_id(args.env_id)  # before anything is created
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
+from envs.procgen import NUM_ACTIONS, check_env_id, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
 
 SCRIPT = "ppo_rl2_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -96,7 +96,7 @@ class Args:
     gae_lambda: float = 0.95
     """lambda of generalised advantage estimation"""
     num_minibatches: int = 32
-    """minibatches of whole env sequences: 256 envs / 32 = 8 sequences x 256 steps = 2048 samples"""
+    """minibatches per epoch, of whole env sequences: 256 envs / 32 = 8 sequences x 256 steps = 2048 samples"""
     update_epochs: int = 3
     """passes over the rollout per PPO update (authors' n_epochs: 3)"""
     norm_adv: bool = True
@@ -117,12 +117,13 @@ class Args:
     """convolutions in bfloat16 autocast (LSTM, heads, losses and optimizer stay fp32); auto = bf16
     where the hardware runs it natively (recent CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32"""
 
-    # Adaptation's zero-shot point (adapt): meta-episodes from a fresh recurrent state on the
+    # Adaptation's fresh-state evaluation (adapt): meta-episodes from a new recurrent state on the
     # held-out level, in their own envs (the authors' launch script: 100 episodes on 50 envs).
     eval_episodes: int = 100
-    """episodes of the step-0 evaluation on the held-out level (authors: 100)"""
+    """episodes of a fresh-state evaluation on the held-out level: the step-0 point, and any point
+    where no adaptation episode finished (authors: 100)"""
     eval_num_envs: int = 50
-    """parallel envs of the step-0 evaluation's own ProcgenEnv (authors: 50)"""
+    """parallel envs of the fresh-state evaluation's own ProcgenEnv (authors: 50)"""
 
 
 # ----------------------------------------------------------------------------- ALGO LOGIC: the network
@@ -535,9 +536,12 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
     """Test-time adaptation on one held-out level: meta-episodes of `num_trials` episodes with the
     recurrent state reset at the start of each (as in training), no gradient step.
     `log_eval(env_step, mean_return, episodes)` receives the zero-shot point at step 0 (evaluate:
-    its own envs, a fresh state) and then, every `eval_every` env steps (default: every rollout)
-    and at the end, the mean return of the adaptation rollout's episodes finished since the last
-    point. TensorBoard has both per trial index (eval/trial_k_return)."""
+    its own envs, a fresh state), then a point every `eval_every` env steps (default: every rollout)
+    and one at the end of the budget: the mean return of the adaptation rollout's episodes that
+    finished since the last point. Where none finished (small budgets, long episodes), the point
+    is a fresh-state evaluation as at step 0: the weights never change and the state resets at
+    every meta-episode, so it estimates the same quantity. TensorBoard has the rollout's returns
+    per trial index (eval/trial_k_return)."""
     if args.eval_episodes < 1 or args.eval_num_envs < 1:
         raise SystemExit(f"error: --eval-episodes ({args.eval_episodes}) and --eval-num-envs ({args.eval_num_envs}) "
                          "must be at least 1")
@@ -546,12 +550,17 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
     agent.load_state_dict(model_state)
     agent.eval()
     start_time = time.time()
-    if log_eval is not None:
+
+    def fresh_state_evaluation() -> list:  # its own envs on the level, every env from a new meta-episode
         eval_envs = MetaEpisodeVecEnv(args.num_trials, args.eval_num_envs, args.env_id, 1, level,
                                       args.distribution_mode, args.seed + 1, args.env_threads)
         episodes = evaluate(agent, VecNormalizeReward(eval_envs, args.gamma, norm_reward=False), args.eval_episodes,
                             device)
         eval_envs.close()
+        return episodes
+
+    if log_eval is not None:
+        episodes = fresh_state_evaluation()
         report(writer, "eval", 0, num_iterations, 0, start_time, episodes, args.num_trials)
         log_eval(0, float(np.mean([e.ret for e in episodes])), len(episodes))
     envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed,
@@ -559,17 +568,19 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
     envs = VecNormalizeReward(envs, args.gamma, norm_reward=False)
     rollout = RL2Rollout(agent, envs, device, args.num_steps)
     global_step = 0
-    next_eval = eval_every or args.num_envs * args.num_steps
+    eval_every = eval_every or args.num_envs * args.num_steps
+    next_eval = eval_every
     pending = []  # adaptation episodes finished since the last point
     for iteration in range(1, num_iterations + 1):
         _, finished = rollout.collect(agent, envs, args)
         global_step += args.num_envs * args.num_steps
         report(writer, "eval", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
-        pending += [episode.ret for episode in finished]
-        if log_eval is not None and pending and (global_step >= next_eval or iteration == num_iterations):
-            log_eval(global_step, float(np.mean(pending)), len(pending))
+        pending += finished
+        if log_eval is not None and (global_step >= next_eval or iteration == num_iterations):
+            episodes = pending or fresh_state_evaluation()
+            log_eval(global_step, float(np.mean([e.ret for e in episodes])), len(episodes))
             pending = []
-            next_eval = global_step + (eval_every or args.num_envs * args.num_steps)
+            next_eval = global_step + eval_every
     envs.close()
     if own_writer:
         writer.close()
@@ -615,6 +626,7 @@ def setup(args: Args, writer):
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
+    check_env_id(args.env_id)  # before anything is created
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     os.makedirs(args.output_dir, exist_ok=True)

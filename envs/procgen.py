@@ -29,6 +29,15 @@ def import_procgen():
     return procgen
 
 
+def check_env_id(env_id: str) -> None:
+    """One-line error for an unknown game (procgen itself would abort the interpreter)."""
+    import_procgen()
+    from procgen.env import ENV_NAMES
+
+    if env_id not in ENV_NAMES:
+        raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
+
+
 class Episode(NamedTuple):
     """One finished episode: which env played it, its undiscounted return, length and level."""
 
@@ -50,10 +59,7 @@ class ProcgenVecEnv:
     def __init__(self, num_envs: int, env_id: str, num_levels: int, start_level: int, distribution_mode: str, seed: int,
                  threads: Optional[int] = None):
         procgen = import_procgen()
-        from procgen.env import ENV_NAMES
-
-        if env_id not in ENV_NAMES:  # procgen would abort the interpreter on an unknown name
-            raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
+        check_env_id(env_id)
         if threads is not None and threads < 1:
             raise SystemExit(f"error: --env-threads must be at least 1 (got {threads})")
         self.env = procgen.ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels,

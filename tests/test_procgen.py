@@ -235,6 +235,7 @@ def test_finetune_runs_and_writes_eval_csv(pretrained, tmp_path, source):
     rows = (out / "eval.csv").read_text().splitlines()
     assert rows[0] == "env_step,mean_return,episodes"
     assert rows[1].startswith("0,") and rows[1].endswith(",1")  # the zero-shot point: 1 evaluation episode
+    assert rows[-1].startswith("256,") and int(rows[-1].split(",")[2]) >= 1  # a point at the end of the budget
     assert proc.stdout.strip().splitlines()[-1].startswith(("ppo_", "scratch[procgen]"))
     if source != "ppo_rl2_procgen":
         ckpt = finetune.load_checkpoint(str(out / "checkpoint.pt"))
@@ -284,6 +285,8 @@ def test_script_rejects_impossible_flags():
     proc = run_script("ppo_reptile_procgen.py", "--env-id", "coinrn", "--num-envs", "2", "--num-steps", "8",
                       "--num-minibatches", "1", "--total-timesteps", "16", "--num-levels", "2")
     assert proc.returncode != 0 and "unknown Procgen game 'coinrn'" in proc.stderr.strip().splitlines()[-1]
+    assert not any(name.startswith("coinrn__") for name in os.listdir(os.path.join(ROOT, "runs"))) \
+        if os.path.isdir(os.path.join(ROOT, "runs")) else True  # the error comes before any run directory
 
 
 
@@ -418,3 +421,46 @@ def test_evaluation_runs_the_held_out_level_in_envs_training_never_steps(tmp_pat
     assert train_env.steps_in_eval == 0 and train_env.steps_in_training == 64 // 2 and train_env.levels == {3}
     assert [step for step, _, _ in points] == [0, 32, 64]  # step 0, every eval_every, the end
     assert all(episodes == 3 for _, _, episodes in points)
+
+
+class ScriptedAdaptEnv:
+    """Stands in for MetaEpisodeVecEnv in `adapt`: 2 envs, and one episode (env 0, return 10) ends
+    at the 12th step, i.e. in the second rollout of 8 steps (16 env steps each)."""
+
+    def __init__(self, num_trials, num_envs, env_id, num_levels, level, *rest):
+        self.num_envs, self.level, self.t = num_envs, level, 0
+
+    def reset(self):
+        return np.zeros((self.num_envs, 64, 64, 3), dtype=np.uint8)
+
+    def step(self, actions):
+        self.t += 1
+        done = np.array([self.t == 12, False])
+        finished = [rl2.RL2Episode(0, 10.0, 12, self.level, 0)] if self.t == 12 else []
+        return self.reset(), np.zeros(2, dtype=np.float32), done, done, finished
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("eval_every", [16, 24, None])
+def test_rl2_adapt_logs_a_point_at_every_eval_and_at_the_end(tmp_path, monkeypatch, eval_every):
+    """Two rollouts of 16 env steps. The first finishes no episode: its point is a fresh-state
+    evaluation (stubbed: 3 episodes of return 7). The second finishes one, of return 10."""
+    calls = []
+
+    def stub_evaluate(agent, envs, num_episodes, device):
+        calls.append(num_episodes)
+        return [rl2.RL2Episode(i, 7.0, 5, 10000, 0) for i in range(num_episodes)]
+
+    monkeypatch.setattr(rl2, "MetaEpisodeVecEnv", ScriptedAdaptEnv)
+    monkeypatch.setattr(rl2, "evaluate", stub_evaluate)
+    args = rl2.Args(num_envs=2, num_steps=8, num_minibatches=1, total_timesteps=32, eval_episodes=3,
+                    lstm_hidden=16, precision="fp32", output_dir=str(tmp_path))
+    points = []
+    rl2.adapt(args, rl2.RL2Agent(lstm_hidden=16).state_dict(), 10000, eval_every=eval_every,
+              log_eval=lambda step, value, episodes: points.append((step, value, episodes)))
+    if eval_every == 24:  # 16 < 24: no point after the first rollout; the end point has its episode
+        assert points == [(0, 7.0, 3), (32, 10.0, 1)] and calls == [3]
+    else:  # every rollout (16 env steps, also the default)
+        assert points == [(0, 7.0, 3), (16, 7.0, 3), (32, 10.0, 1)] and calls == [3, 3]
