@@ -1,0 +1,162 @@
+"""A run's directory: where it writes, how it refuses bad input, how it stops and resumes.
+
+Plumbing shared by every script and by finetune.py; no algorithm lives here. A script uses it
+in this order (see any `setup` / `train` function):
+
+    check_output_dir(args.output_dir, args.resume)   # one-line errors, nothing created yet
+    lock = open_output_dir(args.output_dir)          # makes the folder, locks it for this process
+    stop = StopRequest()                             # SIGINT / SIGTERM set a flag instead of killing
+    ... in the loop: if stop: save a checkpoint, then stop.exit(...)
+    atomic_save(checkpoint, os.path.join(args.output_dir, CHECKPOINT))
+
+The lock is an advisory `fcntl.flock` on `DIR/.lock`, released by the kernel when the process
+ends (also on kill -9), so a crashed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import shlex
+import signal
+import sys
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+# Files that mean "a run already wrote here" (a study's log.txt alone does not).
+RUN_FILES = (CHECKPOINT, "eval.csv")
+
+
+def _first_file_above(path: str) -> str | None:
+    """The nearest ancestor of `path` (or `path` itself) that exists and is not a folder."""
+    p = os.path.abspath(path)
+    while True:
+        if os.path.lexists(p) and not os.path.isdir(p):
+            return p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+
+
+def _nearest_existing(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def check_output_dir(path: str, resume: bool, flag: str = "--output-dir") -> None:
+    """Refuse, as a one-line SystemExit, an output directory that cannot hold this run. Creates nothing.
+
+    - a file (or a path under a file), or a folder this user cannot write;
+    - without `resume`: a folder that already holds a run (its checkpoint or eval.csv): nothing a
+      user ran is overwritten without their say;
+    - with `resume`: a folder with no checkpoint to continue from.
+    """
+    blocker = _first_file_above(path)
+    if blocker is not None:
+        where = "is a file" if os.path.abspath(path) == blocker else f"lies under the file {blocker}"
+        raise SystemExit(f"error: {flag} {path} {where}, not a directory")
+    existing = _nearest_existing(path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path} is not writable (no write permission on {existing})")
+    if resume:
+        if not os.path.isfile(os.path.join(path, CHECKPOINT)):
+            raise SystemExit(f"error: --resume: {flag} {path} holds no {CHECKPOINT} to continue from")
+        return
+    taken = [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+    if taken:
+        how = ("pass --resume to continue it, or choose another " + flag) if CHECKPOINT in taken else \
+            f"it has no {CHECKPOINT} to resume from: remove it or choose another {flag}"
+        raise SystemExit(f"error: {flag} {path} already holds a run ({', '.join(taken)}); {how}")
+
+
+def open_output_dir(path: str, flag: str = "--output-dir"):
+    """Create the folder and lock it for this process; a second run into it gets a one-line error.
+    Keep the returned file object alive for the run's lifetime (the lock dies with it)."""
+    os.makedirs(path, exist_ok=True)
+    handle = open(os.path.join(path, LOCK), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SystemExit(f"error: {flag} {path} is in use by another running process") from None
+    return handle
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary name of this process, then rename into place: a crash never leaves a
+    half-written file, and two processes never share a temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's global random states as plain values and tensors
+    (loadable with `torch.load(weights_only=True)`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_command() -> str:
+    """This process's command line with --resume added: what to type to continue the run."""
+    argv = [os.path.basename(sys.executable)] + sys.argv
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(argv)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends before preemption) set a flag instead of
+    killing the run; the loop checks it (`if stop:`), writes a checkpoint and calls `exit`. A second
+    signal while stopping restores the default behaviour (Ctrl-C twice stops at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up on the graceful stop
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current step to write a checkpoint",
+              file=sys.stderr, flush=True)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def exit(self, output_dir: str, global_step: int):
+        """After the checkpoint is written: one line on how to resume, and exit with 128 + signal."""
+        name = signal.Signals(self.signum).name
+        print(f"stopped by {name} at env step {global_step}; checkpoint in {os.path.join(output_dir, CHECKPOINT)}; "
+              f"continue with: {resume_command()}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + self.signum)
