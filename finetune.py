@@ -27,9 +27,14 @@ import importlib
 import os
 import sys
 import time
+import types
+import typing
 from typing import Callable
 
 import torch
+
+from envs import run_dir
+from envs.run_dir import open_output_dir
 
 # Every checkpoint of this project carries this marker (see each script's save_checkpoint).
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"
@@ -41,6 +46,13 @@ KNOWN_MODULES = {
     "procgen": ("ppo_mt_procgen", "ppo_reptile_procgen", "ppo_rl2_procgen"),
     "atari": ("rainbow_mt_atari", "rainbow_reptile_atari", "rainbow_pearl_atari"),
     "rlbench": ("c2farm_mt_rlbench", "c2farm_reptile_rlbench", "c2farm_pearl_rlbench"),
+}
+# The methods a checkpoint of each benchmark may name ("finetune" / "scratch": written by finetune.py);
+# any other method is an error, never silently adapted as MT.
+KNOWN_METHODS = {
+    "procgen": ("mt", "reptile", "rl2", "finetune", "scratch"),
+    "atari": ("mt", "reptile", "pearl", "finetune", "scratch"),
+    "rlbench": ("mt", "reptile", "pearl", "finetune", "scratch"),
 }
 
 
@@ -63,13 +75,89 @@ def load_checkpoint(path: str) -> dict:
     if missing:
         raise FinetuneError(f"checkpoint {path} lacks the entries {', '.join(missing)}")
     benchmark, module = ckpt["benchmark"], ckpt["module"]
-    if module not in KNOWN_MODULES.get(benchmark, ()):
+    if not isinstance(benchmark, str) or not isinstance(module, str) or module not in KNOWN_MODULES.get(benchmark, ()):
         raise FinetuneError(f"checkpoint {path} was written by an unknown script '{module}' for benchmark '{benchmark}'")
+    if ckpt["method"] not in KNOWN_METHODS[benchmark]:
+        raise FinetuneError(f"checkpoint {path} names the unknown method {ckpt['method']!r}: expected one of "
+                            f"{', '.join(KNOWN_METHODS[benchmark])} for {benchmark}")
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not model or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                            for k, v in model.items()):
+        raise FinetuneError(f"checkpoint {path}: 'model' is not a state dict (a non-empty dict of named tensors)")
+    if not isinstance(ckpt["args"], dict) or not all(isinstance(k, str) for k in ckpt["args"]):
+        raise FinetuneError(f"checkpoint {path}: 'args' is not a dict of the script's settings")
+    if not isinstance(ckpt["global_step"], int) or isinstance(ckpt["global_step"], bool) or ckpt["global_step"] < 0:
+        raise FinetuneError(f"checkpoint {path}: 'global_step' is not a non-negative integer")
+    if not isinstance(ckpt["train_tasks"], (list, tuple)):
+        raise FinetuneError(f"checkpoint {path}: 'train_tasks' is not a list")
+    args_class = importlib.import_module(module).Args
+    hints = typing.get_type_hints(args_class)
+    for field in dataclasses.fields(args_class):
+        if field.name in ckpt["args"] and not _fits(ckpt["args"][field.name], hints[field.name]):
+            raise FinetuneError(f"checkpoint {path}: args['{field.name}'] is {ckpt['args'][field.name]!r}, "
+                                f"not a value of type {_type_name(hints[field.name])}")
     return ckpt
 
 
+def _fits(value, tp) -> bool:
+    """Whether a checkpoint's plain value can stand for an Args field annotated `tp` (tuples come back as lists)."""
+    origin, params = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_fits(value, p) for p in params)
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in params
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        elems = [p for p in params if p is not Ellipsis]
+        return len(elems) != 1 or all(_fits(v, elems[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True  # a type this check does not know: left to the script
+
+
+def _type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str, what: str = "network", strict: bool = True):
+    """`module.load_state_dict(state)` with a one-line FinetuneError naming the checkpoint and the first
+    entry that does not fit (a missing or unexpected key, a tensor of another shape) instead of a
+    RuntimeError. With strict=False, missing and unexpected keys pass (returned as load_state_dict does);
+    a shape mismatch never does."""
+    own = module.state_dict()
+    for key, tensor in state.items():
+        if key in own and tuple(own[key].shape) != tuple(tensor.shape):
+            raise FinetuneError(f"checkpoint {path} does not fit the {what}: '{key}' has shape {tuple(tensor.shape)}, "
+                                f"the {what} expects {tuple(own[key].shape)}")
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            which = f"lacks '{missing[0]}'" if missing else f"has the unexpected entry '{unexpected[0]}'"
+            more = len(missing) + len(unexpected) - 1
+            raise FinetuneError(f"checkpoint {path} does not fit the {what}: it {which}"
+                                + (f" (and {more} more mismatched keys)" if more else ""))
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # anything the checks above did not foresee, still one line
+        raise FinetuneError(f"checkpoint {path} does not fit the {what}: {str(e).strip().splitlines()[0][:200]}") from None
+
+
 # settings of the machine and the run, not of the agent: a checkpoint's values do not carry over
-MACHINE_SETTINGS = {"cuda", "torch_threads", "env_threads", "precision", "speed_form", "track", "wandb_project_name",
+MACHINE_SETTINGS = {"resume", "cuda", "torch_threads", "env_threads", "precision", "speed_form", "track", "wandb_project_name",
                     "background_eval"}
 
 
@@ -91,22 +179,58 @@ def script_args(module, ckpt: dict | None, overrides: list[str], **finetune_defa
 
 
 class Run:
-    """Where a fine-tuning run reports: eval.csv, TensorBoard, and the closing summary."""
+    """Where a fine-tuning run reports: eval.csv, TensorBoard, and the closing summary.
 
-    def __init__(self, output_dir: str, metric: str):
+    Nothing is created until the run first uses it (`run.writer`, `run.log_eval` or `run.open()`),
+    so a benchmark function checks its flags first and a bad one leaves no folder behind. Opening
+    locks the folder for this process (envs.run_dir.open_output_dir)."""
+
+    def __init__(self, output_dir: str, metric: str, resume: bool = False, resume_step: int | None = None):
+        """`resume` (`resume_step`: the env step of the run's checkpoint): eval.csv keeps its rows up to
+        that step and continues (no second header, no second zero-shot point); TensorBoard purges events
+        logged after it, so both stay one continuous curve."""
+        self.output_dir, self.metric, self.resume, self.resume_step = output_dir, metric, resume, resume_step
+        self.curve: list[tuple[int, float]] = []
+        self._writer = self._csv_file = self._lock = None
+        self.start = time.time()
+
+    def open(self) -> None:
+        """Lock and create the folder, open eval.csv (appending on resume) and the TensorBoard writer."""
+        if self._csv_file is not None:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
-        os.makedirs(output_dir, exist_ok=True)
-        self.output_dir, self.metric = output_dir, metric
-        self.writer = SummaryWriter(output_dir)
-        self._csv_file = open(os.path.join(output_dir, "eval.csv"), "w", newline="")
+        try:
+            self._lock = open_output_dir(self.output_dir)
+            run_dir.check_output_dir(self.output_dir, self.resume)  # again, now that no other run can start here
+        except SystemExit as e:
+            raise FinetuneError(str(e.code).removeprefix("error: ")) from None
+        path = os.path.join(self.output_dir, "eval.csv")
+        if self.resume and os.path.isfile(path):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [r for r in rows[1:] if r and r[0].isdigit() and (self.resume_step is None
+                                                                      or int(r[0]) <= self.resume_step)]
+            if len(kept) != len(rows) - 1:  # points after the checkpoint: the resumed run logs them again
+                with open(path + f".{os.getpid()}.tmp", "w", newline="") as f:
+                    csv.writer(f).writerows([rows[0]] + kept)
+                os.replace(path + f".{os.getpid()}.tmp", path)
+            self.curve = [(int(r[0]), float(r[1])) for r in kept]
+        self._writer = SummaryWriter(self.output_dir, purge_step=self.resume_step if self.resume else None)
+        self._csv_file = open(path, "a" if self.resume else "w", newline="")
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(["env_step", metric, "episodes"])
-        self.curve: list[tuple[int, float]] = []
-        self.start = time.time()
+        if self._csv_file.tell() == 0:
+            self._csv.writerow(["env_step", self.metric, "episodes"])
+            self._csv_file.flush()
+
+    @property
+    def writer(self):
+        self.open()
+        return self._writer
 
     def log_eval(self, step: int, value: float, episodes: int | None = None) -> None:
         """One evaluation point: `value` is the mean of `episodes` evaluation episodes."""
+        self.open()
         self.curve.append((int(step), float(value)))
         self._csv.writerow([int(step), f"{float(value):.6g}", "" if episodes is None else int(episodes)])
         self._csv_file.flush()
@@ -116,8 +240,9 @@ class Run:
 
     def close(self, label: str | None = None) -> str | None:
         """Close the files; with a label, print and return the one-line summary."""
-        self._csv_file.close()
-        self.writer.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._writer.close()
         if label is None:
             return None
         if self.curve:
@@ -135,29 +260,36 @@ class Run:
 
 
 def is_procgen_task(task: str) -> bool:
-    return task.isdigit()
+    return task.isdigit() and int(task) < 2**31  # procgen's level seeds are 32-bit
 
 
 def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
     """MT/Reptile/scratch: PPO on the one level, evaluated on it in separate envs (--eval-episodes on
     --eval-num-envs) at step 0, every --eval-every env steps (default: every PPO iteration, as the
-    authors) and at the end. RL2: roll out, no gradient; step 0 from a fresh recurrent state."""
+    authors) and at the end. RL2: roll out, no gradient; step 0 from a fresh recurrent state.
+    Every flag and the checkpoint's weights are checked before `run` creates anything."""
     level = int(opts.task)
     method = ckpt["method"] if ckpt else "scratch"
+    if ckpt is not None and level in ckpt["train_tasks"]:
+        print(f"warning: level {level} is one of the checkpoint's {len(ckpt['train_tasks'])} training levels, "
+              "not a held-out one", file=sys.stderr, flush=True)
+    # 2M steps on the single test level (paper, Sec. 5.1), as for every adaptation method.
+    budget = dict(total_timesteps=2_000_000, num_levels=1, start_level=level, output_dir=run.output_dir,
+                  resume=opts.resume)
     if method == "rl2":
         rl2 = importlib.import_module("ppo_rl2_procgen")
-        # 2M steps: the paper's per-level adaptation budget, as for the fine-tuned agents.
-        args = script_args(rl2, ckpt, overrides, total_timesteps=2_000_000, num_levels=1, start_level=level,
-                           output_dir=run.output_dir)
+        args = script_args(rl2, ckpt, overrides, **budget)
+        rl2.check_args(args)
+        load_state(rl2.RL2Agent(rl2.NUM_ACTIONS, args.lstm_hidden, args.lstm_layers), ckpt["model"], opts.checkpoint,
+                   "RL2 network")
         rl2.adapt(args, ckpt["model"], level, writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every)
         return
     ppo = importlib.import_module(BASE_MODULES["procgen"])
-    # 2M steps on the single test level (paper, Sec. 5.1), whole network fine-tuned.
-    args = script_args(ppo, ckpt, overrides, total_timesteps=2_000_000, num_levels=1, start_level=level,
-                       output_dir=run.output_dir)
+    args = script_args(ppo, ckpt, overrides, **budget)  # the whole network is fine-tuned
+    ppo.check_args(args)
     agent = ppo.Agent(ppo.NUM_ACTIONS)
     if ckpt is not None:
-        agent.load_state_dict(ckpt["model"])
+        load_state(agent, ckpt["model"], opts.checkpoint, "IMPALA-CNN agent")
     ppo.train(args, agent=agent, method="finetune" if ckpt else "scratch", train_tasks=[level],
               writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every, eval_level=level)
 
@@ -273,7 +405,7 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
 
 BENCHMARKS: dict[str, tuple[Callable[[str], bool], Callable, str, str]] = {
     # benchmark: (task check, adaptation, eval metric, what a task is)
-    "procgen": (is_procgen_task, finetune_procgen, "mean_return", "a CoinRun level index such as 10000"),
+    "procgen": (is_procgen_task, finetune_procgen, "mean_return", "a CoinRun level index in [0, 2**31) such as 10000"),
     "atari": (is_atari_task, finetune_atari, "mean_return", "an Atari game such as Pong"),
     "rlbench": (is_rlbench_task, finetune_rlbench, "success_rate", "a task such as drawer-open-v3 or push_button"),
 }
@@ -294,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--scratch", choices=sorted(BENCHMARKS), help="train a fresh network on BENCHMARK (the baseline)")
     parser.add_argument("--task", help="held-out task: Procgen level, Atari game, or RLBench/Meta-World task")
     parser.add_argument("--output-dir", default=None, help="where eval.csv, logs and checkpoint.pt go (default runs/finetune_...)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir (required) from its checkpoint.pt: pass the same "
+                             "flags again; eval.csv and the TensorBoard log continue, the budget stays the same")
     parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (default: the benchmark's)")
     parser.add_argument("--load-encoder-only", action="store_true",
                         help="Atari/RLBench: keep the pretrained encoder, re-initialise the heads (paper appendix); "
@@ -311,24 +446,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("one of the arguments --checkpoint --scratch is required")
     if opts.task is None:
         parser.error("the following arguments are required: --task")
+    if opts.resume and opts.output_dir is None:
+        raise FinetuneError("--resume needs --output-dir: the directory of the run to continue")
+    if opts.eval_every is not None and opts.eval_every < 1:
+        raise FinetuneError(f"--eval-every must be at least 1 env step (got {opts.eval_every})")
     return opts, overrides
 
 
-def check_output_dir(path: str) -> None:
-    """A one-line error, before anything is created, for an --output-dir that cannot hold a new run."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FinetuneError(f"--output-dir {path} exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise FinetuneError(f"--output-dir {path} is under {parent}, which is a file")
-    if not os.access(parent if not os.path.isdir(path) else path, os.W_OK):
-        raise FinetuneError(f"--output-dir {path} is not writable")
-    taken = [name for name in ("eval.csv", "checkpoint.pt") if os.path.exists(os.path.join(path, name))]
-    if taken:
-        raise FinetuneError(f"--output-dir {path} already holds a run ({', '.join(taken)}); "
-                            "choose another --output-dir (nothing was changed)")
+def check_output_dir(path: str, resume: bool) -> None:
+    """envs.run_dir's checks (file, under a file, unwritable, a run there without --resume, --resume
+    without a checkpoint), before anything is created, as finetune.py's one-line error."""
+    try:
+        run_dir.check_output_dir(path, resume)
+    except SystemExit as e:
+        raise FinetuneError(str(e.code).removeprefix("error: ")) from None
+
+
+def resume_point(output_dir: str, benchmark: str) -> int:
+    """--resume: the env step of the run's own checkpoint in `output_dir` (validated like any checkpoint;
+    it must be of the same benchmark as this run)."""
+    path = os.path.join(output_dir, run_dir.CHECKPOINT)
+    own = load_checkpoint(path)
+    if own["benchmark"] != benchmark:
+        raise FinetuneError(f"--resume: {path} is a {own['benchmark']} run, not a {benchmark} one")
+    return own["global_step"]
 
 
 class _HelpRun:
@@ -362,9 +503,11 @@ def main(argv: list[str] | None = None) -> str:
               "then fine-tuning's):\n", flush=True)
         adapt(ckpt, opts, overrides + ["--help"], _HelpRun(output_dir, metric))  # tyro prints and exits
         raise SystemExit(0)
-    check_output_dir(output_dir)
-    print(f"fine-tuning {label} on {benchmark} task {opts.task} -> {output_dir}", flush=True)
-    run = Run(output_dir, metric)
+    check_output_dir(output_dir, opts.resume)
+    resume_step = resume_point(output_dir, benchmark) if opts.resume else None
+    print(f"{'resuming' if opts.resume else 'fine-tuning'} {label} on {benchmark} task {opts.task} -> {output_dir}"
+          + (f" from env step {resume_step}" if opts.resume else ""), flush=True)
+    run = Run(output_dir, metric, opts.resume, resume_step)  # creates nothing until the benchmark's checks pass
     try:
         adapt(ckpt, opts, overrides, run)
     except BaseException:  # an error (or Ctrl-C) ends the run without a summary line

@@ -31,7 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import NUM_ACTIONS, check_env_id, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
+from envs.procgen import NUM_ACTIONS, check_env_id, check_levels, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
+from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, open_output_dir, rng_state,
+                          set_rng_state)
 
 SCRIPT = "ppo_mt_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -55,7 +57,10 @@ class Args:
     output_dir: Optional[str] = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
     save_every: int = 50
-    """iterations between periodic checkpoints"""
+    """iterations between periodic checkpoints (at least 1); SIGINT/SIGTERM also write one, then stop"""
+    resume: bool = False
+    """continue the run in --output-dir (required) from its checkpoint.pt: weights, optimizer, step, random
+    states, env states and reward normaliser, up to the same --total-timesteps; pass the run's flags again"""
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
@@ -360,7 +365,8 @@ def train(args: Args, agent: Optional[Agent] = None, method: str = "mt", train_t
     if log_eval is not None and (args.eval_episodes < 1 or args.eval_num_envs < 1):
         raise SystemExit(f"error: --eval-episodes ({args.eval_episodes}) and --eval-num-envs ({args.eval_num_envs}) "
                          "must be at least 1")
-    num_iterations, device, writer, own_writer = setup(args, writer)
+    num_iterations, device, writer, own_dir, resume = setup(args, writer)
+    stop = StopRequest()  # SIGINT/SIGTERM: finish the iteration, write a checkpoint, exit
     generator = torch.Generator().manual_seed(args.seed)
     if train_tasks is None:
         train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
@@ -372,8 +378,9 @@ def train(args: Args, agent: Optional[Agent] = None, method: str = "mt", train_t
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     buffer = RolloutBuffer(args.num_steps, args.num_envs, device)
     policy = RolloutPolicy(agent, args.num_envs, device)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
 
+    next_eval = None
     if log_eval is not None:  # the held-out level in its own ProcgenEnv: training never steps it
         eval_level = args.start_level if eval_level is None else eval_level
         eval_envs = ProcgenVecEnv(args.eval_num_envs, args.env_id, 1, eval_level, args.distribution_mode,
@@ -382,37 +389,48 @@ def train(args: Args, agent: Optional[Agent] = None, method: str = "mt", train_t
         eval_start = eval_envs.get_states()  # every evaluation restarts from here
         eval_policy = RolloutPolicy(agent, args.eval_num_envs, device)
         eval_every = eval_every or args.num_envs * args.num_steps
+        next_eval = eval_every
 
     def evaluate_and_log(step: int) -> None:
         episodes = evaluate(eval_policy, eval_envs, eval_start, args.eval_episodes, device)
         log_eval(step, float(np.mean([e.ret for e in episodes])), len(episodes))
 
-    global_step = 0
-    start_time = time.time()
-    if log_eval is not None:
-        evaluate_and_log(0)  # the zero-shot point, before any update
-        next_eval = eval_every
+    global_step, start_iteration = 0, 0
     next_obs = torch.from_numpy(envs.reset()).to(device)
-    for iteration in range(1, num_iterations + 1):
+    if resume is not None:  # --resume: continue exactly where the checkpoint left off
+        global_step, state = restore(resume, agent, optimizer, generator)
+        start_iteration, next_eval = state["iteration"], state["next_eval"]
+        next_obs = torch.from_numpy(envs.load_state_dict(state["envs"])).to(device)
+    elif log_eval is not None:
+        evaluate_and_log(0)  # the zero-shot point, before any update
+    start_time, start_step = time.time(), global_step
+    for iteration in range(start_iteration + 1, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
         next_obs, batch, finished = buffer.collect(policy, envs, next_obs, args)
         global_step += args.num_envs * args.num_steps
         stats = ppo_update(agent, optimizer, batch, args, generator)
-        log_iteration(writer, iteration, num_iterations, global_step, start_time, finished, stats,
+        log_iteration(writer, iteration, num_iterations, global_step, (start_time, start_step), finished, stats,
                       optimizer.param_groups[0]["lr"])
         if log_eval is not None and (global_step >= next_eval or iteration == num_iterations):
             evaluate_and_log(global_step)
             next_eval = global_step + eval_every
-        if iteration % args.save_every == 0 or iteration == num_iterations:
-            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, method, train_tasks)
+        if iteration % args.save_every == 0 or iteration == num_iterations or stop:
+            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, method, train_tasks,
+                            dict(iteration=iteration, generator=generator.get_state(), envs=envs.state_dict(),
+                                 next_eval=next_eval))
+        if stop:
+            break
 
+    stop.restore()
     envs.close()
     if log_eval is not None:
         eval_envs.close()
     print(f"saved {ckpt_path}")
-    if own_writer:
+    if own_dir:
         writer.close()
+    if stop:
+        stop.exit(args.output_dir, global_step)
     return agent
 
 
@@ -429,7 +447,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args, run_name: str):
+def make_writer(args, run_name: str, resume_step: Optional[int] = None):
+    """TensorBoard in --output-dir; a resumed run (`resume_step`) drops events logged after its
+    checkpoint and continues the same curve."""
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -437,14 +457,14 @@ def make_writer(args, run_name: str):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(args.output_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = SummaryWriter(args.output_dir, purge_step=resume_step)
+    if resume_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
 
 
-def setup(args: Args, writer):
-    """Checks the budget flags, seeds, and opens the output directory; returns
-    (num_iterations, device, writer, owns_writer)."""
+def check_args(args: Args) -> int:
+    """Every flag error as one line, before anything is created; returns the number of iterations."""
     if args.num_envs < 1 or args.num_steps < 1:
         raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
     batch_size = args.num_envs * args.num_steps
@@ -453,19 +473,38 @@ def setup(args: Args, writer):
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
-    check_env_id(args.env_id)  # before anything is created
+    if args.save_every < 1:
+        raise SystemExit(f"error: --save-every must be at least 1 iteration (got {args.save_every})")
+    if args.resume and args.output_dir is None:
+        raise SystemExit("error: --resume needs --output-dir: the directory of the run to continue")
+    check_levels(args.start_level, args.num_levels, args.distribution_mode, args.seed)
+    check_env_id(args.env_id)
+    return num_iterations
+
+
+def setup(args: Args, writer):
+    """Checks the flags, opens the output directory (a script run: never over another run, locked for
+    this process; finetune.py's Run does both for its own `writer`), seeds, and loads the checkpoint
+    to resume from; returns (num_iterations, device, writer, the folder's lock or None, checkpoint or None)."""
+    num_iterations = check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    os.makedirs(args.output_dir, exist_ok=True)
+    own_dir = None
+    if writer is None:
+        check_output_dir(args.output_dir, args.resume)
+        own_dir = open_output_dir(args.output_dir)
+    resume = load_resume(args) if args.resume else None
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    return num_iterations, device, writer or make_writer(args, run_name), writer is None
+    writer = writer or make_writer(args, run_name, resume["global_step"] if resume else None)
+    return num_iterations, device, writer, own_dir, resume
 
 
-def log_iteration(writer, iteration: int, num_iterations: int, global_step: int, start_time: float, finished: list,
-                  stats: dict, lr: float) -> None:
-    """Training episodes and losses to TensorBoard under CleanRL's tags, and one line to stdout."""
-    sps = int(global_step / (time.time() - start_time))
+def log_iteration(writer, iteration: int, num_iterations: int, global_step: int, start: tuple[float, int],
+                  finished: list, stats: dict, lr: float) -> None:
+    """Training episodes and losses to TensorBoard under CleanRL's tags, and one line to stdout.
+    `start`: (time, env step) when this process began training (SPS counts its own steps)."""
+    sps = int((global_step - start[1]) / max(time.time() - start[0], 1e-9))
     returns = [episode.ret for episode in finished]
     if returns:
         writer.add_scalar("charts/episodic_return", np.mean(returns), global_step)
@@ -480,8 +519,10 @@ def log_iteration(writer, iteration: int, num_iterations: int, global_step: int,
 
 
 def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args, global_step: int,
-                    method: str, train_tasks: list) -> None:
-    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
+                    method: str, train_tasks: list, resume: dict) -> None:
+    """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
+    (weights_only-loadable). `resume`: what --resume needs beyond the weights, the optimizer and the
+    random states (the loop's counters, env states, ...)."""
     ckpt = {
         "format": "finetune-vs-meta-rl",
         "format_version": 1,
@@ -493,10 +534,43 @@ def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimize
         "global_step": int(global_step),
         "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "resume": resume,
     }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_save(ckpt, path)
+
+
+# settings that may differ in a resumed run: the machine's, and where and how often it saves
+RESUME_FREE = {"resume", "output_dir", "save_every", "cuda", "env_threads", "precision", "track", "wandb_project_name",
+               "wandb_entity", "torch_deterministic"}
+
+
+def load_resume(args) -> dict:
+    """--resume: the run's checkpoint, checked to be this script's and run with the same flags."""
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: --resume: cannot read {path} ({type(e).__name__}: {str(e).strip()[:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("module") != SCRIPT or not isinstance(ckpt.get("resume"), dict):
+        raise SystemExit(f"error: --resume: {path} is not a resumable checkpoint of {SCRIPT}.py")
+    saved, now = ckpt["args"], dataclasses.asdict(args)
+    for k, v in now.items():
+        if k not in RESUME_FREE and k in saved and (list(v) if isinstance(v, tuple) else v) != \
+                (list(saved[k]) if isinstance(saved[k], tuple) else saved[k]):
+            raise SystemExit(f"error: --resume: --{k.replace('_', '-')} is {v!r} here but {saved[k]!r} in {path}; "
+                             "pass the run's own flags")
+    return ckpt
+
+
+def restore(ckpt: dict, agent: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator):
+    """Load what save_checkpoint wrote into the run's objects; returns (global_step, its `resume` dict).
+    The random states come last, so the run continues with exactly the numbers it would have drawn."""
+    agent.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    generator.set_state(ckpt["resume"]["generator"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["global_step"], ckpt["resume"]
 
 
 # ----------------------------------------------------------------------------- SPEED: faster forms of plain steps

@@ -38,6 +38,32 @@ def check_env_id(env_id: str) -> None:
         raise SystemExit(f"error: unknown Procgen game '{env_id}'; choose one of {', '.join(ENV_NAMES)}")
 
 
+MAX_LEVEL = 2**31  # procgen's level seeds and rand_seed are 32-bit signed integers
+
+
+def check_levels(start_level: int, num_levels: int, distribution_mode: str = "hard", seed: int = 0) -> None:
+    """One-line errors for level and seed flags procgen would reject with an AssertionError or a C++
+    abort: levels [start_level, start_level + num_levels) must stay within [0, 2**31)."""
+    if not 0 <= start_level < MAX_LEVEL:
+        raise SystemExit(f"error: --start-level must be in [0, 2**31) (got {start_level})")
+    if not 0 <= num_levels <= MAX_LEVEL - start_level:
+        raise SystemExit(f"error: --num-levels must be in [0, 2**31 - start level] = [0, {MAX_LEVEL - start_level}] "
+                         f"(got {num_levels}; 0 means unlimited)")
+    if distribution_mode == "exploration":
+        raise SystemExit("error: --distribution-mode exploration fixes its own level (procgen), which these scripts' "
+                         "--start-level/--num-levels cannot; choose easy, hard, extreme or memory")
+    if not 0 <= seed <= 2**30:
+        raise SystemExit(f"error: --seed must be in [0, 2**30] (got {seed}): procgen seeds are 32-bit and the "
+                         "scripts add small offsets (evaluation envs, Reptile's levels)")
+
+
+def state_tensor(state: bytes):
+    """One env's procgen state (bytes) as a uint8 tensor: a checkpoint stays weights_only-loadable."""
+    import torch
+
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
+
+
 class Episode(NamedTuple):
     """One finished episode: which env played it, its undiscounted return, length and level."""
 
@@ -104,6 +130,23 @@ class ProcgenVecEnv:
             self.lengths[:] = 0
         return obs["rgb"].copy()
 
+    def state_dict(self) -> dict:
+        """Everything `load_state_dict` needs to continue exactly here (a resumed run): every env's
+        procgen state (its level, frame and random generator) and the episode bookkeeping."""
+        import torch
+
+        return {"states": [state_tensor(s) for s in self.get_states()], "returns": torch.from_numpy(self.returns.copy()),
+                "lengths": torch.from_numpy(self.lengths.copy())}
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        """Restore what `state_dict` saved; returns the observations there."""
+        if len(state["states"]) != self.num_envs:
+            raise SystemExit(f"error: the checkpoint holds {len(state['states'])} env states for {self.num_envs} envs")
+        obs = self.set_states([bytes(t.numpy()) for t in state["states"]])
+        self.returns[:] = state["returns"].numpy()
+        self.lengths[:] = state["lengths"].numpy()
+        return obs
+
     def close(self):
         self.env.close()
 
@@ -113,6 +156,12 @@ class RunningMeanStd:
 
     def __init__(self, epsilon: float = 1e-8):
         self.mean, self.var, self.count = 0.0, 1.0, epsilon
+
+    def state_dict(self) -> dict:
+        return {"mean": float(self.mean), "var": float(self.var), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
     def update(self, batch: np.ndarray) -> None:
         batch_mean, batch_var, n = batch.mean(), batch.var(), len(batch)
@@ -154,6 +203,21 @@ class VecNormalizeReward:
         if self.norm_reward:
             reward = self.normalize(reward, done)
         return (obs, reward, done, *rest)
+
+    def state_dict(self) -> dict:
+        """The wrapped env's state, the running statistic and every env's discounted return so far."""
+        import torch
+
+        return {"venv": self.venv.state_dict(), "ret_rms": self.ret_rms.state_dict(),
+                "returns": torch.from_numpy(self.returns.copy()),
+                "original_reward": torch.from_numpy(np.asarray(self.original_reward, dtype=np.float32).copy())}
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        obs = self.venv.load_state_dict(state["venv"])
+        self.ret_rms.load_state_dict(state["ret_rms"])
+        self.returns = state["returns"].numpy().copy()
+        self.original_reward = state["original_reward"].numpy().copy()
+        return obs
 
     def get_original_reward(self) -> np.ndarray:
         return self.original_reward

@@ -39,10 +39,11 @@ def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "taken").write_text("not a directory")
     out = run_finetune(["--scratch", "procgen", "--task", "10000", "--output-dir", "taken"], tmp_path)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == ["finetune.py: error: --output-dir taken exists and is not a directory"]
+    assert out.stderr.strip().splitlines() == ["finetune.py: error: --output-dir taken is a file, not a directory"]
     out = run_finetune(["--scratch", "procgen", "--task", "10000", "--output-dir", "taken/run"], tmp_path)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith("finetune.py: error: --output-dir taken/run is under ")
+    assert out.stderr.strip().splitlines() == [
+        f"finetune.py: error: --output-dir taken/run lies under the file {tmp_path / 'taken'}, not a directory"]
     assert sorted(os.listdir(tmp_path)) == ["taken"]
 
 
