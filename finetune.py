@@ -216,7 +216,9 @@ class Run:
                     csv.writer(f).writerows([rows[0]] + kept)
                 os.replace(path + f".{os.getpid()}.tmp", path)
             self.curve = [(int(r[0]), float(r[1])) for r in kept]
-        self._writer = SummaryWriter(self.output_dir, purge_step=self.resume_step if self.resume else None)
+        # events at the checkpoint's own step were logged before it was written: purge only later ones
+        purge_step = self.resume_step + 1 if self.resume and self.resume_step is not None else None
+        self._writer = SummaryWriter(self.output_dir, purge_step=purge_step)
         self._csv_file = open(path, "a" if self.resume else "w", newline="")
         self._csv = csv.writer(self._csv_file)
         if self._csv_file.tell() == 0:
@@ -243,6 +245,7 @@ class Run:
         if self._csv_file is not None:
             self._csv_file.close()
             self._writer.close()
+            self._lock.close()  # releases the folder
         if label is None:
             return None
         if self.curve:
@@ -280,13 +283,18 @@ def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
         rl2 = importlib.import_module("ppo_rl2_procgen")
         args = script_args(rl2, ckpt, overrides, **budget)
         rl2.check_args(args)
+        if opts.resume:  # the run's own checkpoint fits these flags: checked before `run` opens anything
+            run_dir.load_resume(run.output_dir, rl2.SCRIPT, dataclasses.asdict(args))
         load_state(rl2.RL2Agent(rl2.NUM_ACTIONS, args.lstm_hidden, args.lstm_layers), ckpt["model"], opts.checkpoint,
                    "RL2 network")
-        rl2.adapt(args, ckpt["model"], level, writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every)
+        rl2.adapt(args, ckpt["model"], level, writer=run.writer, log_eval=run.log_eval, eval_every=opts.eval_every,
+                  train_tasks=ckpt["train_tasks"])
         return
     ppo = importlib.import_module(BASE_MODULES["procgen"])
     args = script_args(ppo, ckpt, overrides, **budget)  # the whole network is fine-tuned
     ppo.check_args(args)
+    if opts.resume:
+        run_dir.load_resume(run.output_dir, ppo.SCRIPT, dataclasses.asdict(args))
     agent = ppo.Agent(ppo.NUM_ACTIONS)
     if ckpt is not None:
         load_state(agent, ckpt["model"], opts.checkpoint, "IMPALA-CNN agent")
@@ -304,21 +312,36 @@ def is_atari_task(task: str) -> bool:
 def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
     """MT/Reptile/scratch: DER on the one game for 100k env steps (rainbow_mt_atari.train). PEARL:
     infer z, no gradient (rainbow_pearl_atari.adapt). Both evaluate at step 0, every --eval-every
-    env steps (default 5000, the authors' bashes/neurips22/finetune.sh) and at the end.
+    env steps (default 5000, the authors' bashes/neurips22/finetune.sh) and at the end, and write
+    checkpoint.pt (DER: with replay.npz) every --save-every / --save-replay-every env steps (default
+    10000 here), at the end and on SIGINT/SIGTERM; --resume continues from them.
     --load-encoder-only: the pretrained conv encoder, frozen, under fresh heads over the game's own
-    action set (authors' --load_conv_only); --unfreeze-encoder-at N lets it train from step N."""
+    action set (authors' --load_conv_only); --unfreeze-encoder-at N lets it train from step N.
+    Every check comes before `run` creates anything."""
     if not is_atari_task(opts.task):
         raise FinetuneError(f"unknown Atari game '{opts.task}'")
     method = ckpt["method"] if ckpt else "scratch"
     eval_every = opts.eval_every or 5_000
-    # DER fine-tuning budget (paper, Sec. 5.3): 100k env steps, fresh 100k replay, learning starts 1600.
+    if ckpt is not None and not isinstance(ckpt.get("num_actions"), int):
+        raise FinetuneError(f"checkpoint {opts.checkpoint} lacks an integer 'num_actions' (Atari checkpoints have one)")
+    if ckpt is not None and not opts.help:
+        rom_id = importlib.import_module("envs.atari").find_rom_id
+        if any(isinstance(t, str) and rom_id(t) == rom_id(opts.task) for t in ckpt["train_tasks"]):
+            games = ", ".join(map(str, ckpt["train_tasks"]))
+            print(f"warning: {opts.task} is one of the checkpoint's training games ({games}), not a held-out game",
+                  file=sys.stderr, flush=True)
+    # DER fine-tuning budget (paper, Sec. 5.3): 100k env steps, fresh 100k replay, learning starts 1600;
+    # a checkpoint (and the replay) every 10k env steps, so that a killed run loses little.
     budget = dict(total_timesteps=100_000, buffer_size=100_000, learning_starts=1600, games=(opts.task,),
-                  output_dir=run.output_dir)
+                  save_every=10_000, save_replay_every=10_000, resume=opts.resume, output_dir=run.output_dir)
     if method == "pearl":
         pearl = importlib.import_module("rainbow_pearl_atari")
         args = script_args(pearl, ckpt, overrides, **budget)
-        pearl.adapt(args, ckpt["model"], opts.task, int(ckpt["num_actions"]), writer=run.writer,
-                    log_eval=run.log_eval, eval_every=eval_every)
+        pearl.check_args(args, 1)
+        load_state(pearl.PearlAgent(ckpt["num_actions"], args), ckpt["model"], opts.checkpoint, "PEARL agent")
+        pearl.load_resume(args)  # --resume: this run's own checkpoint, with the same settings
+        pearl.adapt(args, ckpt["model"], opts.task, ckpt["num_actions"], writer=run.writer, eval_every=eval_every,
+                    log_eval=_new_points(run), train_tasks=ckpt["train_tasks"])
         return
     der = importlib.import_module(BASE_MODULES["atari"])
     encoder_only = ckpt is not None and opts.load_encoder_only
@@ -326,24 +349,30 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
     # use the game's own set
     args = script_args(der, ckpt, overrides, games_per_batch=1, pad_actions=ckpt is not None and not encoder_only,
                        freeze_encoder=encoder_only, unfreeze_encoder_at=None, **budget)
+    der.check_args(args, 1)
     q_network = None
     if ckpt is not None:
-        saved = ckpt["args"]
-        num_actions = der.atari.num_game_actions(opts.task) if encoder_only else int(ckpt["num_actions"])
-        q_network = der.QNetwork(num_actions, saved["hidden_size"], saved["num_atoms"], saved["v_min"],
-                                 saved["v_max"], args.noisy_std)
+        num_actions = der.atari.num_game_actions(opts.task) if encoder_only else ckpt["num_actions"]
+        q_network = der.QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
         state = ckpt["model"]
         if encoder_only:  # the heads stay freshly initialised
             state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-        missing, unexpected = q_network.load_state_dict(state, strict=False)
-        expected_missing = [k for k in q_network.state_dict() if k not in state]
-        if unexpected or sorted(missing) != sorted(expected_missing):
-            raise FinetuneError(f"checkpoint {opts.checkpoint} does not fit the DER network "
-                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+        load_state(q_network, state, opts.checkpoint, "DER network", strict=not encoder_only)
         for layer in q_network.noisy_layers():  # noisy sigmas re-initialised for the new game
             layer.reset_sigma()
+    der.load_resume(args)  # --resume: this run's own checkpoint, with the same settings
     der.train(args, [opts.task], q_network=q_network, method="finetune" if ckpt else "scratch",
-              writer=run.writer, log_eval=run.log_eval, eval_every=eval_every)
+              writer=run.writer, log_eval=_new_points(run), eval_every=eval_every)
+
+
+def _new_points(run: Run):
+    """run.log_eval for the points eval.csv does not hold yet: a resumed run re-runs the evaluations its
+    checkpoint left unfinished, and one of them may have been logged after that checkpoint was written."""
+    if not getattr(run, "resume", False):
+        return run.log_eval
+    run.open()
+    logged = {step for step, _ in run.curve}
+    return lambda step, value, episodes=None: None if step in logged else run.log_eval(step, value, episodes)
 
 
 # --------------------------------------------------------------------------- RLBench
@@ -359,46 +388,68 @@ def is_rlbench_task(task: str) -> bool:
 def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
     """MT/Reptile/scratch: C2F-ARM (the MT script's learner and loop) on the new task, whose
     buffer holds `--demos` demos (paper: 0, 1 or 2), batch 60 from it. PEARL: infer the latent
-    from the new task's experience with `adapt`, no gradient step."""
+    from the new task's experience with `adapt`, no gradient step. Every flag and checkpoint (with
+    --resume the run's own, and its replay.npz) is checked before `run` creates anything and before
+    a demo is collected."""
     c2f = importlib.import_module(BASE_MODULES["rlbench"])
     method = ckpt["method"] if ckpt else "scratch"
-    module = importlib.import_module("c2farm_pearl_rlbench" if method == "pearl" else BASE_MODULES["rlbench"])
+    pearl = method == "pearl"
+    module = importlib.import_module("c2farm_pearl_rlbench") if pearl else c2f
     # Paper: fine-tune the whole agent with batch 60 from the new task; 2 demos unless --demos says otherwise.
     args = script_args(module, ckpt, overrides, train_tasks=[opts.task], held_out_task=None, batch_size=60, demos=2,
-                       total_timesteps=10_000, output_dir=run.output_dir)
+                       total_timesteps=10_000, output_dir=run.output_dir, resume=opts.resume)
     if args.backend not in c2f.BACKEND_TASKS:
         raise FinetuneError(f"unknown backend '{args.backend}': expected metaworld or rlbench")
     if opts.task not in c2f.BACKEND_TASKS[args.backend]:
         raise FinetuneError(f"task '{opts.task}' is not a task of the {args.backend} backend"
-                            + (f" this checkpoint was trained on" if ckpt else ""))
+                            + (" this checkpoint was trained on" if ckpt else ""))
     if ckpt is not None and opts.task in ckpt["train_tasks"]:
         print(f"warning: {opts.task} was one of the checkpoint's training tasks", flush=True)
     eval_every = opts.eval_every or 1000
+    label = "pearl" if pearl else "finetune" if ckpt else "scratch"  # the method this run's checkpoint names
+    path, replay = os.path.join(run.output_dir, run_dir.CHECKPOINT), os.path.join(run.output_dir, c2f.REPLAY)
+    stop = None
     try:
-        if method == "pearl":
-            module.adapt(args, ckpt["model"], opts.task, writer=run.writer, log_eval=run.log_eval, eval_every=eval_every)
+        own = module.read_checkpoint(path, args) if opts.resume else None
+        if own is not None and (own["method"] != label or own["train_tasks"] != [opts.task]):
+            raise FinetuneError(f"--resume: {path} holds a {own['method']} run on {', '.join(own['train_tasks'])}, "
+                                f"not this {label} run on {opts.task}")
+        if own is not None and own["resume"]["finished"]:
+            run.open()
+            print(f"the run in {run.output_dir} is complete ({own['global_step']} env steps): nothing to resume")
             return
-        device, tasks, agent, buffers = c2f.setup(args, [opts.task])
-        if ckpt is not None:
-            try:
-                agent.load_state_dict(ckpt["model"])
-            except RuntimeError as e:  # e.g. a checkpoint of an earlier C2F-ARM network
-                raise FinetuneError(f"checkpoint {opts.checkpoint} does not fit the C2F-ARM agent: "
-                                    f"{str(e).splitlines()[0][:200]}") from None
-            if opts.load_encoder_only:  # keep the Q-attention encoders, re-initialise the Q outputs (paper appendix)
-                for net in agent.qnets:
-                    net.reset_heads()
-        learner = c2f.C2FARMLearner(agent, buffers, args, device)
-        label = "finetune" if ckpt else "scratch"
-        path = os.path.join(run.output_dir, "checkpoint.pt")
+        device, tasks, agent = module.setup(args, [opts.task], latent=args.latent_size if pearl else 0)
         try:
-            c2f.train(args, learner, tasks, [opts.task], run.writer, log_eval=run.log_eval, eval_every=eval_every,
-                      save=lambda step: c2f.save_checkpoint(path, args, learner, [opts.task], step, method=label))
+            learner = (module.PEARLLearner if pearl else c2f.C2FARMLearner)(agent, [], args, device)
+            loop = module.restore(learner, own, path) if own is not None else None
+            if own is None and ckpt is not None:  # the pretrained weights (PEARL: the agent and its context encoder)
+                load_state(learner.model, ckpt["model"], opts.checkpoint, f"{'PEARL-' if pearl else ''}C2F-ARM agent")
+                if opts.load_encoder_only:  # keep the Q-attention encoders, re-initialise the Q outputs (paper appendix)
+                    for net in agent.qnets:
+                        net.reset_heads()
+            run.open()  # the folder, its lock, eval.csv and TensorBoard: only now that every check has passed
+            stop = run_dir.StopRequest()
+            learner.buffers, exact = module.make_buffers(args, [opts.task], tasks, agent, stop, own and replay,
+                                                         own and own["global_step"])
+            if loop is not None and not exact:
+                loop["done"] = True  # the episode in progress restarts
+
+            def save(step, loop, with_replay):
+                module.save_run(run.output_dir, args, learner, [opts.task], step, loop, with_replay, method=label)
+
+            if pearl:
+                step = module.adapt(args, learner, tasks, opts.task, run.writer, run.log_eval, eval_every, save=save,
+                                    stop=stop, loop=loop)
+            else:
+                step = c2f.train(args, learner, tasks, [opts.task], run.writer, log_eval=run.log_eval,
+                                 eval_every=eval_every, save=save, stop=stop, loop=loop)
         finally:
             for task in tasks:
                 task.close()
-    except (c2f.TaskError, module.TaskError) as e:
+    except c2f.TaskError as e:  # one class: envs.rlbench.TaskError, for the three scripts
         raise FinetuneError(str(e)) from None
+    if stop:
+        stop.exit(run.output_dir, step)
 
 
 # --------------------------------------------------------------------------- main

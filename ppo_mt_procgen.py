@@ -32,8 +32,8 @@ import torch.nn.functional as F
 import tyro
 
 from envs.procgen import NUM_ACTIONS, check_env_id, check_levels, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
-from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, open_output_dir, rng_state,
-                          set_rng_state)
+from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir,
+                          restore, rng_state)
 
 SCRIPT = "ppo_mt_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -416,7 +416,7 @@ def train(args: Args, agent: Optional[Agent] = None, method: str = "mt", train_t
             evaluate_and_log(global_step)
             next_eval = global_step + eval_every
         if iteration % args.save_every == 0 or iteration == num_iterations or stop:
-            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, method, train_tasks,
+            save_checkpoint(ckpt_path, agent.state_dict(), optimizer, args, global_step, method, train_tasks,
                             dict(iteration=iteration, generator=generator.get_state(), envs=envs.state_dict(),
                                  next_eval=next_eval))
         if stop:
@@ -429,6 +429,7 @@ def train(args: Args, agent: Optional[Agent] = None, method: str = "mt", train_t
     print(f"saved {ckpt_path}")
     if own_dir:
         writer.close()
+        own_dir.close()  # releases the folder's lock
     if stop:
         stop.exit(args.output_dir, global_step)
     return agent
@@ -448,8 +449,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def make_writer(args, run_name: str, resume_step: Optional[int] = None):
-    """TensorBoard in --output-dir; a resumed run (`resume_step`) drops events logged after its
-    checkpoint and continues the same curve."""
+    """TensorBoard in --output-dir; a resumed run (`resume_step`: its checkpoint's step, whose events
+    were all logged before the save) drops events logged after it and continues the same curve."""
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -457,7 +458,7 @@ def make_writer(args, run_name: str, resume_step: Optional[int] = None):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(args.output_dir, purge_step=resume_step)
+    writer = SummaryWriter(args.output_dir, purge_step=None if resume_step is None else resume_step + 1)
     if resume_step is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
@@ -489,11 +490,10 @@ def setup(args: Args, writer):
     num_iterations = check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    own_dir = None
     if writer is None:
         check_output_dir(args.output_dir, args.resume)
-        own_dir = open_output_dir(args.output_dir)
-    resume = load_resume(args) if args.resume else None
+    resume = load_resume(args.output_dir, SCRIPT, dataclasses.asdict(args)) if args.resume else None
+    own_dir = open_output_dir(args.output_dir) if writer is None else None
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     writer = writer or make_writer(args, run_name, resume["global_step"] if resume else None)
@@ -518,11 +518,11 @@ def log_iteration(writer, iteration: int, num_iterations: int, global_step: int,
           f"({len(returns)} episodes) SPS={sps}", flush=True)
 
 
-def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args, global_step: int,
+def save_checkpoint(path: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args, global_step: int,
                     method: str, train_tasks: list, resume: dict) -> None:
     """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
-    (weights_only-loadable). `resume`: what --resume needs beyond the weights, the optimizer and the
-    random states (the loop's counters, env states, ...)."""
+    (weights_only-loadable). `model`: the state dict finetune.py adapts; `resume`: what --resume needs
+    beyond it, the optimizer and the random states (the loop's counters, env states, ...)."""
     ckpt = {
         "format": "finetune-vs-meta-rl",
         "format_version": 1,
@@ -532,45 +532,12 @@ def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimize
         "train_tasks": [int(t) for t in train_tasks],
         "args": dataclasses.asdict(args),
         "global_step": int(global_step),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},  # RL2's adaptation has none
         "rng": rng_state(),
         "resume": resume,
     }
     atomic_save(ckpt, path)
-
-
-# settings that may differ in a resumed run: the machine's, and where and how often it saves
-RESUME_FREE = {"resume", "output_dir", "save_every", "cuda", "env_threads", "precision", "track", "wandb_project_name",
-               "wandb_entity", "torch_deterministic"}
-
-
-def load_resume(args) -> dict:
-    """--resume: the run's checkpoint, checked to be this script's and run with the same flags."""
-    path = os.path.join(args.output_dir, CHECKPOINT)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --resume: cannot read {path} ({type(e).__name__}: {str(e).strip()[:120]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("module") != SCRIPT or not isinstance(ckpt.get("resume"), dict):
-        raise SystemExit(f"error: --resume: {path} is not a resumable checkpoint of {SCRIPT}.py")
-    saved, now = ckpt["args"], dataclasses.asdict(args)
-    for k, v in now.items():
-        if k not in RESUME_FREE and k in saved and (list(v) if isinstance(v, tuple) else v) != \
-                (list(saved[k]) if isinstance(saved[k], tuple) else saved[k]):
-            raise SystemExit(f"error: --resume: --{k.replace('_', '-')} is {v!r} here but {saved[k]!r} in {path}; "
-                             "pass the run's own flags")
-    return ckpt
-
-
-def restore(ckpt: dict, agent: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator):
-    """Load what save_checkpoint wrote into the run's objects; returns (global_step, its `resume` dict).
-    The random states come last, so the run continues with exactly the numbers it would have drawn."""
-    agent.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    generator.set_state(ckpt["resume"]["generator"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["global_step"], ckpt["resume"]
 
 
 # ----------------------------------------------------------------------------- SPEED: faster forms of plain steps

@@ -31,7 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import NUM_ACTIONS, check_env_id, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward
+from envs.procgen import NUM_ACTIONS, check_env_id, check_levels, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward
+from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir,
+                          restore, rng_state)
 
 SCRIPT = "ppo_reptile_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -55,7 +57,11 @@ class Args:
     output_dir: Optional[str] = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
     save_every: int = 50
-    """iterations between periodic checkpoints"""
+    """iterations between periodic checkpoints, rounded down to whole outer steps (at least one); SIGINT/SIGTERM
+    also write one, then stop"""
+    resume: bool = False
+    """continue the run in --output-dir (required) from its checkpoint.pt: meta-weights, inner-loop weights,
+    optimizer, outer step, random states and reward normaliser, up to the same budget; pass the run's flags again"""
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
@@ -360,7 +366,8 @@ def train(args: Args, agent: Optional[Agent] = None, writer=None) -> Agent:
     """Reptile-PPO over levels [start_level, start_level + num_levels)."""
     if args.num_levels < 1 or args.reptile_k < 1:
         raise SystemExit("error: Reptile needs --num-levels >= 1 (a finite level set to sample from) and --reptile-k >= 1")
-    num_iterations, device, writer, own_writer = setup(args, writer)
+    num_iterations, device, writer, own_dir, resume = setup(args, writer)
+    stop = StopRequest()  # SIGINT/SIGTERM: finish the iteration, write a checkpoint, exit
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
@@ -371,41 +378,72 @@ def train(args: Args, agent: Optional[Agent] = None, writer=None) -> Agent:
     ret_rms = RunningMeanStd()  # one reward scale across all levels' envs
     buffer = RolloutBuffer(args.num_steps, args.num_envs, device)
     policy = RolloutPolicy(agent, args.num_envs, device)  # reptile_step loads theta in place: the graph stays valid
-    meta = {k: v.detach().clone() for k, v in agent.state_dict().items()}  # theta
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
     num_outer = -(-num_iterations // args.reptile_k)
 
-    global_step = 0
-    iteration = 0
-    start_time = time.time()
-    for outer in range(num_outer):
-        level = int(rng.choice(train_tasks))
+    global_step, first_outer, inner = 0, 0, None
+    if resume is not None:  # --resume: theta, and (stopped inside an outer step) phi and the level's envs
+        global_step, state = restore(resume, agent, optimizer, generator)
+        rng.bit_generator.state, first_outer, inner = state["level_rng"], state["outer"], state["inner"]
+        ret_rms.load_state_dict(state["ret_rms"])
+    meta = {k: v.detach().clone() for k, v in agent.state_dict().items()}  # theta
+    start_time, start_step = time.time(), global_step
+    for outer in range(first_outer, num_outer):
+        level = inner["level"] if inner else int(rng.choice(train_tasks))
         # All envs play the sampled level; a new level means a new ProcgenEnv (its level set is fixed).
         envs = ProcgenVecEnv(args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed + outer,
                              args.env_threads)
         envs = VecNormalizeReward(envs, args.gamma, norm_reward=args.norm_reward, ret_rms=ret_rms)
         next_obs = torch.from_numpy(envs.reset()).to(device)
-        for _ in range(min(args.reptile_k, num_iterations - iteration)):  # the inner loop: theta -> phi
-            iteration += 1
+        done = 0
+        if inner:  # a resumed run continues this outer step's inner loop where it stopped
+            agent.load_state_dict(inner["phi"])
+            next_obs = torch.from_numpy(envs.load_state_dict(inner["envs"])).to(device)
+            done, inner = inner["done"], None
+        num_inner = min(args.reptile_k, num_iterations - outer * args.reptile_k)
+        for j in range(done, num_inner):  # the inner loop: theta -> phi
+            iteration = outer * args.reptile_k + j + 1
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
             next_obs, batch, finished = buffer.collect(policy, envs, next_obs, args)
             global_step += args.num_envs * args.num_steps
             stats = ppo_update(agent, optimizer, batch, args, generator)
-            log_iteration(writer, iteration, num_iterations, global_step, start_time, finished, stats,
+            log_iteration(writer, iteration, num_iterations, global_step, (start_time, start_step), finished, stats,
                           optimizer.param_groups[0]["lr"])
+            if stop and j + 1 < num_inner:  # stopped inside the inner loop: keep phi and the envs too
+                save_checkpoint(ckpt_path, meta, optimizer, args, global_step, "reptile", train_tasks,
+                                resume_state(generator, rng, ret_rms, outer, dict(
+                                    level=level, done=j + 1, phi=agent.state_dict(), envs=envs.state_dict())))
+                break
         envs.close()
+        if stop and j + 1 < num_inner:
+            break
         eps = reptile_eps(outer, num_outer, args.reptile_eps_start, args.reptile_eps_end)
         reptile_step(meta, agent, eps)  # the outer step
         writer.add_scalar("charts/reptile_eps", eps, global_step)
         writer.add_scalar("charts/reptile_level", level, global_step)
-        if (outer + 1) % max(1, args.save_every // args.reptile_k) == 0 or outer == num_outer - 1:
-            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, "reptile", train_tasks)
+        if (outer + 1) % max(1, args.save_every // args.reptile_k) == 0 or outer == num_outer - 1 or stop:
+            save_checkpoint(ckpt_path, meta, optimizer, args, global_step, "reptile", train_tasks,
+                            resume_state(generator, rng, ret_rms, outer + 1, None))
+        if stop:
+            break
 
+    stop.restore()
     print(f"saved {ckpt_path}")
-    if own_writer:
+    if own_dir:
         writer.close()
+        own_dir.close()  # releases the folder's lock
+    if stop:
+        stop.exit(args.output_dir, global_step)
     return agent
+
+
+def resume_state(generator: torch.Generator, rng: np.random.Generator, ret_rms: RunningMeanStd, outer: int,
+                 inner: Optional[dict]) -> dict:
+    """What --resume needs beyond theta and the optimizer: the next outer step, the random generators,
+    the reward scale and, when stopped inside an outer step, its level, progress, phi and envs."""
+    return dict(outer=outer, generator=generator.get_state(), level_rng=rng.bit_generator.state,
+                ret_rms=ret_rms.state_dict(), inner=inner)
 
 
 # ----------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
@@ -421,7 +459,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args, run_name: str):
+def make_writer(args, run_name: str, resume_step: Optional[int] = None):
+    """TensorBoard in --output-dir; a resumed run (`resume_step`: its checkpoint's step, whose events
+    were all logged before the save) drops events logged after it and continues the same curve."""
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -429,14 +469,14 @@ def make_writer(args, run_name: str):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(args.output_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = SummaryWriter(args.output_dir, purge_step=None if resume_step is None else resume_step + 1)
+    if resume_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
 
 
-def setup(args: Args, writer):
-    """Checks the budget flags, seeds, and opens the output directory; returns
-    (num_iterations, device, writer, owns_writer)."""
+def check_args(args: Args) -> int:
+    """Every flag error as one line, before anything is created; returns the number of iterations."""
     if args.num_envs < 1 or args.num_steps < 1:
         raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
     batch_size = args.num_envs * args.num_steps
@@ -445,19 +485,37 @@ def setup(args: Args, writer):
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
-    check_env_id(args.env_id)  # before anything is created
+    if args.save_every < 1:
+        raise SystemExit(f"error: --save-every must be at least 1 iteration (got {args.save_every})")
+    if args.resume and args.output_dir is None:
+        raise SystemExit("error: --resume needs --output-dir: the directory of the run to continue")
+    check_levels(args.start_level, args.num_levels, args.distribution_mode, args.seed)
+    check_env_id(args.env_id)
+    return num_iterations
+
+
+def setup(args: Args, writer):
+    """Checks the flags, opens the output directory (a script run: never over another run, locked for
+    this process; finetune.py's Run does both for its own `writer`), seeds, and loads the checkpoint
+    to resume from; returns (num_iterations, device, writer, the folder's lock or None, checkpoint or None)."""
+    num_iterations = check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if writer is None:
+        check_output_dir(args.output_dir, args.resume)
+    resume = load_resume(args.output_dir, SCRIPT, dataclasses.asdict(args)) if args.resume else None
+    own_dir = open_output_dir(args.output_dir) if writer is None else None
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    return num_iterations, device, writer or make_writer(args, run_name), writer is None
+    writer = writer or make_writer(args, run_name, resume["global_step"] if resume else None)
+    return num_iterations, device, writer, own_dir, resume
 
 
-def log_iteration(writer, iteration: int, num_iterations: int, global_step: int, start_time: float, finished: list,
-                  stats: dict, lr: float) -> None:
-    """Training episodes and losses to TensorBoard under CleanRL's tags, and one line to stdout."""
-    sps = int(global_step / (time.time() - start_time))
+def log_iteration(writer, iteration: int, num_iterations: int, global_step: int, start: tuple[float, int],
+                  finished: list, stats: dict, lr: float) -> None:
+    """Training episodes and losses to TensorBoard under CleanRL's tags, and one line to stdout.
+    `start`: (time, env step) when this process began training (SPS counts its own steps)."""
+    sps = int((global_step - start[1]) / max(time.time() - start[0], 1e-9))
     returns = [episode.ret for episode in finished]
     if returns:
         writer.add_scalar("charts/episodic_return", np.mean(returns), global_step)
@@ -471,9 +529,11 @@ def log_iteration(writer, iteration: int, num_iterations: int, global_step: int,
           f"({len(returns)} episodes) SPS={sps}", flush=True)
 
 
-def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args, global_step: int,
-                    method: str, train_tasks: list) -> None:
-    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
+def save_checkpoint(path: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args, global_step: int,
+                    method: str, train_tasks: list, resume: dict) -> None:
+    """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
+    (weights_only-loadable). `model`: the state dict finetune.py adapts; `resume`: what --resume needs
+    beyond it, the optimizer and the random states (the loop's counters, env states, ...)."""
     ckpt = {
         "format": "finetune-vs-meta-rl",
         "format_version": 1,
@@ -483,12 +543,12 @@ def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimize
         "train_tasks": [int(t) for t in train_tasks],
         "args": dataclasses.asdict(args),
         "global_step": int(global_step),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},  # RL2's adaptation has none
+        "rng": rng_state(),
+        "resume": resume,
     }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_save(ckpt, path)
 
 
 # ----------------------------------------------------------------------------- SPEED: faster forms of plain steps

@@ -33,7 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import NUM_ACTIONS, check_env_id, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward
+from envs.procgen import (NUM_ACTIONS, check_env_id, check_levels, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward,
+                          state_tensor)
+from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir,
+                          restore, rng_state)
 
 SCRIPT = "ppo_rl2_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -57,7 +60,10 @@ class Args:
     output_dir: Optional[str] = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
     save_every: int = 50
-    """iterations between periodic checkpoints"""
+    """iterations between periodic checkpoints (at least 1); SIGINT/SIGTERM also write one, then stop"""
+    resume: bool = False
+    """continue the run in --output-dir (required) from its checkpoint.pt: weights, optimizer, step, random
+    states, env and recurrent states and reward normaliser, up to the same budget; pass the run's flags again"""
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
@@ -293,6 +299,16 @@ class MetaEpisodeVecEnv(ProcgenVecEnv):
                 obs = self.set_states(states)
         return obs, reward, meta_done, trial_done, finished
 
+    def state_dict(self) -> dict:  # for --resume: also each env's trial and its level's first frame
+        return {**super().state_dict(), "trial": torch.from_numpy(self.trial.copy()),
+                "initial_states": [state_tensor(s) for s in self.initial_states]}
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        obs = super().load_state_dict(state)
+        self.trial[:] = state["trial"].numpy()
+        self.initial_states = [bytes(t.numpy()) for t in state["initial_states"]]
+        return obs
+
 
 class SequenceBatch(NamedTuple):
     """One rollout as (T, N) sequences, one per env: what PPO over whole sequences reads."""
@@ -353,6 +369,16 @@ class RL2Rollout:
         self.trial_start = torch.ones(n, device=device)
         self.reset = torch.ones(n, device=device)
         self.state = agent.initial_state(n, device)
+
+    CARRIED = ("next_obs", "prev_action", "prev_reward", "trial_start", "reset")
+
+    def state_dict(self) -> dict:  # for --resume: what the next step will see
+        return {**{name: getattr(self, name) for name in self.CARRIED}, "state": list(self.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.CARRIED:
+            setattr(self, name, state[name].to(self.next_obs.device))
+        self.state = tuple(s.to(self.next_obs.device) for s in state["state"])
 
     def _inputs(self):
         return (self.next_obs[None], self.prev_action[None], self.prev_reward[None], self.trial_start[None],
@@ -484,7 +510,8 @@ def make_agent(args: Args, device: torch.device) -> RL2Agent:
 
 def train(args: Args, writer=None) -> RL2Agent:
     """RL2-PPO over meta-episodes on levels [start_level, start_level + num_levels)."""
-    num_iterations, device, writer, own_writer = setup(args, writer)
+    num_iterations, device, writer, own_dir, resume = setup(args, writer)
+    stop = StopRequest()  # SIGINT/SIGTERM: finish the iteration, write a checkpoint, exit
     generator = torch.Generator().manual_seed(args.seed)
     train_tasks = list(range(args.start_level, args.start_level + args.num_levels))
     envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, args.num_levels, args.start_level,
@@ -493,10 +520,15 @@ def train(args: Args, writer=None) -> RL2Agent:
     agent = make_agent(args, device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     rollout = RL2Rollout(agent, envs, device, args.num_steps)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    global_step = 0
-    start_time = time.time()
-    for iteration in range(1, num_iterations + 1):
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
+    global_step, start_iteration = 0, 0
+    if resume is not None:  # --resume: continue exactly where the checkpoint left off
+        global_step, state = restore(resume, agent, optimizer, generator)
+        start_iteration = state["iteration"]
+        envs.load_state_dict(state["envs"])
+        rollout.load_state_dict(state["rollout"])
+    start_time, start_step = time.time(), global_step
+    for iteration in range(start_iteration + 1, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
         batch, finished = rollout.collect(agent, envs, args)
@@ -505,13 +537,22 @@ def train(args: Args, writer=None) -> RL2Agent:
         for k, tag in LOSS_TAGS.items():
             writer.add_scalar(f"losses/{tag}", stats[k], global_step)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        report(writer, "charts", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
-        if iteration % args.save_every == 0 or iteration == num_iterations:
-            save_checkpoint(ckpt_path, agent, optimizer, args, global_step, "rl2", train_tasks)
+        report(writer, "charts", iteration, num_iterations, global_step, (start_time, start_step), finished,
+               args.num_trials)
+        if iteration % args.save_every == 0 or iteration == num_iterations or stop:
+            save_checkpoint(ckpt_path, agent.state_dict(), optimizer, args, global_step, "rl2", train_tasks,
+                            dict(iteration=iteration, generator=generator.get_state(), envs=envs.state_dict(),
+                                 rollout=rollout.state_dict()))
+        if stop:
+            break
+    stop.restore()
     envs.close()
     print(f"saved {ckpt_path}")
-    if own_writer:
+    if own_dir:
         writer.close()
+        own_dir.close()  # releases the folder's lock
+    if stop:
+        stop.exit(args.output_dir, global_step)
     return agent
 
 
@@ -532,7 +573,8 @@ def evaluate(agent: RL2Agent, envs: VecNormalizeReward, num_episodes: int, devic
 
 
 def adapt(args: Args, model_state: dict, level: int, writer=None,
-          log_eval: Optional[Callable[[int, float, int], None]] = None, eval_every: Optional[int] = None) -> None:
+          log_eval: Optional[Callable[[int, float, int], None]] = None, eval_every: Optional[int] = None,
+          train_tasks: Optional[list] = None) -> None:
     """Test-time adaptation on one held-out level: meta-episodes of `num_trials` episodes with the
     recurrent state reset at the start of each (as in training), no gradient step.
     `log_eval(env_step, mean_return, episodes)` receives the zero-shot point at step 0 (evaluate:
@@ -541,14 +583,18 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
     finished since the last point. Where none finished (small budgets, long episodes), the point
     is a fresh-state evaluation as at step 0: the weights never change and the state resets at
     every meta-episode, so it estimates the same quantity. TensorBoard has the rollout's returns
-    per trial index (eval/trial_k_return)."""
+    per trial index (eval/trial_k_return). Its checkpoint (every --save-every rollouts, and on SIGINT/
+    SIGTERM) holds the unchanged weights (`train_tasks`: the pretraining's levels) and the rollout's
+    state for --resume."""
     if args.eval_episodes < 1 or args.eval_num_envs < 1:
         raise SystemExit(f"error: --eval-episodes ({args.eval_episodes}) and --eval-num-envs ({args.eval_num_envs}) "
                          "must be at least 1")
-    num_iterations, device, writer, own_writer = setup(args, writer)
+    num_iterations, device, writer, own_dir, resume = setup(args, writer)
+    stop = StopRequest()
     agent = make_agent(args, device)
     agent.load_state_dict(model_state)
     agent.eval()
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
     start_time = time.time()
 
     def fresh_state_evaluation() -> list:  # its own envs on the level, every env from a new meta-episode
@@ -559,31 +605,49 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
         eval_envs.close()
         return episodes
 
-    if log_eval is not None:
+    if log_eval is not None and resume is None:
         episodes = fresh_state_evaluation()
-        report(writer, "eval", 0, num_iterations, 0, start_time, episodes, args.num_trials)
+        report(writer, "eval", 0, num_iterations, 0, (start_time, 0), episodes, args.num_trials)
         log_eval(0, float(np.mean([e.ret for e in episodes])), len(episodes))
     envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed,
                              args.env_threads)
     envs = VecNormalizeReward(envs, args.gamma, norm_reward=False)
     rollout = RL2Rollout(agent, envs, device, args.num_steps)
-    global_step = 0
+    global_step, start_iteration = 0, 0
     eval_every = eval_every or args.num_envs * args.num_steps
     next_eval = eval_every
     pending = []  # adaptation episodes finished since the last point
-    for iteration in range(1, num_iterations + 1):
+    if resume is not None:  # --resume: the rollout where it stopped (the weights never change)
+        global_step, state = restore(resume, agent)
+        start_iteration, next_eval = state["iteration"], state["next_eval"]
+        pending = [RL2Episode(*episode) for episode in state["pending"]]
+        envs.load_state_dict(state["envs"])
+        rollout.load_state_dict(state["rollout"])
+    start_time, start_step = time.time(), global_step
+    for iteration in range(start_iteration + 1, num_iterations + 1):
         _, finished = rollout.collect(agent, envs, args)
         global_step += args.num_envs * args.num_steps
-        report(writer, "eval", iteration, num_iterations, global_step, start_time, finished, args.num_trials)
+        report(writer, "eval", iteration, num_iterations, global_step, (start_time, start_step), finished,
+               args.num_trials)
         pending += finished
         if log_eval is not None and (global_step >= next_eval or iteration == num_iterations):
             episodes = pending or fresh_state_evaluation()
             log_eval(global_step, float(np.mean([e.ret for e in episodes])), len(episodes))
             pending = []
             next_eval = global_step + eval_every
+        if iteration % args.save_every == 0 or iteration == num_iterations or stop:
+            save_checkpoint(ckpt_path, model_state, None, args, global_step, "rl2", train_tasks or [level],
+                            dict(iteration=iteration, next_eval=next_eval, pending=[list(e) for e in pending],
+                                 envs=envs.state_dict(), rollout=rollout.state_dict()))
+        if stop:
+            break
+    stop.restore()
     envs.close()
-    if own_writer:
+    if own_dir:
         writer.close()
+        own_dir.close()  # releases the folder's lock
+    if stop:
+        stop.exit(args.output_dir, global_step)
 
 
 # ----------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
@@ -599,7 +663,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def make_writer(args, run_name: str):
+def make_writer(args, run_name: str, resume_step: Optional[int] = None):
+    """TensorBoard in --output-dir; a resumed run (`resume_step`: its checkpoint's step, whose events
+    were all logged before the save) drops events logged after it and continues the same curve."""
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -607,14 +673,14 @@ def make_writer(args, run_name: str):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(args.output_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = SummaryWriter(args.output_dir, purge_step=None if resume_step is None else resume_step + 1)
+    if resume_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
 
 
-def setup(args: Args, writer):
-    """Checks the budget flags, seeds, and opens the output directory; returns
-    (num_iterations, device, writer, owns_writer)."""
+def check_args(args: Args) -> int:
+    """Every flag error as one line, before anything is created; returns the number of iterations."""
     if args.num_envs < 1 or args.num_steps < 1:
         raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
     if args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
@@ -622,23 +688,43 @@ def setup(args: Args, writer):
                          f"({args.num_minibatches}): RL2 minibatches are whole env sequences")
     if args.num_trials < 1:
         raise SystemExit("error: --num-trials must be at least 1")
+    if args.lstm_layers < 1 or args.lstm_hidden < 1:
+        raise SystemExit(f"error: --lstm-layers ({args.lstm_layers}) and --lstm-hidden ({args.lstm_hidden}) must be at least 1")
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
-    check_env_id(args.env_id)  # before anything is created
+    if args.save_every < 1:
+        raise SystemExit(f"error: --save-every must be at least 1 iteration (got {args.save_every})")
+    if args.resume and args.output_dir is None:
+        raise SystemExit("error: --resume needs --output-dir: the directory of the run to continue")
+    check_levels(args.start_level, args.num_levels, args.distribution_mode, args.seed)
+    check_env_id(args.env_id)
+    return num_iterations
+
+
+def setup(args: Args, writer):
+    """Checks the flags, opens the output directory (a script run: never over another run, locked for
+    this process; finetune.py's Run does both for its own `writer`), seeds, and loads the checkpoint
+    to resume from; returns (num_iterations, device, writer, the folder's lock or None, checkpoint or None)."""
+    num_iterations = check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if writer is None:
+        check_output_dir(args.output_dir, args.resume)
+    resume = load_resume(args.output_dir, SCRIPT, dataclasses.asdict(args)) if args.resume else None
+    own_dir = open_output_dir(args.output_dir) if writer is None else None
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    return num_iterations, device, writer or make_writer(args, run_name), writer is None
+    writer = writer or make_writer(args, run_name, resume["global_step"] if resume else None)
+    return num_iterations, device, writer, own_dir, resume
 
 
-def report(writer, prefix: str, iteration: int, num_iterations: int, global_step: int, start_time: float,
+def report(writer, prefix: str, iteration: int, num_iterations: int, global_step: int, start: tuple[float, int],
            finished: list, num_trials: int) -> None:
-    """TensorBoard and stdout: mean return overall and per trial index of the finished episodes."""
-    sps = int(global_step / max(time.time() - start_time, 1e-9))
+    """TensorBoard and stdout: mean return overall and per trial index of the finished episodes.
+    `start`: (time, env step) when this process began (SPS counts its own steps)."""
+    sps = int((global_step - start[1]) / max(time.time() - start[0], 1e-9))
     writer.add_scalar("charts/SPS", sps, global_step)
     returns = [episode.ret for episode in finished]
     per_trial = []
@@ -655,9 +741,11 @@ def report(writer, prefix: str, iteration: int, num_iterations: int, global_step
           f"({len(returns)} episodes) SPS={sps}", flush=True)
 
 
-def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimizer, args, global_step: int,
-                    method: str, train_tasks: list) -> None:
-    """Atomic save (temp file + rename) of plain values and tensors only (weights_only-loadable)."""
+def save_checkpoint(path: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args, global_step: int,
+                    method: str, train_tasks: list, resume: dict) -> None:
+    """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
+    (weights_only-loadable). `model`: the state dict finetune.py adapts; `resume`: what --resume needs
+    beyond it, the optimizer and the random states (the loop's counters, env states, ...)."""
     ckpt = {
         "format": "finetune-vs-meta-rl",
         "format_version": 1,
@@ -667,12 +755,12 @@ def save_checkpoint(path: str, agent: nn.Module, optimizer: torch.optim.Optimize
         "train_tasks": [int(t) for t in train_tasks],
         "args": dataclasses.asdict(args),
         "global_step": int(global_step),
-        "model": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},  # RL2's adaptation has none
+        "rng": rng_state(),
+        "resume": resume,
     }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    atomic_save(ckpt, path)
 
 
 # ----------------------------------------------------------------------------- SPEED: faster forms of plain steps

@@ -121,6 +121,46 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Args that may differ between a run and its --resume: the machine's settings, and where and how often it saves.
+RESUME_FREE = frozenset({"resume", "output_dir", "save_every", "cuda", "torch_threads", "env_threads", "precision",
+                         "speed_form", "track", "wandb_project_name", "wandb_entity", "torch_deterministic",
+                         "background_eval"})
+
+
+def load_resume(output_dir: str, script: str, args: dict, free=RESUME_FREE) -> dict:
+    """--resume: the checkpoint in `output_dir` (weights_only), checked to be one `script` wrote with a
+    `resume` entry, by a run with the same settings as `args` (a dict of the Args) except those in
+    `free`. Anything else is a one-line SystemExit that names the file or the first differing flag."""
+    path = os.path.join(output_dir, CHECKPOINT)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that needs code to load
+        raise SystemExit(f"error: --resume: cannot read {path} ({type(e).__name__}: {str(e).strip()[:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("module") != script or not isinstance(ckpt.get("resume"), dict) \
+            or not isinstance(ckpt.get("args"), dict):
+        raise SystemExit(f"error: --resume: {path} is not a resumable checkpoint of {script}.py")
+    saved = ckpt["args"]
+    for k, v in args.items():
+        plain = (lambda x: list(x) if isinstance(x, tuple) else x)  # tuples may come back as lists
+        if k not in free and k in saved and plain(v) != plain(saved[k]):
+            raise SystemExit(f"error: --resume: --{k.replace('_', '-')} is {v!r} here but {saved[k]!r} in {path}; "
+                             "pass the run's own flags")
+    return ckpt
+
+
+def restore(ckpt: dict, model, optimizer=None, generator=None):
+    """Load a checkpoint's `model`, `optimizer` and `resume["generator"]` (each where given), then its
+    random states (`rng`, last: the run continues with the numbers it would have drawn). Returns
+    (global_step, the `resume` dict) for the caller's own counters, envs and schedules."""
+    model.load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if generator is not None:
+        generator.set_state(ckpt["resume"]["generator"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["global_step"], ckpt["resume"]
+
+
 def resume_command() -> str:
     """This process's command line with --resume added: what to type to continue the run."""
     argv = [os.path.basename(sys.executable)] + sys.argv

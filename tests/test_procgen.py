@@ -3,6 +3,7 @@ smoke runs of every script and finetune path with tiny budgets."""
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -333,8 +334,8 @@ def test_sb3_ortho_init_gains(module):
 
 
 SHARED_ALL = ["ortho_init", "ResidualBlock", "ConvSequence", "ImpalaEncoder", "compute_gae", "PPOLoss", "ppo_loss",
-              "seed_everything", "make_writer", "save_checkpoint", "use_bf16"]
-SHARED_MT_REPTILE = ["Agent", "Batch", "RolloutBuffer", "ppo_update", "setup", "log_iteration", "RolloutPolicy"]
+              "seed_everything", "make_writer", "setup", "save_checkpoint", "use_bf16"]
+SHARED_MT_REPTILE = ["Agent", "Batch", "RolloutBuffer", "ppo_update", "check_args", "log_iteration", "RolloutPolicy"]
 
 
 @pytest.mark.parametrize("name", SHARED_ALL + SHARED_MT_REPTILE)
@@ -464,3 +465,282 @@ def test_rl2_adapt_logs_a_point_at_every_eval_and_at_the_end(tmp_path, monkeypat
         assert points == [(0, 7.0, 3), (32, 10.0, 1)] and calls == [3]
     else:  # every rollout (16 env steps, also the default)
         assert points == [(0, 7.0, 3), (16, 7.0, 3), (32, 10.0, 1)] and calls == [3, 3]
+
+
+# ----------------------------------------------------------------------------- runs survive: resume, signals, bad input
+
+FAST = ["--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2", "--env-threads", "1", "--precision", "fp32"]
+BATCH = 4 * 32
+
+
+def stop_at_iteration(monkeypatch, module, iteration: int, signum=signal.SIGTERM):
+    """Send this process `signum` once the loop has logged `iteration` (as a scheduler or Ctrl-C would)."""
+    name = "report" if module is rl2 else "log_iteration"
+    plain = getattr(module, name)
+
+    def logging_then_signal(writer, *a):
+        plain(writer, *a)
+        if (a[1] if module is rl2 else a[0]) == iteration:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(module, name, logging_then_signal)
+
+
+@pytest.mark.parametrize("module,stop_after", [(mt, 2), (reptile, 3), (rl2, 2)], ids=["mt", "reptile_inside_outer",
+                                                                                      "rl2"])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path, monkeypatch, module, stop_after):
+    """Same seed, CPU: a run stopped (SIGTERM) and resumed ends with exactly the weights, optimizer state
+    and random state of a run that never stopped. Checkpoints restore the procgen envs' states, the
+    reward normaliser, the minibatch generator and the global random states (and Reptile's level
+    generator, phi and the level's envs when stopped inside an outer step)."""
+    args = dict(num_levels=10, num_envs=4, num_steps=32, num_minibatches=2, total_timesteps=4 * BATCH, anneal_lr=True,
+                distribution_mode="easy", precision="fp32", env_threads=1, save_every=100)
+    if module is reptile:
+        args.update(reptile_k=2, reptile_eps_start=0.3, reptile_eps_end=0.9)
+    if module is rl2:
+        args.update(lstm_hidden=16)
+    module.train(module.Args(**args, output_dir=str(tmp_path / "plain")))
+    stop_at_iteration(monkeypatch, module, stop_after)
+    with pytest.raises(SystemExit) as stopped:
+        module.train(module.Args(**args, output_dir=str(tmp_path / "stopped")))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == stop_after * BATCH
+    if module is reptile:
+        assert ckpt["resume"]["inner"]["done"] == 1  # stopped inside the second outer step
+    monkeypatch.undo()
+    module.train(module.Args(**args, output_dir=str(tmp_path / "stopped"), resume=True))
+    plain = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert resumed["global_step"] == plain["global_step"] == 4 * BATCH
+    for name, tensor in plain["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for i, moments in plain["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["exp_avg"], moments["exp_avg"])
+    assert torch.equal(resumed["rng"]["torch"], plain["rng"]["torch"])
+
+
+def tensorboard_steps(folder, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()  # applies the resumed writer's purge_step, as TensorBoard does
+    return [event.step for event in events.Scalars(tag)]
+
+
+def wait_for(predicate, proc, timeout=240.0):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def checkpoint_step(path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["global_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def test_finetune_killed_with_sigkill_resumes_to_the_full_budget(tmp_path):
+    """kill -9 after a periodic checkpoint, then --resume: the budget ends where it would have,
+    eval.csv has one header and each evaluation step once (one zero-shot row), and TensorBoard's
+    curve is continuous (events logged after the checkpoint are purged)."""
+    out = tmp_path / "ft"
+    argv = [sys.executable, "finetune.py", "--scratch", "procgen", "--task", "10000", *FAST, "--total-timesteps",
+            str(8 * BATCH), "--eval-episodes", "1", "--eval-num-envs", "1", "--save-every", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: checkpoint_step(out / "checkpoint.pt") >= 2 * BATCH, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    killed_at = checkpoint_step(out / "checkpoint.pt")
+    assert 2 * BATCH <= killed_at < 8 * BATCH
+    resumed = run_script(*argv[1:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from env step {killed_at}" in resumed.stdout
+    assert checkpoint_step(out / "checkpoint.pt") == 8 * BATCH
+    rows = (out / "eval.csv").read_text().splitlines()
+    steps = [int(row.split(",")[0]) for row in rows[1:]]
+    assert rows[0] == "env_step,mean_return,episodes" and "env_step" not in "".join(rows[1:])
+    assert steps == [BATCH * i for i in range(9)]  # the zero-shot row once, then every iteration once
+    assert tensorboard_steps(out, "eval/mean_return") == steps
+    assert tensorboard_steps(out, "losses/policy_loss") == steps[1:]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.")) == [".lock", "checkpoint.pt",
+                                                                                        "eval.csv"]
+
+
+@pytest.mark.parametrize("script,signum", [("ppo_mt_procgen.py", signal.SIGINT),
+                                           ("ppo_reptile_procgen.py", signal.SIGTERM),
+                                           ("finetune.py", signal.SIGTERM)], ids=["mt_sigint", "reptile_sigterm",
+                                                                                  "finetune_rl2_sigterm"])
+def test_sigint_and_sigterm_write_a_checkpoint_and_resume(tmp_path, pretrained, script, signum):
+    """No periodic checkpoint before the end (--save-every 100): the signal's checkpoint is the only
+    one; exit 128 + signal, no traceback, one line saying how to resume, and --resume finishes the budget."""
+    out = tmp_path / "run"
+    total = 4 * BATCH
+    flags = [*FAST, "--total-timesteps", str(total), "--save-every", "100", "--output-dir", str(out)]
+    if script == "finetune.py":  # RL2's adaptation: a rollout with its recurrent state, no gradient
+        argv = [script, "--checkpoint", str(pretrained["ppo_rl2_procgen"]), "--task", "10000", *flags,
+                "--eval-episodes", "1", "--eval-num-envs", "1"]
+    else:
+        argv = [script, "--num-levels", "10", *flags] + (["--reptile-k", "2"] if "reptile" in script else [])
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: f"step={BATCH} " in log.read_text(), proc)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    stopped_at = checkpoint_step(out / "checkpoint.pt")
+    assert BATCH <= stopped_at < total
+    assert last.startswith(f"stopped by {signal.Signals(signum).name} at env step {stopped_at}; checkpoint in ")
+    assert last.endswith("--resume")
+    resumed = run_script(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint_step(out / "checkpoint.pt") == total
+
+
+def one_line_error(call) -> str:
+    """The one-line message of a SystemExit / FinetuneError raised by `call`."""
+    with pytest.raises((SystemExit, finetune.FinetuneError)) as error:
+        call()
+    message = str(error.value.code if isinstance(error.value, SystemExit) else error.value)
+    assert "\n" not in message.strip(), message
+    return message
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--save-every", "-3"], "--save-every must be at least 1"),
+    (["--start-level", "3000000000"], "--start-level must be in [0, 2**31)"),
+    (["--start-level", "-1"], "--start-level must be in [0, 2**31)"),
+    (["--num-levels", "-5"], "--num-levels"),  # Reptile: "needs --num-levels >= 1"
+    (["--start-level", "2147483000", "--num-levels", "1000"], "--num-levels must be in [0, 2**31 - start level]"),
+    (["--distribution-mode", "exploration"], "--distribution-mode exploration"),
+    (["--seed", "3000000000"], "--seed must be in [0, 2**30]"),
+    (["--resume"], "--resume needs --output-dir"),
+    (["--resume", "--output-dir", "{tmp}/none"], "holds no checkpoint.pt to continue from"),
+    (["--output-dir", "{tmp}/a_file"], "is a file, not a directory"),
+    (["--output-dir", "{tmp}/a_file/run"], "lies under the file"),
+    (["--output-dir", "{tmp}/a_run"], "already holds a run (checkpoint.pt); pass --resume to continue it"),
+])
+@pytest.mark.parametrize("module", [mt, reptile, rl2], ids=["mt", "reptile", "rl2"])
+def test_scripts_reject_bad_input_in_one_line_before_creating_anything(tmp_path, module, flags, message):
+    import tyro
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_run").mkdir()
+    (tmp_path / "a_run" / "checkpoint.pt").write_bytes(b"")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = ["--num-levels", "10", *FAST, "--total-timesteps", str(BATCH)]
+    args = tyro.cli(module.Args, args=argv + [f.format(tmp=tmp_path) for f in flags])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a default runs/<run_name> would land here
+    try:
+        assert message in one_line_error(lambda: module.train(args))
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_resume_with_other_flags_is_a_one_line_error(pretrained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained["ppo_mt_procgen"].parent, run)
+    (run / ".lock").unlink(missing_ok=True)
+    before = sorted(run.iterdir())
+    args = mt.Args(num_levels=10, num_envs=8, num_steps=32, num_minibatches=2, total_timesteps=512, resume=True,
+                   output_dir=str(run))
+    assert "--resume: --num-envs is 8 here but 4 in" in one_line_error(lambda: mt.train(args))
+    args = reptile.Args(num_levels=10, num_envs=4, num_steps=32, num_minibatches=2, total_timesteps=512, resume=True,
+                        output_dir=str(run))
+    assert "is not a resumable checkpoint of ppo_reptile_procgen.py" in one_line_error(lambda: reptile.train(args))
+    assert sorted(run.iterdir()) == before
+
+
+def test_a_second_run_into_a_locked_folder_is_a_one_line_error(tmp_path):
+    from envs.run_dir import open_output_dir
+
+    lock = open_output_dir(str(tmp_path / "busy"))  # held as a running process would hold it
+    proc = run_script("ppo_mt_procgen.py", "--num-levels", "10", *FAST, "--total-timesteps", str(BATCH),
+                      "--output-dir", str(tmp_path / "busy"))
+    lock.close()
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: --output-dir {tmp_path / 'busy'} is in use by another running process"]
+    assert os.listdir(tmp_path / "busy") == [".lock"]
+
+
+def tampered(pretrained, tmp_path, change) -> str:
+    ckpt = torch.load(pretrained["ppo_mt_procgen"], weights_only=True)
+    change(ckpt)
+    path = tmp_path / "tampered.pt"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.pop("model"), "lacks the entries model"),
+    (lambda c: c.update(model=[1, 2]), "'model' is not a state dict"),
+    (lambda c: c["model"].update({"actor.weight": "text"}), "'model' is not a state dict"),
+    (lambda c: c.update(args="num_envs=4"), "'args' is not a dict"),
+    (lambda c: c["args"].update(num_envs="four"), "args['num_envs'] is 'four', not a value of type int"),
+    (lambda c: c["args"].update(distribution_mode="medium"), "args['distribution_mode'] is 'medium'"),
+    (lambda c: c.update(method="maml"), "names the unknown method 'maml'"),
+    (lambda c: c.update(global_step="10"), "'global_step' is not a non-negative integer"),
+])
+def test_finetune_validates_the_checkpoint_fully_in_one_line(pretrained, tmp_path, change, message):
+    path = tampered(pretrained, tmp_path, change)
+    assert message in one_line_error(lambda: finetune.load_checkpoint(path))
+
+
+def test_finetune_checkpoint_of_another_shape_is_one_line_before_anything_is_made(pretrained, tmp_path):
+    def wider_head(ckpt):
+        ckpt["model"]["actor.weight"] = torch.zeros(20, 256)
+
+    path = tampered(pretrained, tmp_path, wider_head)
+    out = tmp_path / "ft"
+    message = one_line_error(lambda: finetune.main(["--checkpoint", path, "--task", "10000", "--output-dir", str(out)]))
+    assert message == (f"checkpoint {path} does not fit the IMPALA-CNN agent: 'actor.weight' has shape (20, 256), "
+                       "the IMPALA-CNN agent expects (15, 256)")
+    path = tampered(pretrained, tmp_path, lambda c: c["model"].pop("critic.bias"))
+    assert "it lacks 'critic.bias'" in one_line_error(
+        lambda: finetune.main(["--checkpoint", path, "--task", "10000", "--output-dir", str(out)]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "99999999999"], "unknown procgen task '99999999999': expected a CoinRun level index in [0, 2**31)"),
+    (["--task", "-1"], "unknown procgen task '-1'"),
+    (["--task", "10000", "--eval-every", "-1"], "--eval-every must be at least 1 env step"),
+    (["--task", "10000", "--eval-every", "0"], "--eval-every must be at least 1 env step"),
+    (["--task", "10000", "--resume"], "--resume needs --output-dir"),
+    (["--task", "10000", "--resume", "--output-dir", "{tmp}/none"], "holds no checkpoint.pt to continue from"),
+    (["--task", "10000", "--output-dir", "{tmp}/ft", "--save-every", "0"], "--save-every must be at least 1"),
+    (["--task", "10000", "--output-dir", "{tmp}/ft", "--num-envs", "0"], "must be at least 1"),
+])
+def test_finetune_rejects_bad_procgen_input_before_anything_is_made(tmp_path, argv, message):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        got = one_line_error(lambda: finetune.main(["--scratch", "procgen", *[a.format(tmp=tmp_path) for a in argv]]))
+    finally:
+        os.chdir(cwd)
+    assert message in got
+    assert os.listdir(tmp_path) == []
+
+
+def test_finetune_warns_when_the_task_is_a_training_level(pretrained, tmp_path):
+    proc = run_script("finetune.py", "--checkpoint", str(pretrained["ppo_mt_procgen"]), "--task", "3",
+                      "--num-envs", "0", "--output-dir", str(tmp_path / "ft"))  # stops at the flag error
+    assert os.listdir(tmp_path) == []
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == "warning: level 3 is one of the checkpoint's 10 training levels, not a held-out one"
+    assert len(lines) == 2 and "must be at least 1" in lines[1] and "Traceback" not in proc.stderr
