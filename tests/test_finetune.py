@@ -64,3 +64,41 @@ def test_missing_task_or_source_is_a_usage_error(tmp_path):
     assert out.returncode == 2 and "--task" in out.stderr
     out = run_finetune(["--task", "10000"], tmp_path)
     assert out.returncode == 2 and "--checkpoint --scratch" in out.stderr
+
+
+def test_run_creates_nothing_until_used_and_a_resumed_run_continues_eval_csv(tmp_path):
+    sys.path.insert(0, ROOT)
+    import finetune
+
+    out = tmp_path / "run"
+    run = finetune.Run(str(out), "mean_return")
+    assert not out.exists()  # a benchmark's flag errors come before anything is made
+    for step, value in ((0, 1.0), (10, 2.0), (20, 3.0)):
+        run.log_eval(step, value, 5)
+    run.close()
+    # resumed from a checkpoint at step 10: the row at 20 was logged after it, and is logged again
+    (out / "checkpoint.pt").touch()  # Run re-checks the folder: a resume needs a checkpoint there
+    run = finetune.Run(str(out), "mean_return", resume=True, resume_step=10)
+    run.log_eval(20, 4.0, 5)
+    summary = run.close("resumed")
+    assert (out / "eval.csv").read_text().splitlines() == ["env_step,mean_return,episodes", "0,1,5", "10,2,5", "20,4,5"]
+    assert "over 3 evaluations" in summary  # the curve before the resume counts too
+
+
+def test_load_state_names_the_mismatched_entry_in_one_line():
+    sys.path.insert(0, ROOT)
+    import torch
+
+    import finetune
+
+    net = torch.nn.Linear(3, 2)
+    good = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(finetune.FinetuneError, match=r"^checkpoint c.pt does not fit the head: 'weight' has shape "
+                                                     r"\(4, 3\), the head expects \(2, 3\)$"):
+        finetune.load_state(net, {**good, "weight": torch.zeros(4, 3)}, "c.pt", "head")
+    with pytest.raises(finetune.FinetuneError, match="it lacks 'bias'"):
+        finetune.load_state(net, {"weight": good["weight"]}, "c.pt", "head")
+    with pytest.raises(finetune.FinetuneError, match="unexpected entry 'extra'"):
+        finetune.load_state(net, {**good, "extra": torch.zeros(1)}, "c.pt", "head")
+    missing, unexpected = finetune.load_state(net, {"weight": good["weight"]}, "c.pt", "head", strict=False)
+    assert missing == ["bias"] and unexpected == []
