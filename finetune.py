@@ -153,12 +153,13 @@ def load_state(module: torch.nn.Module, state: dict, path: str, what: str = "net
     try:
         return module.load_state_dict(state, strict=strict)
     except RuntimeError as e:  # anything the checks above did not foresee, still one line
-        raise FinetuneError(f"checkpoint {path} does not fit the {what}: {str(e).strip().splitlines()[0][:200]}") from None
+        reason = str(e).strip().splitlines()[0][:200]
+        raise FinetuneError(f"checkpoint {path} does not fit the {what}: {reason}") from None
 
 
 # settings of the machine and the run, not of the agent: a checkpoint's values do not carry over
-MACHINE_SETTINGS = {"resume", "cuda", "torch_threads", "env_threads", "precision", "speed_form", "track", "wandb_project_name",
-                    "background_eval"}
+MACHINE_SETTINGS = {"resume", "cuda", "torch_threads", "env_threads", "precision", "speed_form", "track",
+                    "wandb_project_name", "background_eval"}
 
 
 def script_args(module, ckpt: dict | None, overrides: list[str], **finetune_defaults):

@@ -689,7 +689,8 @@ def check_args(args: Args) -> int:
     if args.num_trials < 1:
         raise SystemExit("error: --num-trials must be at least 1")
     if args.lstm_layers < 1 or args.lstm_hidden < 1:
-        raise SystemExit(f"error: --lstm-layers ({args.lstm_layers}) and --lstm-hidden ({args.lstm_hidden}) must be at least 1")
+        raise SystemExit(f"error: --lstm-layers ({args.lstm_layers}) and --lstm-hidden ({args.lstm_hidden}) "
+                         "must be at least 1")
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:

@@ -135,8 +135,8 @@ class ProcgenVecEnv:
         procgen state (its level, frame and random generator) and the episode bookkeeping."""
         import torch
 
-        return {"states": [state_tensor(s) for s in self.get_states()], "returns": torch.from_numpy(self.returns.copy()),
-                "lengths": torch.from_numpy(self.lengths.copy())}
+        return {"states": [state_tensor(s) for s in self.get_states()],
+                "returns": torch.from_numpy(self.returns.copy()), "lengths": torch.from_numpy(self.lengths.copy())}
 
     def load_state_dict(self, state: dict) -> np.ndarray:
         """Restore what `state_dict` saved; returns the observations there."""

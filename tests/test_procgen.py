@@ -557,7 +557,8 @@ def test_finetune_killed_with_sigkill_resumes_to_the_full_budget(tmp_path):
     curve is continuous (events logged after the checkpoint are purged)."""
     out = tmp_path / "ft"
     argv = [sys.executable, "finetune.py", "--scratch", "procgen", "--task", "10000", *FAST, "--total-timesteps",
-            str(8 * BATCH), "--eval-episodes", "1", "--eval-num-envs", "1", "--save-every", "1", "--output-dir", str(out)]
+            str(8 * BATCH), "--eval-episodes", "1", "--eval-num-envs", "1", "--save-every", "1",
+            "--output-dir", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: checkpoint_step(out / "checkpoint.pt") >= 2 * BATCH, proc)
     proc.kill()  # SIGKILL: no handler runs
