@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import glob
+import json
 import os
 import random
 import sys
@@ -38,10 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from envs import atari
+from envs import atari, run_dir
 from envs.atari import FULL_ACTIONS
+from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, open_output_dir, rng_state,
+                          set_rng_state)
 
 CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
+REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt: what --resume needs to continue the same run
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
 
@@ -59,6 +64,10 @@ class Args:
     """the wandb project, with --track"""
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
+    resume: bool = False
+    """continue the run in --output-dir (required; pass the run's flags again) from its checkpoint.pt and
+    replay.npz; without replay.npz the replay starts empty and refills for --learning-starts env steps
+    before learning resumes; an older replay.npz is used with its end taken as an episode end"""
     torch_threads: int = 2
     """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True
@@ -86,7 +95,10 @@ class Args:
     total_timesteps: int = 1_000_000
     """env steps (agent steps, 4 frames each); authors pretrain for 1M"""
     save_every: int = 100_000
-    """write checkpoint.pt every this many env steps (and at the end)"""
+    """write checkpoint.pt every this many env steps, at the end, and on SIGINT/SIGTERM (then stop)"""
+    save_replay_every: int = 100_000
+    """also write replay.npz (compressed: 5-40 MB per 100k frames) every this many env steps and on
+    SIGINT/SIGTERM, with a checkpoint; deleted when the run completes"""
     eval_episodes: int = 10
     """episodes per evaluation when this checkpoint is fine-tuned (finetune.py)"""
     eval_epsilon: float = 0.001
@@ -466,9 +478,10 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
     """Reptile-DER on `games`: one buffer each, a random game per reset; per env step after learning
     starts, k inner DER updates on one game's buffer, then the outer interpolation."""
     check_args(args, len(games))
-    device = seed_everything(args)
     if writer is None:
         writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    resume = load_resume(args)
+    device = seed_everything(args)
     num_actions = FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0])
     q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
                          args.noisy_std).to(device).train()
@@ -482,11 +495,15 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
                             args.seed + g) for g in range(len(games))]
     env = atari.MultiGameEnv(games, args.seed, num_actions, args.max_noops, args.max_episode_steps)
     rng = np.random.default_rng(args.seed)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-
+    stop = StopRequest()  # SIGINT / SIGTERM: finish the step, write checkpoint and replay, exit
     obs, _ = env.reset()
+    start_step, learning_starts = 0, args.learning_starts
+    if resume is not None:  # the same run from its checkpoint: networks, optimizer, env, replay, random states
+        start_step, obs, learning_starts = restore(resume, args, q_network, target_network, optimizer, env, rng,
+                                                   buffers)
+
     start_time, update_time = time.time(), 0.0
-    for global_step in range(1, args.total_timesteps + 1):
+    for global_step in range(start_step + 1, args.total_timesteps + 1):
         # fresh noise every env step, before learning starts too; acting and the k inner updates use
         # it (the authors' learn_reptile draws no noise between its inner updates)
         q_network.reset_noise()
@@ -504,7 +521,7 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
         if terminated or truncated:
             obs, _ = env.reset()  # a random game after a game over, the same game after a lost life
 
-        if global_step >= args.learning_starts and any(b.ready for b in buffers):
+        if global_step >= learning_starts and any(b.ready for b in buffers):
             t0 = time.time()
             beta = args.priority_weight + (1.0 - args.priority_weight) * min(
                 1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
@@ -529,12 +546,20 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
 
         # TRY NOT TO MODIFY: logging and checkpoints
         if global_step % 1000 == 0 or global_step == args.total_timesteps:
-            sps = int(global_step / (time.time() - start_time))
+            sps = int((global_step - start_step) / (time.time() - start_time))
             print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
                   flush=True)
             writer.add_scalar("charts/SPS", sps, global_step)
-        if global_step % args.save_every == 0 or global_step == args.total_timesteps:
-            save_checkpoint(ckpt_path, args, q_network, optimizer, global_step, "reptile", games, num_actions)
+        replay = stop or global_step % args.save_replay_every == 0
+        if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
+            save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, q_network, optimizer, global_step,
+                            "reptile", games, num_actions, run_state(target_network, env, obs, rng, learning_starts))
+        if replay:
+            save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
+        if stop:
+            stop.exit(args.output_dir, global_step)
+    stop.restore()
+    remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume
     return q_network
 
 
@@ -611,17 +636,114 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
-                    train_tasks: list[str], num_actions: int) -> None:
-    """One file, written to a temporary name and renamed; loads with torch.load(weights_only=True)."""
+                    train_tasks: list[str], num_actions: int, resume: dict | None = None) -> None:
+    """One file, written to a temporary name of this process and renamed; loads with
+    torch.load(weights_only=True). `resume` (`run_state`): what --resume needs beyond the model and
+    the optimizer; the random states go with it."""
     ckpt = {
         "format": CHECKPOINT_FORMAT, "format_version": 1, "module": MODULE, "benchmark": "atari",
         "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
         "global_step": int(global_step), "model": q_network.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {}, "num_actions": int(num_actions),
     }
+    if resume is not None:
+        ckpt.update(rng=rng_state(), resume=resume)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(ckpt, path)
+
+
+def run_state(target_network: nn.Module, env: atari.MultiGameEnv, obs: np.ndarray, rng: np.random.Generator,
+              learning_starts: int, **more) -> dict:
+    """What --resume needs beyond the weights and the optimizer: the target network, the envs, the
+    observation, the loop's generator, the step learning starts at, and the script's `more`."""
+    return {"target_model": target_network.state_dict(), "env": env.get_state(), "obs": torch.from_numpy(obs.copy()),
+            "loop_rng": json.dumps(rng.bit_generator.state), "learning_starts": int(learning_starts), **more}
+
+
+def restore(ckpt: dict, args: Args, q_network: QNetwork, target_network: QNetwork, optimizer, env: atari.MultiGameEnv,
+            rng: np.random.Generator, buffers: list[ReplayBuffer]) -> tuple[int, np.ndarray, int]:
+    """--resume: the checkpoint's run state into the run's objects, replay.npz into `buffers`; returns
+    (env step, observation, env step learning starts at). The random states come last: the run goes
+    on with the numbers it would have drawn."""
+    state, step = ckpt["resume"], ckpt["global_step"]
+    q_network.load_state_dict(ckpt["model"])
+    target_network.load_state_dict(state["target_model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    env.set_state(state["env"])
+    replayed = load_replay(os.path.join(args.output_dir, REPLAY), buffers, step)
+    rng.bit_generator.state = json.loads(state["loop_rng"])
+    set_rng_state(ckpt["rng"])
+    return step, state["obs"].numpy(), state["learning_starts"] if replayed else step + args.learning_starts
+
+
+REPLAY_FIELDS = ("frames", "actions", "rewards", "dones", "timesteps")
+
+
+def save_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> None:
+    """Every replay buffer (its entries, priorities, counters and generator) in one compressed .npz,
+    written to a temporary name of this process and renamed: a crash never leaves half a file."""
+    arrays = {"global_step": np.array(global_step), "capacities": np.array([b.capacity for b in buffers])}
+    for g, b in enumerate(buffers):
+        arrays.update({f"{g}_{name}": getattr(b, name)[:b.size] for name in REPLAY_FIELDS})
+        arrays.update({f"{g}_tree{i}": level for i, level in enumerate(b.tree.levels)})
+        arrays[f"{g}_counters"] = np.array([b.pos, b.size, b.next_t])
+        arrays[f"{g}_max_priority"] = np.array(b.tree.max_priority)
+        arrays[f"{g}_rng"] = np.array(json.dumps(b.rng.bit_generator.state))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> bool:
+    """Fill `buffers` from `save_replay`'s file for a run resumed at `global_step`. One written before
+    the checkpoint (on its own interval, or a crash between the two writes) is used with its last
+    entry taken as an episode end. Returns False, with a one-line warning, when there is none to use."""
+    for tmp in glob.glob(f"{path}.*.tmp"):  # left by a killed run (this run holds the folder's lock)
+        os.remove(tmp)
+    problem = "is missing"
+    if os.path.isfile(path):
+        with np.load(path) as data:
+            step = int(data["global_step"])
+            if step > global_step:
+                problem = f"is from env step {step}, after the checkpoint's {global_step}"
+            elif data["capacities"].tolist() != [b.capacity for b in buffers]:
+                problem = f"holds buffers of {data['capacities'].tolist()} entries, not {[b.capacity for b in buffers]}"
+            else:
+                for g, b in enumerate(buffers):
+                    b.pos, b.size, b.next_t = (int(x) for x in data[f"{g}_counters"])
+                    for name in REPLAY_FIELDS:
+                        getattr(b, name)[:b.size] = data[f"{g}_{name}"]
+                    for i, level in enumerate(b.tree.levels):
+                        level[:] = data[f"{g}_tree{i}"]
+                    b.tree.max_priority = float(data[f"{g}_max_priority"])
+                    b.rng.bit_generator.state = json.loads(str(data[f"{g}_rng"]))
+                    if step < global_step and b.size:  # the transitions in between are lost: an episode end
+                        b.dones[(b.pos - 1) % b.capacity], b.next_t = True, 0
+                if step < global_step:
+                    print(f"warning: --resume: {path} is from env step {step}, the checkpoint from {global_step}: "
+                          f"the {global_step - step} transitions in between are not replayed", file=sys.stderr)
+                return True
+    print(f"warning: --resume: {path} {problem}: the replay starts empty and learning waits for new transitions",
+          file=sys.stderr)
+    return False
+
+
+def remove_replay(output_dir: str) -> None:
+    """A completed run's replay file served only --resume: removed."""
+    path = os.path.join(output_dir, REPLAY)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+# settings a resumed run may change: the machine's, and where, how often and under which name it saves
+RESUME_FREE = run_dir.RESUME_FREE | {"exp_name", "save_replay_every"}
+
+
+def load_resume(args) -> dict | None:
+    """With --resume: the run's checkpoint.pt, checked to be this script's, written with the same
+    settings (one-line errors); None for a new run."""
+    return run_dir.load_resume(args.output_dir, MODULE, dataclasses.asdict(args), RESUME_FREE) if args.resume else None
 
 
 def _plain(value):
@@ -636,7 +758,7 @@ def _plain(value):
 def check_args(args: Args, num_games: int) -> None:
     """One-line errors for settings that cannot run."""
     for name in ("total_timesteps", "batch_size", "reptile_k", "n_step", "target_network_frequency", "save_every",
-                 "eval_episodes", "torch_threads"):
+                 "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     check_der_args(args, num_games)
@@ -644,6 +766,15 @@ def check_args(args: Args, num_games: int) -> None:
 
 def check_der_args(args, num_games: int) -> None:
     """The checks every DER script shares."""
+    for name in ("hidden_size", "max_episode_steps"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("learning_starts", "max_noops"):
+        if getattr(args, name) < 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 0 (got {getattr(args, name)})")
+    for name in ("gamma", "eval_epsilon", "priority_weight"):
+        if not 0 <= getattr(args, name) <= 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
     if args.num_atoms < 2 or args.v_min >= args.v_max:
         sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
                  f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
@@ -674,17 +805,26 @@ def seed_everything(args) -> torch.device:
 
 
 def setup(args, run_name: str):
-    """TensorBoard writer under args.output_dir (and wandb when --track)."""
+    """Checks --output-dir (one-line errors before anything is created: never over another run) and
+    locks it for this process; then the TensorBoard writer there (and wandb when --track)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    if args.resume and args.output_dir is None:
+        sys.exit("error: --resume needs --output-dir: the directory of the run to continue")
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    check_output_dir(args.output_dir, args.resume)
+    resume = load_resume(args)
+    lock = open_output_dir(args.output_dir)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
                    save_code=True)
-    writer = SummaryWriter(args.output_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    # a resumed run drops the events logged after its checkpoint: the log stays one curve
+    writer = SummaryWriter(args.output_dir, purge_step=resume["global_step"] + 1 if resume else None)
+    writer.output_dir_lock = lock  # held as long as the writer
+    if resume is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
 
 
@@ -693,6 +833,7 @@ if __name__ == "__main__":
 
     args = tyro.cli(Args)
     games = atari.game_set(args.train_games, args.games)
+    check_args(args, len(games))  # every flag error before anything is created
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = setup(args, run_name)
     print(f"Reptile-DER on {', '.join(games)} -> {args.output_dir}", flush=True)

@@ -21,11 +21,13 @@ The env talks to ale-py's `ALEInterface` directly (faster than `gym.make` plus w
 keeps Gymnasium's `reset`/`step` API. The frame stack restarts with zeros at every episode start,
 life loss included, which is what the replay buffers rebuild. Rewards come back unclipped (the
 scripts clip them for learning); `info["episode"]` holds the real game's return and length at
-game over.
+game over. `get_state` / `set_state` hold everything the next steps depend on (the emulator,
+the generators, the frame stack), so that a checkpoint can resume a run exactly.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -188,6 +190,37 @@ class AtariEnv(gym.Env):
             info["episode"] = {"r": self.game_return, "l": self.game_length}
         return self._push(self._frame()), reward, game_over or life_lost, truncated, info
 
+    def get_state(self) -> dict:
+        """The emulator (with its random state), the no-op generator, the last screens, the frame
+        stack and the episode counters, as tensors and plain values (a weights_only checkpoint)."""
+        ale_state = self.ale.cloneState(include_rng=True).__getstate__()[0]
+        return {"ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8), "rng": _generator_state(self.rng),
+                "screens": torch.from_numpy(self._screens.copy()), "frames": torch.from_numpy(self.frames.copy()),
+                "lives": int(self.lives), "game_return": float(self.game_return), "game_length": int(self.game_length),
+                "needs_game_reset": bool(self.needs_game_reset)}
+
+    def set_state(self, state: dict) -> None:
+        """Continue exactly where `get_state` was taken (the same game, in another process too)."""
+        import ale_py
+
+        ale_state = ale_py.ALEState.__new__(ale_py.ALEState)  # unpickled, as pickle would
+        ale_state.__setstate__((state["ale"].numpy().tobytes(),))
+        self.ale.restoreState(ale_state)
+        _set_generator_state(self.rng, state["rng"])
+        self._screens[:] = state["screens"].numpy()
+        self.frames[:] = state["frames"].numpy()
+        self.lives, self.game_return, self.game_length = state["lives"], state["game_return"], state["game_length"]
+        self.needs_game_reset = state["needs_game_reset"]
+
+
+def _generator_state(rng: np.random.Generator) -> str:
+    """A numpy Generator's state as a string (its 128-bit integers stay exact)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def _set_generator_state(rng: np.random.Generator, state: str) -> None:
+    rng.bit_generator.state = json.loads(state)
+
 
 def make_env(game: str, seed: int, num_actions: int | None = None, episodic_life: bool = True,
              max_noops: int = 30, max_episode_steps: int = 27_000) -> AtariEnv:
@@ -221,3 +254,13 @@ class MultiGameEnv(gym.Env):
 
     def step(self, action: int):
         return self.envs[self.game].step(action)
+
+    def get_state(self) -> dict:
+        """Every game's `AtariEnv.get_state`, the game being played and the generator that picks them."""
+        return {"rng": _generator_state(self.rng), "game": self.game, "envs": [env.get_state() for env in self.envs]}
+
+    def set_state(self, state: dict) -> None:
+        _set_generator_state(self.rng, state["rng"])
+        self.game = state["game"]
+        for env, env_state in zip(self.envs, state["envs"], strict=True):
+            env.set_state(env_state)

@@ -3,16 +3,20 @@ out by hand in the comments."""
 
 import ast
 import dataclasses
+import gc
 import inspect
 import os
 import re
+import runpy
+import signal
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import finetune  # noqa: E402
 import rainbow_mt_atari as mt  # noqa: E402
@@ -533,7 +537,8 @@ def test_frozen_encoder_stays_bit_identical_while_the_heads_learn(tmp_path):
     torch.manual_seed(0)
     net = mt.QNetwork(6)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    mt.train(tiny(mt, tmp_path, freeze_encoder=True, games_per_batch=1), ["Pong"], q_network=net, method="finetune")
+    mt.train(tiny(mt, tmp_path / "frozen", freeze_encoder=True, games_per_batch=1), ["Pong"], q_network=net,
+             method="finetune")
     after = net.state_dict()
     for k in before:
         if k.startswith("encoder."):
@@ -542,7 +547,7 @@ def test_frozen_encoder_stays_bit_identical_while_the_heads_learn(tmp_path):
     assert not torch.equal(before["advantage_out.bias_mu"], after["advantage_out.bias_mu"])
     net = mt.QNetwork(6)
     conv = net.encoder.conv1.weight.clone()
-    mt.train(tiny(mt, tmp_path, freeze_encoder=True, unfreeze_encoder_at=110, games_per_batch=1), ["Pong"],
+    mt.train(tiny(mt, tmp_path / "unfrozen", freeze_encoder=True, unfreeze_encoder_at=110, games_per_batch=1), ["Pong"],
              q_network=net, method="finetune")
     assert not torch.equal(conv, net.encoder.conv1.weight)  # trains from step 110 on
 
@@ -555,11 +560,237 @@ def test_pearl_loss_adds_the_kl_unweighted_to_every_sample():
     assert pearl.Args().kl_weight == 1.0
 
 
+# --------------------------------------------------------------------------- resume, stops, bad inputs
+
+
+@pytest.fixture
+def signal_handlers():
+    """train() installs StopRequest's handlers; a run that stops leaves them: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def run_until_stopped(module, args, games, monkeypatch, step: int, signum=signal.SIGTERM) -> int:
+    """train(), sent `signum` during env step `step` (what a scheduler's SIGTERM does); returns the exit
+    code. On return the stopped run's frames are gone, and with them the lock on its folder."""
+    env_step, calls = module.atari.MultiGameEnv.step, []
+
+    def step_and_signal(env, action):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return env_step(env, action)
+
+    with monkeypatch.context() as m:
+        m.setattr(module.atari.MultiGameEnv, "step", step_and_signal)
+        try:
+            module.train(args, games)
+        except SystemExit as e:
+            code = e.code
+        else:
+            raise AssertionError("the run did not stop")
+    gc.collect()
+    return code
+
+
+@pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_resumed_run_ends_with_the_uninterrupted_runs_weights(module, tmp_path, monkeypatch, signal_handlers):
+    """SIGTERM at env step 120 (learning since 100, two games, a target sync at 125), then --resume to
+    140: bit for bit the weights of one uninterrupted run with the same seed (CPU, no background
+    evaluation)."""
+    def args(name, **change):
+        return tiny(module, tmp_path / name, games=("Pong", "Breakout"), total_timesteps=140, seed=3,
+                    target_network_frequency=25, **({"reptile_k": 2} if module is reptile else {}), **change)
+
+    whole = module.train(args("whole"), ["Pong", "Breakout"]).state_dict()
+    assert run_until_stopped(module, args("resumed"), ["Pong", "Breakout"], monkeypatch, 120) == 128 + signal.SIGTERM
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 120 and (tmp_path / "resumed" / "replay.npz").exists()
+    resumed = module.train(args("resumed", resume=True), ["Pong", "Breakout"]).state_dict()
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+    assert not (tmp_path / "resumed" / "replay.npz").exists()  # a complete run keeps no replay
+
+
+def test_resumed_pearl_adaptation_continues_where_it_stopped(tmp_path, monkeypatch, signal_handlers):
+    """adapt() (no gradient; z from the new game's context), SIGTERM at env step 35, --resume to 60: the
+    same evaluation points, the same final z and env state as one uninterrupted adaptation."""
+    torch.manual_seed(0)
+    model = pearl.PearlAgent(6, pearl.Args()).state_dict()
+
+    def adapt(name, points, **change):
+        args = tiny(pearl, tmp_path / name, total_timesteps=60, save_every=20, eval_episodes=1, eval_max_steps=5,
+                    max_episode_steps=15, **change)  # an episode end, and a new z from the context, every 15 steps
+        return pearl.adapt(args, model, "Pong", 6, log_eval=lambda *p: points.append(p), eval_every=20,
+                           train_tasks=["Breakout"])
+
+    whole, parts = [], []
+    adapt("whole", whole)
+    env_step, calls = pearl.atari.AtariEnv.step, []
+
+    def step_and_stop(env, action):  # counts the adaptation's env (life loss ends its episodes), not evaluations'
+        calls.append(env.episodic_life)
+        if sum(calls) == 35 and env.episodic_life:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return env_step(env, action)
+
+    with monkeypatch.context() as m:
+        m.setattr(pearl.atari.AtariEnv, "step", step_and_stop)
+        with pytest.raises(SystemExit):
+            adapt("resumed", parts)
+    gc.collect()
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["global_step"] == 35
+    adapt("resumed", parts, resume=True)
+    assert parts == whole and [p[0] for p in whole] == [0, 20, 40, 60]
+    ends = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("whole", "resumed")]
+    assert ends[0]["train_tasks"] == ["Breakout"] and ends[0]["method"] == "pearl"
+    assert torch.equal(ends[0]["resume"]["z"], ends[1]["resume"]["z"])
+    assert torch.equal(ends[0]["resume"]["env"]["ale"], ends[1]["resume"]["env"]["ale"])
+
+
+def test_resume_without_the_replay_file_refills_before_learning(tmp_path, monkeypatch, capfd, signal_handlers):
+    assert run_until_stopped(mt, tiny(mt, tmp_path, total_timesteps=150), ["Pong"], monkeypatch, 110,
+                             signal.SIGINT) == 128 + signal.SIGINT
+    os.remove(tmp_path / "replay.npz")
+    updates = []
+    optimize = mt.optimize
+    monkeypatch.setattr(mt, "optimize", lambda *a, **k: updates.append(1) or optimize(*a, **k))
+    capfd.readouterr()
+    mt.train(tiny(mt, tmp_path, total_timesteps=150, resume=True), ["Pong"])
+    warning = [line for line in capfd.readouterr().err.splitlines() if "replay" in line]
+    assert warning == [f"warning: --resume: {tmp_path / 'replay.npz'} is missing: the replay starts empty and "
+                       "learning waits for new transitions"]
+    assert updates == []  # learning waits until step 110 + --learning-starts 100, past the budget
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["resume"]["learning_starts"] == 210
+
+
+def test_replay_file_round_trip_and_older_or_newer_files(tmp_path, capsys):
+    buffer = mt.ReplayBuffer(40, 3, 0.9, 0.5, seed=0)
+    for i in range(50):  # wraps around: 40 entries, pos 10
+        buffer.add(np.full((84, 84), i, np.uint8), i % 4, float(i % 3 - 1), i % 7 == 6)
+    buffer.update_priorities(np.array([1, 2]), np.array([4.0, 9.0]))
+    buffer.rng.random(3)
+    path = str(tmp_path / "replay.npz")
+    mt.save_replay(path, [buffer], 50)
+    assert os.listdir(tmp_path) == ["replay.npz"]  # no temporary file left
+
+    same = mt.ReplayBuffer(40, 3, 0.9, 0.5, seed=1)
+    assert mt.load_replay(path, [same], 50) and capsys.readouterr().err == ""
+    for name in mt.REPLAY_FIELDS:
+        assert np.array_equal(getattr(same, name), getattr(buffer, name)), name
+    assert all(np.array_equal(a, b) for a, b in zip(same.tree.levels, buffer.tree.levels))
+    assert (same.pos, same.size, same.next_t, same.tree.max_priority) == (10, 40, 1, 3.0)
+    assert np.array_equal(same.rng.random(5), buffer.rng.random(5))  # the same samples from here on
+
+    older = mt.ReplayBuffer(40, 3, 0.9, 0.5)
+    assert mt.load_replay(path, [older], 60)  # a checkpoint 10 steps later: the gap ends an episode
+    assert older.dones[9] and not buffer.dones[9] and older.next_t == 0
+    assert "is from env step 50, the checkpoint from 60: the 10 transitions" in capsys.readouterr().err
+
+    newer = mt.ReplayBuffer(40, 3, 0.9, 0.5)
+    assert not mt.load_replay(path, [newer], 45) and newer.size == 0 and newer.tree.total == 0
+    assert "is from env step 50, after the checkpoint's 45: the replay starts empty" in capsys.readouterr().err
+    assert not mt.load_replay(path, [mt.ReplayBuffer(30, 3, 0.9, 0.5)], 50)
+    assert "holds buffers of [40] entries, not [30]" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_a_one_line_error(tmp_path):
+    args = tiny(mt, tmp_path, total_timesteps=20)
+    mt.train(args, ["Pong"])
+    with pytest.raises(SystemExit, match=re.escape("error: --resume: --n-step is 10 here but 20 in")):
+        mt.load_resume(dataclasses.replace(args, resume=True, n_step=10))
+    assert mt.load_resume(dataclasses.replace(args, resume=True, torch_threads=2, save_every=5))["global_step"] == 20
+    reptile_args = tiny(reptile, tmp_path, resume=True)
+    with pytest.raises(SystemExit, match="is not a resumable checkpoint of rainbow_reptile_atari.py"):
+        reptile.load_resume(reptile_args)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("rainbow_mt_atari.py", ["--save-every", "0"], "error: --save-every must be at least 1 (got 0)"),
+    ("rainbow_mt_atari.py", ["--eval-max-steps", "-1"], "error: --eval-max-steps must be at least 1 (got -1)"),
+    ("rainbow_reptile_atari.py", ["--save-replay-every", "-5"],
+     "error: --save-replay-every must be at least 1 (got -5)"),
+    ("rainbow_reptile_atari.py", ["--learning-starts", "-1"], "error: --learning-starts must be at least 0 (got -1)"),
+    ("rainbow_pearl_atari.py", ["--total-timesteps", "0"], "error: --total-timesteps must be at least 1 (got 0)"),
+    ("rainbow_pearl_atari.py", ["--gamma", "1.5"], "error: --gamma must be between 0 and 1 (got 1.5)"),
+    ("rainbow_mt_atari.py", ["--resume"], "error: --resume needs --output-dir: the directory of the run to continue"),
+    ("rainbow_pearl_atari.py", ["--resume", "--output-dir", "{tmp}/none"],
+     "error: --resume: --output-dir {tmp}/none holds no checkpoint.pt to continue from"),
+    ("rainbow_reptile_atari.py", ["--output-dir", "{tmp}/file"],
+     "error: --output-dir {tmp}/file is a file, not a directory"),
+])
+def test_bad_flags_are_one_line_errors_before_anything_is_created(script, flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a default runs/ would appear
+    if "{tmp}/file" in flags:
+        (tmp_path / "file").write_text("")
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.setattr(sys, "argv", [script, "--games", "Pong", *[f.format(tmp=tmp_path) for f in flags]])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    assert e.value.code == message.format(tmp=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_script_never_starts_over_a_run(tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["rainbow_mt_atari.py", "--games", "Pong", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "rainbow_mt_atari.py"), run_name="__main__")
+    assert e.value.code == (f"error: --output-dir {tmp_path / 'run'} already holds a run (checkpoint.pt); "
+                            "pass --resume to continue it, or choose another --output-dir")
+    assert os.listdir(tmp_path / "run") == ["checkpoint.pt"]
+
+
+def fake_checkpoint(path, train_tasks=("Breakout", "DemonAttack")) -> str:
+    """A pretrained-looking MT checkpoint of the default network (18 actions), written in a moment."""
+    net = mt.QNetwork(18)
+    mt.save_checkpoint(str(path), mt.Args(games=tuple(train_tasks)), net, torch.optim.Adam(net.parameters()), 1000,
+                       "mt", list(train_tasks), 18)
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-every", "-1"], "--eval-every must be at least 1 env step (got -1)"),
+    (["--eval-every", "0"], "--eval-every must be at least 1 env step (got 0)"),
+    (["--save-every", "0"], "error: --save-every must be at least 1 (got 0)"),
+    (["--save-replay-every", "-1"], "error: --save-replay-every must be at least 1 (got -1)"),
+    (["--total-timesteps", "0"], "error: --total-timesteps must be at least 1 (got 0)"),
+])
+def test_finetune_bad_flags_are_one_line_errors_before_anything_is_created(flags, message, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "mt.pt")
+    for source in (["--scratch", "atari"], ["--checkpoint", ckpt]):
+        with pytest.raises((finetune.FinetuneError, SystemExit)) as e:
+            finetune.main([*source, "--task", "Pong", *flags, "--output-dir", str(tmp_path / "ft")])
+        assert str(e.value.code if isinstance(e.value, SystemExit) else e.value) == message
+        assert sorted(os.listdir(tmp_path)) == ["mt.pt"]
+
+
+def test_finetune_on_a_training_game_warns_in_one_line(tmp_path, monkeypatch, capsys):
+    ckpt = fake_checkpoint(tmp_path / "mt.pt")
+    monkeypatch.setattr(mt, "train", lambda *a, **k: None)
+    finetune.main(["--checkpoint", ckpt, "--task", "Breakout", "--output-dir", str(tmp_path / "ft")])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: Breakout is one of the checkpoint's training games (Breakout, DemonAttack), not a held-out game"]
+    finetune.main(["--checkpoint", ckpt, "--task", "Pong", "--output-dir", str(tmp_path / "ft2")])
+    assert capsys.readouterr().err == ""
+
+
+def test_finetune_writes_periodic_checkpoints_by_default(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(mt, "train", lambda args, *a, **k: seen.update(args=args))
+    finetune.main(["--scratch", "atari", "--task", "Pong", "--output-dir", str(tmp_path / "ft")])
+    assert (seen["args"].save_every, seen["args"].save_replay_every, seen["args"].total_timesteps) == (10_000, 10_000,
+                                                                                                       100_000)
+
+
 # --------------------------------------------------------------------------- the copies stay identical
 
 SHARED = ["NoisyLinear", "Encoder", "SumTree", "Batch", "ReplayBuffer", "project_distribution", "clip_gradients",
           "to_patches", "encoder_matrices", "fast_encoder", "use_bf16", "save_checkpoint", "_plain", "check_der_args",
-          "keep_freed_memory", "seed_everything", "setup"]
+          "keep_freed_memory", "seed_everything", "setup", "run_state", "save_replay", "load_replay", "remove_replay",
+          "load_resume"]
 SHARED_MT_REPTILE = ["QNetwork", "dqn_loss", "optimize", "act", "step_weights", "fast_forward"]
 SHARED_MT_PEARL = ["sample_games"]
 
@@ -569,6 +800,8 @@ SHARED_MT_PEARL = ["sample_games"]
 def test_shared_pieces_are_identical_copies(other, names):
     for name in names:
         assert inspect.getsource(getattr(other, name)) == inspect.getsource(getattr(mt, name)), name
+    for name in ("REPLAY", "REPLAY_FIELDS", "RESUME_FREE"):
+        assert getattr(other, name) == getattr(mt, name), name
 
 
 @pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])

@@ -92,3 +92,34 @@ def test_multi_game_env_picks_a_game_per_game_over_and_keeps_it_after_a_lost_lif
                 switches_without_game_over += 1
     assert switches_without_game_over == 0
     assert played == {0, 1}
+
+
+def test_env_state_continues_the_same_episodes_in_a_new_env(tmp_path):
+    """get_state through a weights_only checkpoint into an env built with another seed: the same
+    observations, rewards, ends and game choices from there on (the emulator, its random state, the
+    no-op generator, the frame stack and the episode counters all travel)."""
+    env = atari.MultiGameEnv(["Pong", "Breakout"], seed=3, num_actions=18, max_episode_steps=150)
+    rng = np.random.default_rng(0)
+    env.reset()
+    for _ in range(400):  # past a few game overs and truncations of both games
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(18)))
+        if terminated or truncated:
+            env.reset()
+    torch.save(env.get_state(), tmp_path / "env.pt")
+    state = torch.load(tmp_path / "env.pt", weights_only=True)
+    actions = rng.integers(18, size=600)
+
+    def play(e):
+        out = []
+        for a in actions:
+            obs, reward, terminated, truncated, info = e.step(int(a))
+            out.append((obs.tobytes(), reward, terminated, truncated, str(info), e.game))
+            if terminated or truncated:
+                out.append((e.reset()[0].tobytes(), e.game))
+        return out
+
+    other = atari.MultiGameEnv(["Pong", "Breakout"], seed=99, num_actions=18, max_episode_steps=150)
+    other.set_state(state)
+    expected = play(env)
+    assert play(other) == expected
+    assert sum(len(x) == 2 for x in expected) >= 2  # resets happened after the state was taken

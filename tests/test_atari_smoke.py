@@ -3,8 +3,10 @@ subprocess, tiny budgets), plus finetune.py's one-line errors."""
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -162,3 +164,121 @@ def test_settings_that_cannot_run_are_one_line_errors(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ("error: --buffer-size 20 leaves 20 transitions per game; "
                                                     "each needs more than --n-step + 4 = 24")
+
+
+# --------------------------------------------------------------------------- stops and resumes
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, proc, timeout=240):
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, f"the run ended first: {proc.returncode}"
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def eval_steps(path):
+    rows = read_eval(path)
+    assert rows[0] == ["env_step", "mean_return", "episodes"] and all(r[0].isdigit() for r in rows[1:])
+    return [int(r[0]) for r in rows[1:]]
+
+
+def logged_steps(path, tag="eval/mean_return"):
+    """The steps of one TensorBoard curve as TensorBoard shows it (events after a purge_step dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert not [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]  # one run dir: the output dir
+    accumulator = EventAccumulator(str(path))
+    accumulator.Reload()
+    return [e.step for e in accumulator.Scalars(tag)]
+
+
+# a run of 300 env steps, learning from 200, a checkpoint every 100 and the replay every 200
+RESUMABLE = ["--total-timesteps", "300", "--learning-starts", "200", "--buffer-size", "1000", "--batch-size", "8",
+             "--torch-threads", "1", "--eval-every", "100", "--eval-episodes", "1", "--eval-max-steps", "30",
+             "--save-every", "100", "--save-replay-every", "200"]
+
+
+def test_kill_9_after_a_checkpoint_then_resume_reaches_the_budget(tmp_path):
+    out = tmp_path / "ft"
+    cmd = ["finetune.py", "--scratch", "atari", "--task", "Pong", *RESUMABLE, "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: (out / "checkpoint.pt").exists(), proc)
+    proc.kill()  # kill -9: no handler runs
+    proc.wait()
+    killed_at = torch.load(out / "checkpoint.pt", weights_only=True)["global_step"]
+    assert 100 <= killed_at < 300
+    had_replay = (out / "replay.npz").exists()
+    resumed = run(*cmd, "--resume")
+    assert f"resuming scratch[atari] on atari task Pong -> {out} from env step {killed_at}" in resumed.stdout
+    assert (f"{out / 'replay.npz'} is missing" in resumed.stderr) == (not had_replay)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 300
+    assert eval_steps(out) == [0, 100, 200, 300]  # one header, each point once
+    assert logged_steps(out) == [0, 100, 200, 300]  # one continuous curve
+    assert not (out / "replay.npz").exists() and not list(out.glob("*.tmp"))
+
+
+def test_sigterm_stops_finetune_with_its_background_evaluation_and_resume_continues(tmp_path):
+    """SIGTERM to the learner alone (as a scheduler sends it): checkpoint, replay, one line, exit 143,
+    and the evaluation process (and multiprocessing's resource tracker) gone with it."""
+    out = tmp_path / "ft"
+    cmd = ["finetune.py", "--scratch", "atari", "--task", "Pong", *RESUMABLE, "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: len(children(proc.pid)) >= 1, proc)  # the background evaluation has started
+    kids = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM at env step ") and last.endswith(f"--output-dir {out} --resume")
+    deadline = time.time() + 10
+    while any(alive(k) for k in kids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [k for k in kids if alive(k)] == []
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["global_step"]
+    assert step < 300 and (out / "replay.npz").exists()
+    run(*cmd, "--resume")
+    assert eval_steps(out) == [0, 100, 200, 300]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 300
+
+
+def test_sigint_stops_a_pretraining_script_and_resume_continues(tmp_path):
+    out = tmp_path / "mt"
+    cmd = ["rainbow_mt_atari.py", "--games", "Pong", "Breakout", "--total-timesteps", "600", "--learning-starts",
+           "550", "--buffer-size", "1200", "--batch-size", "8", "--torch-threads", "1", "--save-every", "100",
+           "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: (out / "checkpoint.pt").exists(), proc)  # the loop runs (acting only, until 550)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGINT at env step ")
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["global_step"]
+    assert 100 <= step < 600 and (out / "replay.npz").exists()
+    run(*cmd, "--resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["global_step"] == 600
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2 and not (out / "replay.npz").exists()
