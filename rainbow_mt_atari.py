@@ -587,16 +587,17 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
                 evaluator.log_finished()
             if (eval_every and global_step % eval_every == 0) or global_step == args.total_timesteps:
                 evaluator.run(global_step, q_network)
-            if stop:
+            stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
+            if stopping:
                 evaluator.terminate()  # its unfinished evaluations go into the checkpoint
-            replay = stop or global_step % args.save_replay_every == 0
+            replay = stopping or global_step % args.save_replay_every == 0
             if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
                 save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, q_network, optimizer, global_step,
                                 method, games, num_actions, run_state(target_network, env, obs, rng, learning_starts,
                                                                       evaluations=evaluator.unfinished()))
             if replay:
                 save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
-            if stop:
+            if stopping:
                 stop.exit(args.output_dir, global_step)
         evaluator.close(stop)  # waits for the last evaluations; a stop leaves them to --resume
         if stop:

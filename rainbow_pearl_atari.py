@@ -663,13 +663,14 @@ def train(args: Args, games: list[str], writer=None) -> PearlAgent:
             print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
                   flush=True)
             writer.add_scalar("charts/SPS", sps, global_step)
-        replay = stop or global_step % args.save_replay_every == 0
+        stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
+        replay = stopping or global_step % args.save_replay_every == 0
         if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
             save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, agent, optimizer, global_step, "pearl",
                             games, num_actions, run_state(target_network, env, obs, rng, learning_starts, z=z.cpu()))
         if replay:
             save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
-        if stop:
+        if stopping:
             stop.exit(args.output_dir, global_step)
     stop.restore()
     remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume
@@ -730,12 +731,13 @@ def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=Non
             writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
         if (eval_every and global_step % eval_every == 0) or global_step == args.total_timesteps:
             run_eval(global_step)
-        if stop or global_step % args.save_every == 0 or global_step == args.total_timesteps:
+        stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
+        if stopping or global_step % args.save_every == 0 or global_step == args.total_timesteps:
             save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, agent, None, global_step, "pearl",
                             train_tasks or [game], num_actions,
                             {"env": env.get_state(), "obs": torch.from_numpy(obs.copy()), "z": z.cpu()})
             save_replay(os.path.join(args.output_dir, REPLAY), [buffer], global_step)  # a few frames: every time
-        if stop:
+        if stopping:
             stop.exit(args.output_dir, global_step)
     stop.restore()
     remove_replay(args.output_dir)

@@ -550,13 +550,14 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
             print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
                   flush=True)
             writer.add_scalar("charts/SPS", sps, global_step)
-        replay = stop or global_step % args.save_replay_every == 0
+        stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
+        replay = stopping or global_step % args.save_replay_every == 0
         if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
             save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, q_network, optimizer, global_step,
                             "reptile", games, num_actions, run_state(target_network, env, obs, rng, learning_starts))
         if replay:
             save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
-        if stop:
+        if stopping:
             stop.exit(args.output_dir, global_step)
     stop.restore()
     remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume

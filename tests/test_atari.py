@@ -649,6 +649,23 @@ def test_resumed_pearl_adaptation_continues_where_it_stopped(tmp_path, monkeypat
     assert torch.equal(ends[0]["resume"]["env"]["ale"], ends[1]["resume"]["env"]["ale"])
 
 
+def test_a_signal_during_a_periodic_save_stops_at_the_next_step_with_its_replay(tmp_path, monkeypatch,
+                                                                                signal_handlers):
+    save, saves = mt.save_checkpoint, []
+
+    def save_and_signal(*a, **k):
+        save(*a, **k)
+        saves.append(1)
+        if len(saves) == 1:  # the periodic save at 105: the signal arrives after the step's decision to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(mt, "save_checkpoint", save_and_signal)
+    with pytest.raises(SystemExit):
+        mt.train(tiny(mt, tmp_path, total_timesteps=150, save_every=105), ["Pong"])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 106
+    assert int(np.load(tmp_path / "replay.npz")["global_step"]) == 106
+
+
 def test_resume_without_the_replay_file_refills_before_learning(tmp_path, monkeypatch, capfd, signal_handlers):
     assert run_until_stopped(mt, tiny(mt, tmp_path, total_timesteps=150), ["Pong"], monkeypatch, 110,
                              signal.SIGINT) == 128 + signal.SIGINT
