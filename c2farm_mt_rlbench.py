@@ -12,9 +12,10 @@ augmentation), and every batch takes an equal share of every task (15 from each 
 
 Top to bottom: Args; C2F-ARM's discrete action (voxels per depth, rotation bins, gripper);
 the voxel grid; the Q-attention network; the replay buffer; demos into the replay; the
-learner (the double-Q update); the training loop; checkpoints. The environments (RLBench and
-the Meta-World stand-in) come from envs/rlbench.py. finetune.py imports `train`, `setup`,
-`C2FARMLearner` and `save_checkpoint` to fine-tune and to train the scratch baseline.
+learner (the double-Q update); the training loop; checkpoints and --resume. The environments
+(RLBench and the Meta-World stand-in) come from envs/rlbench.py. finetune.py imports `train`,
+`setup`, `make_buffers`, `C2FARMLearner` and `save_run` to fine-tune and to train the scratch
+baseline.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import copy
 import dataclasses
 import os
 import random
+import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple
 
@@ -36,6 +39,8 @@ import torch.nn.functional as F
 from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
     BACKEND_TASKS, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS, ZOOM_HALF_WIDTH,
     Observation, TaskError, default_tasks, discover_keypoints, euler_to_quaternion, make_task, quaternion_to_euler)
+from envs.run_dir import (
+    CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir, rng_state, set_rng_state)
 
 METHOD = "mt"  # the checkpoint's method
 
@@ -57,7 +62,12 @@ class Args:
     capture_video: bool = False
     """accepted for CLI uniformity; the front camera's frames are in the replay instead"""
     output_dir: str | None = None
-    """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
+    """where checkpoint.pt, replay.npz and TensorBoard logs go (default runs/{run_name})"""
+    resume: bool = False
+    """continue the run in --output-dir (required) from its checkpoint.pt and replay.npz: pass the run's own
+    flags again (only where and how often it saves and the machine's settings may change); it ends at the
+    same --total-timesteps. Without replay.npz (killed before its first save) the demos are collected again,
+    the agent's own transitions are lost and the episode in progress restarts (a one-line warning says so)"""
 
     # tasks
     backend: str = "metaworld"
@@ -130,6 +140,10 @@ class Args:
     """env steps between evaluations during pretraining (0: only at the end)"""
     checkpoint_interval: int = 5_000
     """env steps between checkpoints (and one at the end)"""
+    replay_save_interval: int = 10_000
+    """env steps between saves of the replay buffers (demos and agent transitions) to replay.npz, each with a
+    checkpoint; also written at a SIGINT / SIGTERM, removed when the run ends (it only serves --resume).
+    About 10 GB at the paper's settings; 0 = only at a stop"""
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small 3D convolutions on a busy 2-core machine; 0 = torch's default)"""
 
@@ -418,7 +432,7 @@ class ReplayBuffer:
         self.reward = np.zeros(capacity, np.float32)
         self.done = np.zeros(capacity, np.float32)
         self.priority = np.zeros(capacity, np.float64)
-        self.size = self.pos = self.obs_pos = 0
+        self.size = self.pos = self.obs_pos = self.obs_size = 0
         self.recent: list[int] = []  # transitions in insertion order (PEARL's context window)
 
     def add_observation(self, obs, t: int, episode_length: int) -> int:
@@ -426,7 +440,7 @@ class ReplayBuffer:
         self.rgb[i], self.pcd[i] = obs.front_rgb, obs.front_point_cloud
         self.lowdim[i] = lowdim_state(obs, t, episode_length)
         self.attention[i] = -1  # no action taken from it yet
-        self.obs_pos = (self.obs_pos + 1) % len(self.rgb)
+        self.obs_pos, self.obs_size = (self.obs_pos + 1) % len(self.rgb), min(self.obs_size + 1, len(self.rgb))
         return i
 
     def add(self, obs_i: int, action: np.ndarray, reward: float, done: bool, next_i: int, shift=0.0) -> None:
@@ -524,6 +538,7 @@ class C2FARMLearner:
 
     def __init__(self, agent: C2FARM, buffers: list[ReplayBuffer], args: Args, device):
         self.agent, self.buffers, self.args, self.device = agent, buffers, args, device
+        self.model = agent  # what a checkpoint's "model" holds (PEARL: the agent and its context encoder)
         self.target = copy.deepcopy(agent).requires_grad_(False)
         self.optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         self.rng = np.random.default_rng(args.seed)
@@ -658,18 +673,28 @@ class C2FARMLearner:
         return None  # PEARL overrides: the task's inferred context
 
     def state(self) -> dict:
-        return {"model": self.agent.state_dict(), "target_model": self.target.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "target_model": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sampling_rng": self.rng.bit_generator.state}
+
+    def load(self, ckpt: dict) -> None:
+        """Restore what `state` saved (--resume)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.target.load_state_dict(ckpt["target_model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.rng.bit_generator.state = ckpt["sampling_rng"]
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def evaluate(tasks, learner: C2FARMLearner, args: Args) -> tuple[float, int]:
-    """Greedy success rate over `eval_episodes` episodes of every task, and the episode count."""
+def evaluate(tasks, learner: C2FARMLearner, args: Args, stop=None) -> tuple[float, int] | None:
+    """Greedy success rate over `eval_episodes` episodes of every task, and the episode count
+    (None once `stop` is set: a SIGINT / SIGTERM does not wait for a long evaluation)."""
     successes = []
     for task_id, task in enumerate(tasks):
         for _ in range(args.eval_episodes):
+            if stop:
+                return None
             _, obs = task.reset()
             success = 0.0
             for t in range(args.episode_length):
@@ -683,20 +708,39 @@ def evaluate(tasks, learner: C2FARMLearner, args: Args) -> tuple[float, int]:
 
 
 def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str], writer,
-          log_eval: Callable | None = None, eval_every: int | None = None, save: Callable | None = None) -> int:
+          log_eval: Callable | None = None, eval_every: int | None = None, save: Callable | None = None,
+          stop=None, loop: dict | None = None) -> int:
     """The C2F-ARM loop shared by pretraining (MT / Reptile / PEARL learners) and fine-tuning:
     episodes round-robin over the tasks, `updates_per_step` learner updates per env step.
     `log_eval(step, success_rate, episodes)` receives evaluations at step 0 (when `eval_every`
     is set), at the first episode end after every `eval_every` env steps, and at the end;
-    `save(step)` every `checkpoint_interval` steps and at the end. Returns the env steps taken."""
+    `save(step, loop, with_replay)` every `checkpoint_interval` steps, with the replay buffers every
+    `replay_save_interval`, and at the end. A set `stop` (SIGINT / SIGTERM) ends the loop after the
+    current step with a save that includes the replay. `loop` (a checkpoint's) continues a run
+    exactly where it stopped. Returns the env steps taken."""
     start, successes, episode, logs = time.time(), [], 0, {}
     done, task_id, obs, obs_i, t, success = True, 0, None, 0, 0, 0.0
-    next_eval = eval_every or None
-    if log_eval is not None and eval_every:
-        log_eval(0, *evaluate(tasks, learner, args))  # before any update: the zero-shot point of the curve
-    global_step = 0
-    for global_step in range(1, args.total_timesteps + 1):  # global_step counts env steps, this one included
+    global_step, next_eval, finished = 0, (0 if eval_every else None), False
+    if loop is not None:
+        global_step, episode, successes, next_eval, done, task_id, obs, obs_i, t, success = resume_loop(loop, tasks)
+    first_step = global_step
+
+    def where() -> dict:  # the loop's state: a checkpoint continues from exactly here
+        return {"global_step": global_step, "episode": episode, "successes": successes[-20:], "next_eval": next_eval,
+                "done": done, "task_id": task_id, "obs_i": obs_i, "t": t, "success": success, "finished": finished,
+                "tasks": [task.get_state() for task in tasks]}
+
+    while global_step < args.total_timesteps and not stop:
+        # evaluate between episodes (evaluation resets the tasks): at step 0 and after every eval_every env steps
+        if done and log_eval is not None and next_eval is not None and global_step >= next_eval:
+            result = evaluate(tasks, learner, args, stop)
+            if result is None:
+                break  # stopped: the checkpoint keeps this evaluation due
+            log_eval(global_step, *result)
+            next_eval += eval_every * ((global_step - next_eval) // eval_every + 1)
+
         # ALGO LOGIC: reset if done (tasks take turns), act, step, store
+        global_step += 1  # counts env steps, this one included
         if done:
             task_id = episode % len(tasks)
             _, obs = tasks[task_id].reset()
@@ -716,11 +760,11 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
             for _ in range(args.updates_per_step):
                 logs = learner.update(global_step)
 
-        # TRY NOT TO MODIFY: log, evaluate, save
+        # TRY NOT TO MODIFY: log, save
         if global_step % 10 == 0:
             for k, v in logs.items():
                 writer.add_scalar(k, float(v), global_step)
-            sps = global_step / (time.time() - start)  # env steps/s, updates and evaluations included
+            sps = (global_step - first_step) / (time.time() - start)  # env steps/s, updates and evaluations included
             writer.add_scalar("charts/SPS", sps, global_step)
             print(f"global_step={global_step} SPS={sps:.2f}", flush=True)
         if done:
@@ -732,16 +776,17 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
             writer.add_scalar("charts/success_rate", rate, global_step)
             print(f"global_step={global_step} task={task_names[task_id]} episodic_return={success:.0f} "
                   f"success_rate(last 20)={rate:.2f}", flush=True)
-            # evaluate between episodes (evaluation resets the tasks); the last one comes after the loop
-            if log_eval is not None and next_eval is not None and args.total_timesteps > global_step >= next_eval:
-                log_eval(global_step, *evaluate(tasks, learner, args))
-                next_eval += eval_every * ((global_step - next_eval) // eval_every + 1)
-        if save is not None and global_step % args.checkpoint_interval == 0 and global_step < args.total_timesteps:
-            save(global_step)
-    if log_eval is not None:
-        log_eval(global_step, *evaluate(tasks, learner, args))
+        with_replay = args.replay_save_interval > 0 and global_step % args.replay_save_interval == 0
+        if save is not None and (global_step % args.checkpoint_interval == 0 or with_replay) \
+                and global_step < args.total_timesteps:
+            save(global_step, where(), with_replay)
+    if log_eval is not None and not stop:  # the last point of the curve
+        result = evaluate(tasks, learner, args, stop)
+        if result is not None:
+            log_eval(global_step, *result)
+    finished = not stop
     if save is not None:
-        save(global_step)
+        save(global_step, where(), bool(stop))  # at a stop with the replay buffers, to resume from here
     return global_step
 
 
@@ -752,25 +797,37 @@ CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # = finetune.CHECKPOINT_FORMAT
 
 
 def save_checkpoint(path: str, args: Args, learner: C2FARMLearner, train_tasks: list[str], global_step: int,
-                    method: str = METHOD) -> None:
+                    method: str = METHOD, loop: dict | None = None) -> None:
     """Tensors and plain values only (loads with weights_only=True); written atomically.
-    finetune.py also saves its fine-tuned agents with this (method "finetune" / "scratch")."""
+    finetune.py also saves its fine-tuned agents with this (method "finetune" / "scratch").
+    --resume continues from the learner's state, the random states and `loop` (train's state: "resume")."""
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": os.path.basename(__file__)[:-3],
             "benchmark": "rlbench", "method": method, "train_tasks": list(train_tasks),
-            "args": dataclasses.asdict(args), "global_step": int(global_step), **learner.state()}
+            "args": dataclasses.asdict(args), "global_step": int(global_step), **learner.state(),
+            "rng": rng_state(), "resume": loop}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(ckpt, path)
 
 
 def check_args(args: Args) -> None:
     """Settings that cannot run raise TaskError, which the scripts report as one line."""
     for name in ("total_timesteps", "batch_size", "image_size", "episode_length", "voxel_size", "depths",
-                 "replay_size", "updates_per_step", "eval_episodes", "checkpoint_interval", "unet_width"):
+                 "replay_size", "updates_per_step", "eval_episodes", "checkpoint_interval", "unet_width",
+                 "demo_augmentation_every"):
         if getattr(args, name) < 1:
             raise TaskError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.demos < 0:
-        raise TaskError(f"--demos must be 0 or more (got {args.demos})")
+    for name in ("demos", "learning_starts", "eval_interval", "replay_save_interval", "torch_threads", "weight_decay",
+                 "priority_exponent", "importance_exponent", "lambda_trans_qreg", "lambda_rot_qreg"):
+        if not getattr(args, name) >= 0:
+            raise TaskError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)})")
+    for name in ("gamma", "epsilon"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise TaskError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
+    for name in ("learning_rate", "grad_clip_value"):
+        if not getattr(args, name) > 0:
+            raise TaskError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not 0 < args.tau <= 1:
+        raise TaskError(f"--tau must be in (0, 1] (got {args.tau})")
     if not 0 < args.rotation_resolution <= 180:
         raise TaskError(f"--rotation-resolution must be in (0, 180] degrees (got {args.rotation_resolution})")
     if args.unet_width % 4:
@@ -780,7 +837,7 @@ def check_args(args: Args) -> None:
 
 
 def setup(args: Args, task_names: list[str], agent: C2FARM | None = None, latent: int = 0):
-    """Seeds, device, tasks, agent and demo-filled buffers: the part every script shares."""
+    """Seeds, device, tasks and agent: the part every script shares (the replay: `make_buffers`)."""
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -790,19 +847,42 @@ def setup(args: Args, task_names: list[str], agent: C2FARM | None = None, latent
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     tasks = [make_task(args.backend, name, args.image_size, args.seed + i) for i, name in enumerate(task_names)]
     agent = (agent or make_agent(args, latent)).to(device)
-    buffers, demo_rng = [], np.random.default_rng(args.seed)
-    for name, task in zip(task_names, tasks):
-        buffer = ReplayBuffer(max(1, args.replay_size // len(tasks)), args.image_size, args.depths + 4,
-                              args.priority_exponent)
+    return device, tasks, agent
+
+
+def make_buffers(args: Args, task_names: list[str], tasks: list, agent: C2FARM, stop=None,
+                 replay: str | None = None, resume_step: int | None = None) -> tuple[list[ReplayBuffer], bool]:
+    """Every task's prioritized replay, filled with `--demos` expert demos, or (--resume) loaded from
+    the run's `replay` file. Also returns whether that file is of the checkpoint's env step
+    `resume_step` (else the episode in progress cannot continue: its observations are not in it)."""
+    buffers = [ReplayBuffer(max(1, args.replay_size // len(tasks)), args.image_size, args.depths + 4,
+                            args.priority_exponent) for _ in tasks]
+    if replay is not None and os.path.exists(replay):
+        step = load_replay(replay, buffers)
+        print(f"replay buffers of env step {step} from {replay}", flush=True)
+        if step != resume_step:  # killed between the replay's save and the checkpoint's
+            print(f"warning: {replay} is of env step {step}, the checkpoint of env step {resume_step}: "
+                  "resuming with it; the episode in progress restarts", file=sys.stderr, flush=True)
+        return buffers, step == resume_step
+    if replay is not None:
+        print(f"warning: {replay} is missing: collecting the demos again; the agent's own transitions "
+              "before the checkpoint are lost and the episode in progress restarts", file=sys.stderr, flush=True)
+    demo_rng = np.random.default_rng(args.seed)
+    for name, task, buffer in zip(task_names, tasks, buffers):
+        if stop:  # demos take minutes on RLBench: a stop does not wait for all of them
+            print(f"stopped by {signal.Signals(stop.signum).name} while collecting demos; nothing new was saved: "
+                  "run the same command again", file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop.signum)
         if args.demos > 0:
             t0 = time.time()
             n = add_demos(buffer, agent, collect_demos(task, args), args, demo_rng)
             print(f"{name}: {args.demos} demos -> {n} transitions ({time.time() - t0:.1f}s)", flush=True)
-        buffers.append(buffer)
-    return device, tasks, agent, buffers
+    return buffers, False
 
 
-def make_writer(args: Args, run_dir: str):
+def make_writer(args: Args, run_dir: str, purge_step: int | None = None):
+    """TensorBoard in run_dir; a resumed run (`purge_step`: its checkpoint's step) continues the same
+    log, TensorBoard dropping what the killed run logged after its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -810,31 +890,143 @@ def make_writer(args: Args, run_dir: str):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=os.path.basename(run_dir), save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    if purge_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
 
 
-def main(args: Args):
-    """Pretraining entry point."""
-    task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
-    run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    device, tasks, agent, buffers = setup(args, task_names)
-    writer = make_writer(args, run_dir)
-    learner = C2FARMLearner(agent, buffers, args, device)
-    path = os.path.join(run_dir, "checkpoint.pt")
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: resume
 
-    def log_eval(step, rate, episodes):
-        writer.add_scalar("eval/success_rate", rate, step)
-        print(f"[eval] global_step={step} success_rate={rate:.3f} ({episodes} episodes)", flush=True)
 
+REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt
+OBS_ARRAYS = ("rgb", "pcd", "lowdim", "attention", "shift")  # ReplayBuffer's arrays per observation
+TRANSITION_ARRAYS = ("obs_index", "action", "reward", "done", "priority")  # and per transition
+
+
+def save_run(output_dir: str, args: Args, learner: C2FARMLearner, train_tasks: list[str], global_step: int,
+             loop: dict, with_replay: bool, method: str = METHOD) -> None:
+    """`train`'s save: the replay buffers first (`with_replay`), then the checkpoint. A finished run's
+    replay file goes: it only serves --resume and is the run's largest file."""
+    replay = os.path.join(output_dir, REPLAY)
+    if with_replay:
+        save_replay(replay, learner.buffers, global_step)
+    save_checkpoint(os.path.join(output_dir, CHECKPOINT), args, learner, train_tasks, global_step, method, loop)
+    if loop["finished"] and os.path.exists(replay):
+        os.remove(replay)
+
+
+def save_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> None:
+    """The filled part of every task's replay arrays (demos, agent transitions, priorities, PEARL's
+    recent transitions) in one .npz, deflated at level 1 (numpy's default level takes about 3x as
+    long for a similar size), written to a temporary name of this process and renamed into place."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        def put(name: str, array) -> None:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+
+        put("global_step", np.int64(global_step))
+        for i, b in enumerate(buffers):
+            put(f"{i}/counters", np.array([b.size, b.pos, b.obs_size, b.obs_pos], np.int64))
+            put(f"{i}/recent", np.array(b.recent, np.int64))
+            for name in OBS_ARRAYS:
+                put(f"{i}/{name}", getattr(b, name)[:b.obs_size])
+            for name in TRANSITION_ARRAYS:
+                put(f"{i}/{name}", getattr(b, name)[:b.size])
+    os.replace(tmp, path)
+
+
+def load_replay(path: str, buffers: list[ReplayBuffer]) -> int:
+    """Fill new buffers from `save_replay`'s file; returns its env step. One-line TaskError if it does not fit."""
     try:
-        train(args, learner, tasks, task_names, writer, log_eval=log_eval, eval_every=args.eval_interval or None,
-              save=lambda step: save_checkpoint(path, args, learner, task_names, step))
+        with np.load(path, allow_pickle=False) as f:
+            if f"{len(buffers)}/counters" in f.files:
+                raise ValueError("it holds more task buffers than this run has")
+            for i, b in enumerate(buffers):
+                b.size, b.pos, b.obs_size, b.obs_pos = (int(x) for x in f[f"{i}/counters"])
+                b.recent = f[f"{i}/recent"].tolist()
+                for name in OBS_ARRAYS:
+                    getattr(b, name)[:b.obs_size] = f[f"{i}/{name}"]
+                for name in TRANSITION_ARRAYS:
+                    getattr(b, name)[:b.size] = f[f"{i}/{name}"]
+            return int(f["global_step"])
+    except Exception as e:  # truncated, another run's shapes, not an npz
+        reason = " ".join(str(e).split())[:120]
+        raise TaskError(f"--resume: {path} does not fit this run ({type(e).__name__}: {reason}); remove it to "
+                        "resume without it (the demos are collected again, the agent's transitions are lost)") from None
+
+
+# Args a --resume may change (envs.run_dir.load_resume): where and how often it saves, and the machine's
+# settings; any other flag must be the run's own (a resumed run is the same run).
+RESUME_FREE = frozenset({"resume", "output_dir", "checkpoint_interval", "replay_save_interval", "cuda",
+                         "torch_threads", "track", "wandb_project_name", "wandb_entity"})
+
+
+def restore(learner: C2FARMLearner, ckpt: dict, path: str) -> dict:
+    """--resume: the learner (networks, optimizer, sampling generator) and the global random states from
+    a checkpoint, before any demo or file is made; returns train's loop state. One-line TaskError if it
+    does not fit this run."""
+    try:
+        learner.load(ckpt)
+        set_rng_state(ckpt["rng"])
+        return dict(ckpt["resume"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        reason = " ".join(line.strip() for line in str(e).splitlines())[:240]
+        raise TaskError(f"--resume: {path} does not fit this run: {reason}") from None
+
+
+def resume_loop(loop: dict, tasks: list):
+    """train's variables at the checkpoint; every task's simulator state restored. The episode in
+    progress goes on where its task can continue it (RLBench cannot: a new episode starts)."""
+    observations = [task.set_state(state) for task, state in zip(tasks, loop["tasks"])]
+    obs = None if loop["done"] else observations[loop["task_id"]]
+    return (loop["global_step"], loop["episode"], list(loop["successes"]), loop["next_eval"], obs is None,
+            loop["task_id"], obs, loop["obs_i"], loop["t"], loop["success"])
+
+
+def main(args: Args):
+    """Pretraining entry point: every input is checked before a folder, file or demo is made."""
+    task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
+    check_args(args)
+    if args.resume and args.output_dir is None:
+        raise TaskError("--resume needs --output-dir: the directory of the run to continue")
+    run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    check_output_dir(run_dir, args.resume)
+    path, replay = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, REPLAY)
+    script = os.path.basename(__file__)[:-3]
+    ckpt = load_resume(run_dir, script, dataclasses.asdict(args), RESUME_FREE) if args.resume else None
+    if ckpt is not None and ckpt["resume"]["finished"]:
+        print(f"the run in {run_dir} is complete ({ckpt['global_step']} env steps): nothing to resume", flush=True)
+        return
+    device, tasks, agent = setup(args, task_names)
+    writer = stop = loop = None
+    try:
+        learner = C2FARMLearner(agent, [], args, device)
+        loop = restore(learner, ckpt, path) if ckpt is not None else None
+        lock = open_output_dir(run_dir)  # noqa: F841  (held while this process runs)
+        stop = StopRequest()
+        learner.buffers, exact = make_buffers(args, task_names, tasks, agent, stop, ckpt and replay,
+                                              ckpt and ckpt["global_step"])
+        if loop is not None and not exact:
+            loop["done"] = True  # the episode in progress restarts
+        writer = make_writer(args, run_dir, purge_step=loop and loop["global_step"])
+
+        def log_eval(step, rate, episodes):
+            writer.add_scalar("eval/success_rate", rate, step)
+            print(f"[eval] global_step={step} success_rate={rate:.3f} ({episodes} episodes)", flush=True)
+
+        step = train(args, learner, tasks, task_names, writer, log_eval=log_eval, eval_every=args.eval_interval or None,
+                     save=lambda step, loop, with_replay: save_run(run_dir, args, learner, task_names, step, loop,
+                                                                   with_replay),
+                     stop=stop, loop=loop)
     finally:
         for task in tasks:
             task.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if stop:
+        stop.exit(run_dir, step)
     print(f"saved {path}", flush=True)
 
 

@@ -411,7 +411,8 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     path, replay = os.path.join(run.output_dir, run_dir.CHECKPOINT), os.path.join(run.output_dir, c2f.REPLAY)
     stop = None
     try:
-        own = module.read_checkpoint(path, args) if opts.resume else None
+        own = run_dir.load_resume(run.output_dir, module.__name__, dataclasses.asdict(args), module.RESUME_FREE) \
+            if opts.resume else None
         if own is not None and (own["method"] != label or own["train_tasks"] != [opts.task]):
             raise FinetuneError(f"--resume: {path} holds a {own['method']} run on {', '.join(own['train_tasks'])}, "
                                 f"not this {label} run on {opts.task}")

@@ -4,6 +4,7 @@
     descriptions, obs = task.reset()
     obs, reward, terminate = task.step(action)   # 8-D: xyz, quaternion xyzw, gripper open (1) / closed (0)
     demos = task.get_demos(5)                    # lists of Observation, successful expert episodes
+    state = task.get_state(); obs = task.set_state(state)   # resume mid-episode (Meta-World; RLBench: None)
 
 This is the environment, not the method (as CleanRL takes its environments from gym
 wrappers): the two backends (`RLBenchTask`, the paper's; `MetaWorldTask`, pip-installable),
@@ -376,6 +377,39 @@ class MetaWorldTask:
         d = self.env.data
         return d.qpos.copy(), d.qvel.copy(), d.mocap_pos.copy(), d.mocap_quat.copy()
 
+    # -- resuming a run (a checkpoint holds the state of every task)
+    def get_state(self) -> dict:
+        """Everything that continues this task exactly, mid-episode included, as tensors and plain
+        values (a weights_only checkpoint): the scene's sampled positions, MuJoCo's full integration
+        state, the env's random generator and the wrapper's gripper command."""
+        import torch
+
+        env, mj = self.env, self._mj
+        spec = mj.mjtState.mjSTATE_INTEGRATION
+        sim = np.empty(mj.mj_stateSize(env.model, spec))
+        mj.mj_getState(env.model, env.data, sim, spec)
+        return {"rand_vec": torch.as_tensor(np.array(env._last_rand_vec, np.float64)),
+                "freeze_rand_vec": bool(env._freeze_rand_vec), "np_random": env.np_random.bit_generator.state,
+                "sim": torch.from_numpy(sim), "prev_obs": torch.as_tensor(np.array(env._prev_obs, np.float64)),
+                "path_length": int(env.curr_path_length), "grip_effort": float(self.grip_effort),
+                "raw_obs": None if self._raw_obs is None else torch.as_tensor(np.array(self._raw_obs, np.float64))}
+
+    def set_state(self, state: dict) -> Observation:
+        """Restore `get_state` and return the observation there (rendered again: rendering is
+        deterministic). The reset to the saved scene rebuilds what Meta-World computes at a reset
+        (targets, initial positions); MuJoCo's state then overwrites the simulator."""
+        env, mj = self.env, self._mj
+        env._last_rand_vec, env._freeze_rand_vec = state["rand_vec"].numpy().copy(), True
+        self.reset()
+        env._freeze_rand_vec = state["freeze_rand_vec"]
+        mj.mj_setState(env.model, env.data, state["sim"].numpy(), mj.mjtState.mjSTATE_INTEGRATION)
+        mj.mj_forward(env.model, env.data)
+        env.np_random.bit_generator.state = state["np_random"]
+        env._prev_obs, env.curr_path_length = state["prev_obs"].numpy().copy(), state["path_length"]
+        self.grip_effort = state["grip_effort"]
+        self._raw_obs = None if state["raw_obs"] is None else state["raw_obs"].numpy().copy()
+        return self.get_observation()
+
     def _set_sim_state(self, state):
         d = self.env.data
         d.qpos[:], d.qvel[:], d.mocap_pos[:], d.mocap_quat[:] = state
@@ -452,6 +486,14 @@ class RLBenchTask:
     def get_demos(self, amount: int, live_demos: bool = True, frames=None):
         """`frames` is accepted for API parity with MetaWorldTask (RLBench renders every frame)."""
         return [list(demo) for demo in self.task.get_demos(amount, live_demos=live_demos)]
+
+    def get_state(self) -> None:
+        """CoppeliaSim's scene cannot be saved mid-episode: a resumed run starts a new episode here
+        (its random scene sampling draws from numpy's global generator, which the checkpoint holds)."""
+        return None
+
+    def set_state(self, state) -> None:
+        return None  # no observation to continue from: the caller resets
 
     def close(self):
         self.env.shutdown()

@@ -1,6 +1,7 @@
 """Exact checks of envs/rlbench.py: the task lists, the pose and camera math, the Meta-World
-stand-in (point cloud against the simulator, unreachable targets) and the RLBench adapter
-against a stand-in of the RLBench 1.2 / PyRep modules (CoppeliaSim cannot be installed here)."""
+stand-in (point cloud against the simulator, unreachable targets, its state for --resume) and
+the RLBench adapter against a stand-in of the RLBench 1.2 / PyRep modules (CoppeliaSim cannot be
+installed here)."""
 
 import os
 import sys
@@ -8,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -74,6 +76,34 @@ def test_metaworld_unreachable_target_is_a_failure():
         assert np.linalg.norm(obs.gripper_pose[:3] - target) < 0.01  # the "planner" got there
     finally:
         task.close()
+
+
+@pytest.mark.parametrize("name", ["push-v3", "drawer-open-v3"])
+def test_metaworld_state_resumes_mid_episode_exactly(name):
+    """get_state mid-episode, then set_state on a fresh task (another seed): the same observation and
+    the same observations, rewards and ends for the same actions afterwards, bit for bit."""
+    rng = np.random.default_rng(0)
+    a, b = rlb.make_task("metaworld", name, image_size=16, seed=5), rlb.make_task("metaworld", name, image_size=16, seed=9)
+    try:
+        lo, hi = a.workspace
+        actions = [np.concatenate([rng.uniform(lo, hi), [0, 0, 0, 1], [i % 2]]) for i in range(5)]
+        a.reset()
+        for action in actions[:2]:
+            a.step(action)
+        state = a.get_state()
+        assert isinstance(state["sim"], torch.Tensor) and isinstance(state["np_random"], dict)
+        fields = ("front_rgb", "front_point_cloud", "gripper_pose", "gripper_open", "gripper_joint_positions")
+        same = lambda o, p: all(np.array_equal(getattr(o, f), getattr(p, f)) for f in fields)  # noqa: E731
+        b.reset()
+        assert same(b.set_state(state), a.get_observation())
+        for action in actions[2:]:
+            (obs_a, *rest_a), (obs_b, *rest_b) = a.step(action), b.step(action)
+            assert same(obs_a, obs_b) and rest_a == rest_b
+        a.reset(), b.reset()  # the next scene too (Meta-World's generator and the frozen scene restored)
+        np.testing.assert_array_equal(a.env._last_rand_vec, b.env._last_rand_vec)
+    finally:
+        a.close()
+        b.close()
 
 
 # --------------------------------------------------------------------------- RLBench adapter (fake API)
@@ -202,6 +232,7 @@ def test_rlbench_adapter_against_fake_api(monkeypatch):
     assert (reward, terminate) == (1.0, True) and calls["actions"][-1][7] == 0.0
     demos = task.get_demos(2)
     assert len(demos) == 2 and len(demos[0]) == 2
+    assert task.get_state() is None and task.set_state(None) is None  # a resumed run restarts RLBench's episode
     task.close()
 
 

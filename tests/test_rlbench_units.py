@@ -14,6 +14,7 @@ import c2farm_mt_rlbench as c2f  # noqa: E402
 import c2farm_pearl_rlbench as pearl  # noqa: E402
 import c2farm_reptile_rlbench as reptile  # noqa: E402
 from envs import rlbench as rlb  # noqa: E402
+from envs.run_dir import load_resume, set_rng_state  # noqa: E402
 
 RLB_BOUNDS = np.array([-0.3, -0.5, 0.6, 0.7, 0.5, 1.6])  # 1 m cube, 16 voxels of 0.0625 m
 
@@ -208,6 +209,97 @@ def test_checkpoint_round_trip(tmp_path):
     assert mt_args.unet_width == 4
 
 
+# --------------------------------------------------------------------------- --resume: replay file, learner state
+
+
+def _filled_buffer(seed: int, capacity: int = 6, image_size: int = 4, transitions: int = 9) -> c2f.ReplayBuffer:
+    """A buffer that has wrapped around (9 transitions in 6 slots), with distinct values everywhere."""
+    rng, buffer = np.random.default_rng(seed), c2f.ReplayBuffer(capacity, image_size, 6)
+    prev = buffer.add_observation(_obs(image_size, seed), 0, 10)
+    for i in range(transitions):
+        nxt = buffer.add_observation(_obs(image_size, seed + i + 1), i + 1, 10)
+        buffer.add(prev, rng.integers(0, [4096, 4096, 72, 72, 72, 2]), float(i % 2), i % 3 == 0, nxt, rng.uniform(-1, 1, (1, 3)))
+        prev = nxt
+    buffer.update_priorities(np.arange(3), rng.uniform(0.1, 2.0, 3))
+    return buffer
+
+
+def test_replay_file_round_trip_and_bad_files(tmp_path):
+    buffers = [_filled_buffer(0), _filled_buffer(1, transitions=2)]
+    assert buffers[0].size == 6 and buffers[0].obs_size == 10 and buffers[1].obs_size == 3
+    path = str(tmp_path / c2f.REPLAY)
+    c2f.save_replay(path, buffers, global_step=42)
+    assert sorted(os.listdir(tmp_path)) == [c2f.REPLAY]  # no temporary file left behind
+    loaded = [c2f.ReplayBuffer(6, 4, 6), c2f.ReplayBuffer(6, 4, 6)]
+    assert c2f.load_replay(path, loaded) == 42
+    for b, c in zip(buffers, loaded):
+        assert (b.size, b.pos, b.obs_size, b.obs_pos, b.recent) == (c.size, c.pos, c.obs_size, c.obs_pos, c.recent)
+        for name in c2f.OBS_ARRAYS:
+            np.testing.assert_array_equal(getattr(b, name)[:b.obs_size], getattr(c, name)[:c.obs_size])
+        for name in c2f.TRANSITION_ARRAYS:
+            np.testing.assert_array_equal(getattr(b, name)[:b.size], getattr(c, name)[:c.size])
+        idx = np.arange(b.size)
+        for x, y in zip(b.batch(idx), c.batch(idx)):
+            np.testing.assert_array_equal(x, y)
+    # another run's shapes, another number of tasks, a truncated file: one line naming the file and the way out
+    for fresh in ([c2f.ReplayBuffer(6, 8, 6), c2f.ReplayBuffer(6, 8, 6)], [c2f.ReplayBuffer(6, 4, 6)]):
+        with pytest.raises(c2f.TaskError, match="replay.npz does not fit this run .*remove it to resume without it"):
+            c2f.load_replay(path, fresh)
+    with open(path, "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(c2f.TaskError) as error:
+        c2f.load_replay(path, [c2f.ReplayBuffer(6, 4, 6), c2f.ReplayBuffer(6, 4, 6)])
+    assert "\n" not in str(error.value) and path in str(error.value)
+
+
+def test_missing_replay_file_collects_demos_again_with_a_warning(tmp_path, capsys):
+    args = c2f.Args(unet_width=4, image_size=16, demos=1, train_tasks=["reach-v3"])
+    _, tasks, agent = c2f.setup(args, ["reach-v3"])
+    try:
+        buffers, exact = c2f.make_buffers(args, ["reach-v3"], tasks, agent, replay=str(tmp_path / c2f.REPLAY),
+                                          resume_step=8)
+    finally:
+        tasks[0].close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "replay.npz is missing: collecting the demos again" in err[0]
+    assert buffers[0].size > 0 and not exact  # the demos, and the episode in progress restarts
+
+
+@pytest.mark.parametrize("module, learner_class", [(c2f, "C2FARMLearner"), (reptile, "ReptileLearner"),
+                                                   (pearl, "PEARLLearner")])
+def test_learner_state_restores_exactly_and_refuses_another_network(module, learner_class, tmp_path):
+    """A checkpoint's learner state (networks, optimizer, sampling generator, global random states)
+    continues the updates bit for bit; a checkpoint of another network size is a one-line TaskError."""
+    def make(width=4):
+        args = module.Args(unet_width=width, image_size=4, batch_size=4, train_tasks=["reach-v3"])
+        agent = module.make_agent(args, getattr(args, "latent_size", 0))
+        return getattr(module, learner_class)(agent, [_filled_buffer(3)], args, torch.device("cpu"))
+
+    torch.manual_seed(0)
+    a = make()
+    a.update(1)
+    path = str(tmp_path / "checkpoint.pt")
+    module.save_checkpoint(path, a.args, a, ["reach-v3"], 1, loop={"finished": False})
+    ckpt = load_resume(str(tmp_path), module.__name__, dataclasses.asdict(a.args), module.RESUME_FREE)
+    b = make()
+    b.buffers = [_filled_buffer(3)]  # the same replay (in a run: from replay.npz)
+    b.buffers[0].priority[:] = a.buffers[0].priority
+    assert module.restore(b, ckpt, path) == {"finished": False}
+    for learner in (a, b):  # one process: both continue from the checkpoint's global random state
+        set_rng_state(ckpt["rng"])
+        learner.update(2)
+    for x, y in zip(list(a.model.state_dict().values()) + list(a.target.state_dict().values()),
+                    list(b.model.state_dict().values()) + list(b.target.state_dict().values())):
+        assert torch.equal(x, y)
+    with pytest.raises(module.TaskError, match="does not fit this run: .*size mismatch"):
+        module.restore(make(width=8), ckpt, path)
+    with pytest.raises(SystemExit, match="--batch-size is 8 here but 4 in .*pass the run's own flags"):
+        load_resume(str(tmp_path), module.__name__, dataclasses.asdict(dataclasses.replace(a.args, batch_size=8)),
+                    module.RESUME_FREE)
+    free = dataclasses.replace(a.args, checkpoint_interval=7, replay_save_interval=0, torch_threads=2)
+    load_resume(str(tmp_path), module.__name__, dataclasses.asdict(free), module.RESUME_FREE)  # may change
+
+
 def test_metaworld_demo_replays_through_action_interface():
     """A scripted reach demo: one keypoint (the last frame); executing it as an 8-D next-best
     pose from the demo's initial scene succeeds, as does its voxel-discretized version."""
@@ -249,12 +341,36 @@ def test_multitask_batch_has_an_equal_share_per_task():
     (dict(voxel_size=0), "--voxel-size must be at least 1 (got 0)"),
     (dict(demos=-1), "--demos must be 0 or more (got -1)"),
     (dict(rotation_resolution=0.0), "--rotation-resolution must be in (0, 180] degrees (got 0.0)"),
+    (dict(checkpoint_interval=0), "--checkpoint-interval must be at least 1 (got 0)"),
+    (dict(checkpoint_interval=-5), "--checkpoint-interval must be at least 1 (got -5)"),
+    (dict(replay_save_interval=-1), "--replay-save-interval must be 0 or more (got -1)"),
+    (dict(eval_interval=-1), "--eval-interval must be 0 or more (got -1)"),
+    (dict(learning_starts=-1), "--learning-starts must be 0 or more (got -1)"),
+    (dict(demo_augmentation_every=0), "--demo-augmentation-every must be at least 1 (got 0)"),
+    (dict(gamma=1.5), "--gamma must be in [0, 1] (got 1.5)"),
+    (dict(epsilon=float("nan")), "--epsilon must be in [0, 1] (got nan)"),
+    (dict(tau=0.0), "--tau must be in (0, 1] (got 0.0)"),
+    (dict(learning_rate=-1e-4), "--learning-rate must be positive (got -0.0001)"),
+    (dict(weight_decay=-1.0), "--weight-decay must be 0 or more (got -1.0)"),
 ])
 def test_settings_that_cannot_run_are_refused(module, change, message):
     with pytest.raises(module.TaskError) as error:
         module.check_args(dataclasses.replace(module.Args(), **change))
     assert str(error.value) == message
     module.check_args(module.Args())  # the defaults pass
+
+
+@pytest.mark.parametrize("module, change, message", [
+    (reptile, dict(reptile_eps_start=1.5), "--reptile-eps-start must be in [0, 1] (got 1.5)"),
+    (reptile, dict(reptile_k=0), "--reptile-k must be at least 1 (got 0)"),
+    (pearl, dict(kl_weight=-1.0), "--kl-weight must be 0 or more (got -1.0)"),
+    (pearl, dict(context_window=101), "--context-window must be at most 100, the transitions a buffer keeps as "
+                                      "recent (got 101)"),
+])
+def test_method_settings_that_cannot_run_are_refused(module, change, message):
+    with pytest.raises(module.TaskError) as error:
+        module.check_args(dataclasses.replace(module.Args(), **change))
+    assert str(error.value) == message
 
 
 # --------------------------------------------------------------------------- the three scripts
@@ -264,7 +380,8 @@ SHARED = ("discretize_rotation", "undiscretize_rotation", "point_to_voxel", "vox
           "voxelize", "lowdim_state", "conv3d", "dense", "_init", "Inception3D", "spatial_softmax",
           "QAttentionNet", "C2FARM", "make_agent", "Batch", "ReplayBuffer", "demo_chains",
           "demo_frames", "add_demos", "collect_demos", "to_tensors", "obs_tensors", "C2FARMLearner", "evaluate",
-          "train", "save_checkpoint", "setup", "make_writer")
+          "train", "save_checkpoint", "setup", "make_buffers", "make_writer", "save_run", "save_replay", "load_replay",
+          "restore", "resume_loop")
 
 
 @pytest.mark.parametrize("name", SHARED)
@@ -274,6 +391,8 @@ def test_shared_pieces_are_identical(name):
 
     sources = [inspect.getsource(getattr(m, name)) for m in (c2f, reptile, pearl)]
     assert sources[0] == sources[1] == sources[2], f"{name} differs between the C2F-ARM scripts"
+    for constant in ("REPLAY", "OBS_ARRAYS", "TRANSITION_ARRAYS", "RESUME_FREE"):
+        assert getattr(c2f, constant) == getattr(reptile, constant) == getattr(pearl, constant)
 
 
 @pytest.mark.parametrize("module", [c2f, reptile, pearl])
