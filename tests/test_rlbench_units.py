@@ -252,17 +252,25 @@ def test_replay_file_round_trip_and_bad_files(tmp_path):
     assert "\n" not in str(error.value) and path in str(error.value)
 
 
-def test_missing_replay_file_collects_demos_again_with_a_warning(tmp_path, capsys):
+def test_replay_file_missing_or_of_another_step_warns_in_one_line(tmp_path, capsys):
     args = c2f.Args(unet_width=4, image_size=16, demos=1, train_tasks=["reach-v3"])
     _, tasks, agent = c2f.setup(args, ["reach-v3"])
     try:
         buffers, exact = c2f.make_buffers(args, ["reach-v3"], tasks, agent, replay=str(tmp_path / c2f.REPLAY),
                                           resume_step=8)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "replay.npz is missing: collecting the demos again" in err[0]
+        assert buffers[0].size > 0 and not exact  # the demos, and the episode in progress restarts
+        # a replay file of another env step than the checkpoint (killed between the two saves): used, with a warning
+        c2f.save_replay(str(tmp_path / c2f.REPLAY), buffers, global_step=4)
+        for step, warned in ((8, True), (4, False)):
+            loaded, exact = c2f.make_buffers(args, ["reach-v3"], tasks, agent, replay=str(tmp_path / c2f.REPLAY),
+                                             resume_step=step)
+            assert loaded[0].size == buffers[0].size and exact == (not warned)
+            err = capsys.readouterr().err.strip()
+            assert ("replay.npz is of env step 4, the checkpoint of env step 8" in err) == warned
     finally:
         tasks[0].close()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "replay.npz is missing: collecting the demos again" in err[0]
-    assert buffers[0].size > 0 and not exact  # the demos, and the episode in progress restarts
 
 
 @pytest.mark.parametrize("module, learner_class", [(c2f, "C2FARMLearner"), (reptile, "ReptileLearner"),
