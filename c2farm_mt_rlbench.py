@@ -85,7 +85,8 @@ class Args:
 
     # C2F-ARM (paper Sec. 5.2 and C2F-ARM's settings)
     total_timesteps: int = 100_000
-    """env steps (next-best-pose actions) over all tasks"""
+    """env steps (next-best-pose actions) over all tasks (ours: the paper states no pretraining budget in
+    env steps; 100k fills ARM's replay capacity of 1e5 once)"""
     batch_size: int = 150
     """transitions per update, an equal share from every task (paper: 15 from each of 10 tasks)"""
     learning_rate: float = 5e-4
@@ -135,7 +136,7 @@ class Args:
 
     # logging / evaluation
     eval_episodes: int = 5
-    """greedy episodes per task at each evaluation"""
+    """greedy episodes per task at each evaluation (ours: neither the paper nor ARM's launch config fixes it)"""
     eval_interval: int = 0
     """env steps between evaluations during pretraining (0: only at the end)"""
     checkpoint_interval: int = 5_000

@@ -397,6 +397,8 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     pearl = method == "pearl"
     module = importlib.import_module("c2farm_pearl_rlbench") if pearl else c2f
     # Paper: fine-tune the whole agent with batch 60 from the new task; 2 demos unless --demos says otherwise.
+    # The 10k-step budget and the evaluation every 1000 steps are ours (the paper's RLBench curves give
+    # neither in env steps); both are flags.
     args = script_args(module, ckpt, overrides, train_tasks=[opts.task], held_out_task=None, batch_size=60, demos=2,
                        total_timesteps=10_000, output_dir=run.output_dir, resume=opts.resume)
     if args.backend not in c2f.BACKEND_TASKS:
