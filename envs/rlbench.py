@@ -232,8 +232,9 @@ class MetaWorldTask:
         if name not in BACKEND_TASKS["metaworld"]:
             raise TaskError(f"unknown metaworld task '{name}'")
         self.name, self.image_size, self._mj = name, image_size, mujoco
-        # goal-observable: object and goal positions are re-sampled on every reset (like RLBench's
-        # randomised scenes) and the scripted expert can read the goal.
+        # goal-observable: the scripted expert can read the goal. Meta-World's constructor freezes the
+        # scene it samples first, so every episode of a task starts with the same object and goal
+        # positions (unlike RLBench's randomised scenes; docs/rlbench.md, "What still differs").
         self.env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{name}-goal-observable"](seed=seed)
         self.env.max_path_length = 10**9  # episodes are bounded by the agent's 10 actions instead
         self.expert = ENV_POLICY_MAP[name]()
