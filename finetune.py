@@ -398,9 +398,9 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     module = importlib.import_module("c2farm_pearl_rlbench") if pearl else c2f
     # Paper: fine-tune the whole agent with batch 60 from the new task; 2 demos unless --demos says otherwise.
     # The 10k-step budget and the evaluation every 1000 steps are ours (the paper's RLBench curves give
-    # neither in env steps); both are flags.
+    # neither in env steps); both are flags. The replay is saved halfway (and at a stop) for --resume.
     args = script_args(module, ckpt, overrides, train_tasks=[opts.task], held_out_task=None, batch_size=60, demos=2,
-                       total_timesteps=10_000, output_dir=run.output_dir, resume=opts.resume)
+                       total_timesteps=10_000, replay_save_interval=5_000, output_dir=run.output_dir, resume=opts.resume)
     if args.backend not in c2f.BACKEND_TASKS:
         raise FinetuneError(f"unknown backend '{args.backend}': expected metaworld or rlbench")
     if opts.task not in c2f.BACKEND_TASKS[args.backend]:
@@ -442,10 +442,10 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
                 module.save_run(run.output_dir, args, learner, [opts.task], step, loop, with_replay, method=label)
 
             if pearl:
-                step = module.adapt(args, learner, tasks, opts.task, run.writer, run.log_eval, eval_every, save=save,
-                                    stop=stop, loop=loop)
+                step = module.adapt(args, learner, tasks, opts.task, run.writer, _new_points(run), eval_every,
+                                    save=save, stop=stop, loop=loop)
             else:
-                step = c2f.train(args, learner, tasks, [opts.task], run.writer, log_eval=run.log_eval,
+                step = c2f.train(args, learner, tasks, [opts.task], run.writer, log_eval=_new_points(run),
                                  eval_every=eval_every, save=save, stop=stop, loop=loop)
         finally:
             for task in tasks:
@@ -517,13 +517,20 @@ def check_output_dir(path: str, resume: bool) -> None:
         raise FinetuneError(str(e.code).removeprefix("error: ")) from None
 
 
-def resume_point(output_dir: str, benchmark: str) -> int:
-    """--resume: the env step of the run's own checkpoint in `output_dir` (validated like any checkpoint;
-    it must be of the same benchmark as this run)."""
+def resume_point(output_dir: str, benchmark: str, method: str) -> int:
+    """--resume: the env step of the run's own checkpoint in `output_dir`, validated like any checkpoint.
+    It must be a fine-tuning run (its folder has an eval.csv) of this benchmark and of this run's kind
+    (`method`: scratch, finetune, or the rl2 / pearl adaptation)."""
     path = os.path.join(output_dir, run_dir.CHECKPOINT)
     own = load_checkpoint(path)
     if own["benchmark"] != benchmark:
-        raise FinetuneError(f"--resume: {path} is a {own['benchmark']} run, not a {benchmark} one")
+        raise FinetuneError(f"--resume: {path} is a run of the {own['benchmark']} benchmark, not of {benchmark}")
+    if not os.path.isfile(os.path.join(output_dir, "eval.csv")):
+        raise FinetuneError(f"--resume: {output_dir} holds a pretraining run of {own['module']}, not a fine-tuning "
+                            "run (no eval.csv)")
+    if own["method"] != method:
+        raise FinetuneError(f"--resume: {path} holds a {own['method']} run, not this {method} run; pass the run's "
+                            "own --checkpoint or --scratch")
     return own["global_step"]
 
 
@@ -559,7 +566,8 @@ def main(argv: list[str] | None = None) -> str:
         adapt(ckpt, opts, overrides + ["--help"], _HelpRun(output_dir, metric))  # tyro prints and exits
         raise SystemExit(0)
     check_output_dir(output_dir, opts.resume)
-    resume_step = resume_point(output_dir, benchmark) if opts.resume else None
+    kind = "scratch" if ckpt is None else method if method in ("rl2", "pearl") else "finetune"
+    resume_step = resume_point(output_dir, benchmark, kind) if opts.resume else None
     print(f"{'resuming' if opts.resume else 'fine-tuning'} {label} on {benchmark} task {opts.task} -> {output_dir}"
           + (f" from env step {resume_step}" if opts.resume else ""), flush=True)
     run = Run(output_dir, metric, opts.resume, resume_step)  # creates nothing until the benchmark's checks pass

@@ -487,6 +487,9 @@ def check_args(args: Args) -> int:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
     if args.save_every < 1:
         raise SystemExit(f"error: --save-every must be at least 1 iteration (got {args.save_every})")
+    if not args.learning_rate > 0 or args.update_epochs < 1:
+        raise SystemExit(f"error: --learning-rate must be above 0 and --update-epochs at least 1 "
+                         f"(got {args.learning_rate}, {args.update_epochs})")
     if args.resume and args.output_dir is None:
         raise SystemExit("error: --resume needs --output-dir: the directory of the run to continue")
     check_levels(args.start_level, args.num_levels, args.distribution_mode, args.seed)

@@ -770,6 +770,8 @@ def check_der_args(args, num_games: int) -> None:
     for name in ("hidden_size", "max_episode_steps"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if not args.learning_rate > 0:
+        sys.exit(f"error: --learning-rate must be above 0 (got {args.learning_rate})")
     for name in ("learning_starts", "max_noops"):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 0 (got {getattr(args, name)})")

@@ -242,6 +242,14 @@ def test_finetune_runs_and_writes_eval_csv(pretrained, tmp_path, source):
         ckpt = finetune.load_checkpoint(str(out / "checkpoint.pt"))
         assert ckpt["train_tasks"] == [10000] and ckpt["args"]["num_levels"] == 1
         assert ckpt["args"]["start_level"] == 10000 and ckpt["args"]["total_timesteps"] == 256
+    if source == "ppo_mt_procgen":  # --resume continues only a fine-tuning run of the same kind
+        flags = ["--task", "10000", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2",
+                 "--total-timesteps", "256", "--resume", "--output-dir"]
+        message = one_line_error(lambda: finetune.main(["--scratch", "procgen", *flags, str(out)]))
+        assert message.endswith("holds a finetune run, not this scratch run; pass the run's own --checkpoint or --scratch")
+        pretraining = pretrained["ppo_reptile_procgen"].parent
+        message = one_line_error(lambda: finetune.main(["--checkpoint", str(pretrained[source]), *flags, str(pretraining)]))
+        assert message == f"--resume: {pretraining} holds a pretraining run of ppo_reptile_procgen, not a fine-tuning run (no eval.csv)"
 
 
 def test_finetune_overrides_default_to_checkpoint_values(pretrained):
@@ -630,6 +638,8 @@ def one_line_error(call) -> str:
     (["--start-level", "2147483000", "--num-levels", "1000"], "--num-levels must be in [0, 2**31 - start level]"),
     (["--distribution-mode", "exploration"], "--distribution-mode exploration"),
     (["--seed", "3000000000"], "--seed must be in [0, 2**30]"),
+    (["--learning-rate", "-1"], "--learning-rate must be above 0"),
+    (["--update-epochs", "0"], "--update-epochs at least 1"),
     (["--resume"], "--resume needs --output-dir"),
     (["--resume", "--output-dir", "{tmp}/none"], "holds no checkpoint.pt to continue from"),
     (["--output-dir", "{tmp}/a_file"], "is a file, not a directory"),

@@ -265,10 +265,11 @@ def test_bad_resume_and_output_dir_inputs_are_one_line_errors_that_create_nothin
     c2f.main(c2f.Args(**{**base, "resume": True, "output_dir": str(finished)}))  # a finished run: nothing to do
     assert _tree(tmp_path) == before[0]
     # finetune.py --resume of a pretraining run, or of a run with other flags
-    with pytest.raises(SystemExit) as error:  # finetune.py --resume of a pretraining run
+    with pytest.raises(finetune.FinetuneError) as error:  # finetune.py --resume of a pretraining run
         finetune.main(["--checkpoint", paths["mt"], "--task", "drawer-open-v3", *TINY, *SAVES, "--resume",
                        "--output-dir", str(finished)])
-    assert "--train-tasks is ['drawer-open-v3'] here but ['reach-v3', 'push-v3']" in str(error.value.code)
+    assert str(error.value) == (f"--resume: {finished} holds a pretraining run of c2farm_mt_rlbench, not a "
+                                "fine-tuning run (no eval.csv)")
     assert _tree(tmp_path) == before[0]
 
 
