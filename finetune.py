@@ -296,6 +296,7 @@ def finetune_procgen(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     ppo.check_args(args)
     if opts.resume:
         run_dir.load_resume(run.output_dir, ppo.SCRIPT, dataclasses.asdict(args))
+    torch.manual_seed(args.seed)  # a fresh network (scratch) is drawn from --seed, as in a pretraining script
     agent = ppo.Agent(ppo.NUM_ACTIONS)
     if ckpt is not None:
         load_state(agent, ckpt["model"], opts.checkpoint, "IMPALA-CNN agent")
@@ -354,6 +355,7 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
     q_network = None
     if ckpt is not None:
         num_actions = der.atari.num_game_actions(opts.task) if encoder_only else ckpt["num_actions"]
+        torch.manual_seed(args.seed)  # --load-encoder-only's fresh heads are drawn from --seed
         q_network = der.QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
         state = ckpt["model"]
         if encoder_only:  # the heads stay freshly initialised

@@ -759,3 +759,14 @@ def test_finetune_warns_when_the_task_is_a_training_level(pretrained, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == "warning: level 3 is one of the checkpoint's 10 training levels, not a held-out one"
     assert len(lines) == 2 and "must be at least 1" in lines[1] and "Traceback" not in proc.stderr
+
+
+def test_finetune_scratch_network_is_drawn_from_the_seed(monkeypatch, tmp_path):
+    """--scratch: the fresh network's weights depend on --seed (and only on it)."""
+    first_layers = []
+    monkeypatch.setattr(mt, "train", lambda args, agent, **kw: first_layers.append(
+        next(agent.parameters()).detach().clone()))
+    for seed, out in ((1, "a"), (2, "b"), (1, "c")):
+        finetune.main(["--scratch", "procgen", "--task", "10000", "--seed", str(seed), "--output-dir",
+                       str(tmp_path / out)])
+    assert not torch.equal(first_layers[0], first_layers[1]) and torch.equal(first_layers[0], first_layers[2])
