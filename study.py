@@ -325,8 +325,8 @@ def scores(d: str) -> dict:
         try:
             import torch
 
-            out["env_steps"] = int(torch.load(os.path.join(d, "checkpoint.pt"), map_location="cpu",
-                                              weights_only=True)["global_step"])
+            path = os.path.join(d, "checkpoint.pt")
+            out["env_steps"] = int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
         except Exception:  # not one of our checkpoints (e.g. a test's stand-in script): no step count
             pass
     return out
