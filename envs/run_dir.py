@@ -97,6 +97,29 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def save_arrays(path: str, arrays: dict, compresslevel: int = 6) -> None:
+    """Named numpy arrays in one deflated .npz (what a replay file is), written to a temporary name of
+    this process and renamed into place. Large arrays stream into the zip (zip64); level 1 deflates
+    about 3x faster than the default 6 for a similar size on frames. Read back with np.load."""
+    import zipfile
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def remove_temporaries(path: str) -> None:
+    """Delete the temporary files a killed process left beside `path` (call it while holding the
+    folder's lock: no live process is writing them)."""
+    import glob
+
+    for tmp in glob.glob(f"{glob.escape(path)}.*.tmp"):
+        os.remove(tmp)
+
+
 def rng_state() -> dict:
     """Python's, numpy's and torch's global random states as plain values and tensors
     (loadable with `torch.load(weights_only=True)`)."""

@@ -93,3 +93,19 @@ def test_stop_request_turns_a_signal_into_a_flag():
         assert e.value.code == 128 + signal.SIGTERM
     finally:
         stop.restore()
+
+
+def test_save_arrays_round_trips_and_leaves_no_temporary(tmp_path):
+    from envs.run_dir import remove_temporaries, save_arrays
+
+    path = str(tmp_path / "replay.npz")
+    frames = np.arange(3 * 84 * 84, dtype=np.uint8).reshape(3, 84, 84)
+    save_arrays(path, {"0/frames": frames, "global_step": np.int64(7), "rng": np.array('{"a": 1}')}, compresslevel=1)
+    with np.load(path, allow_pickle=False) as f:
+        assert sorted(f.files) == ["0/frames", "global_step", "rng"]
+        assert np.array_equal(f["0/frames"], frames) and f["0/frames"].dtype == np.uint8
+        assert int(f["global_step"]) == 7 and str(f["rng"]) == '{"a": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replay.npz"]
+    (tmp_path / "replay.npz.123.tmp").write_bytes(b"half")
+    remove_temporaries(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replay.npz"]
