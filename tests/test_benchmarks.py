@@ -1,0 +1,43 @@
+"""The benchmark scripts' own pieces: what they run must exist (they are not run by the suite)."""
+
+import importlib.util
+import os
+import sys
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_atari_py_shim_finds_kaixhins_games():
+    shim = load("benchmarks/atari_py_shim/atari_py.py", "atari_py_shim")
+    assert "pong" in shim.list_games() and "space_invaders" in shim.list_games()
+    path = shim.get_game_path("pong")
+    assert path.endswith("pong.bin") and os.path.isfile(path)
+    ale = shim.ALEInterface()
+    ale.setInt("frame_skip", 0)
+    ale.loadROM(path)
+    assert len(ale.getMinimalActionSet()) == 6 and ale.getScreenGrayscale().shape == (210, 160)
+
+
+def test_der_benchmark_runs_our_script_with_flags_it_has(tmp_path):
+    bench = load("benchmarks/bench_der_kaixhin.py", "bench_der_kaixhin")
+    sys.path.insert(0, ROOT)
+    import rainbow_mt_atari
+
+    cmd = bench.ours(5600, str(tmp_path / "out"))
+    args = tyro.cli(rainbow_mt_atari.Args, args=cmd[2:])
+    assert (args.games, args.pad_actions, args.buffer_size, args.learning_starts, args.total_timesteps) == (
+        ("Pong",), False, 100_000, 1600, 5600)
+    # DER's settings, as the Kaixhin/Rainbow side is given them
+    assert (args.n_step, args.hidden_size, args.learning_rate, args.target_network_frequency, args.batch_size,
+            args.replay_ratio) == (20, 256, 1e-4, 2000, 32, 1)
+    theirs = bench.kaixhin(5600, "/k")
+    assert theirs[theirs.index("--multi-step") + 1] == "20" and theirs[theirs.index("--T-max") + 1] == "5600"
