@@ -1,33 +1,13 @@
 """Figures 4, 6 and 8 of Mandi, Abbeel & James (NeurIPS 2022) and sound aggregate statistics, from a study directory.
 
-Usage:
     python figures.py --study-dir DIR [--out DIR/figures] [--format png pdf] [--reps 2000] [--seed 0]
 
-A study directory (written by study.py, DESIGN.md section 5) holds `results.csv` (one row per run)
-and `runs/<run_id>/eval.csv` (`env_step,<metric>,episodes`, first row at step 0). The story:
-
-1. Read results.csv; keep the finished adaptation runs; read each run's eval.csv. Everything that is
-   not there (pending, running, failed or blocked runs, holes in the grid, runs without evaluation
-   rows) is listed as missing: a partial study draws what it has.
-2. Score every run from its own curve: zero_shot = the point at step 0, final = the last point,
-   auc = the mean over all points (results.csv's cached copies are not used).
-3. Curves, as the paper draws them: for each method and training set, per seed, the mean over the
-   held-out tasks at each env step, then the mean over seeds, shaded +- one standard error
-   (std with ddof=1 over seeds / sqrt(n); no shading with one seed).
-     Figure 4 (Procgen CoinRun): a panel per training set (100, 1000, 10000 levels), y = (R - 5) / 5.
-     Figure 6 (RLBench): rows = demos at adaptation (0, 1, 2), columns = held-out tasks, success rate.
-     Figure 8 (Atari): a figure per training set (1, 5, 10 games), a panel per test game, raw score.
-   Scratch runs have no training set: the same scratch baseline is drawn in every panel.
-4. Aggregates after Agarwal et al. 2021 with rliable: median, IQM and mean with 95% stratified
-   bootstrap confidence intervals, the probability that MT fine-tuning improves on each other method,
-   and performance profiles. Atari scores are human-normalised for aggregation.
-5. Write the figures, summary.csv and summary.md into --out; print the paths, the main figure last.
-
-Outputs (each figure in every --format): fig4 (Procgen) / fig6 (RLBench) / fig8_<training set> (Atari),
-aggregates_<benchmark> (median, IQM, mean, P(MT > X)), profiles_<benchmark> (performance profiles),
-summary.csv (benchmark, train_set, method, score, n_runs, mean, stderr, iqm, iqm_low, iqm_high, median)
-and summary.md (the same as tables, P(MT > X), and the missing runs). --reps bootstrap resamples
-(default 2000), seeded by --seed: the same study gives the same intervals.
+Reads DIR/results.csv and each finished adaptation run's eval.csv, listing what is missing (a partial
+study draws what it has); scores each run from its own curve (zero_shot = the point at step 0, final =
+the last, auc = the mean); draws the paper's curves (per seed the mean over held-out tasks, then mean +-
+one standard error over seeds: Figure 4 Procgen, 6 RLBench, 8 Atari) and Agarwal et al. 2021's aggregates
+with rliable (median, IQM, mean with 95% stratified bootstrap CIs, P(MT > X), performance profiles; Atari
+human-normalised); writes them, summary.csv and summary.md into --out, the main figure's path printed last.
 """
 
 import argparse
@@ -40,8 +20,6 @@ from collections import defaultdict
 
 import numpy as np
 
-RESULTS_COLUMNS = ["run_id", "stage", "benchmark", "method", "train_set", "task", "demos", "seed", "status",
-                   "env_steps", "zero_shot", "final", "auc", "wall_s", "git_sha", "pretrain_run_id", "command"]
 SUMMARY_COLUMNS = ["benchmark", "train_set", "method", "score", "n_runs", "mean", "stderr", "iqm", "iqm_low",
                    "iqm_high", "median"]
 SCORES = ("final", "auc", "zero_shot")
@@ -52,12 +30,10 @@ STYLES = {"mt": ("-", "o"), "reptile": ("--", "s"), "rl2": ("-.", "^"), "pearl":
 BASE_ALGO = {"procgen": "PPO", "atari": "Rainbow", "rlbench": "C2F-ARM"}
 UNIT = {"procgen": ("level", "levels"), "atari": ("game", "games"), "rlbench": ("task", "tasks")}
 
-# Procgen's normalised return (Cobbe et al. 2020; openai/train-procgen's constants): CoinRun's range
-# is [R_min, R_max] = [5, 10], so y = (R - 5) / 5.
+# CoinRun's normalised return y = (R - 5) / 5: its range [5, 10] in openai/train-procgen (Cobbe et al. 2020)
 COINRUN_MIN, COINRUN_MAX = 5.0, 10.0
 
-# (random, human) scores of the five test games: the standard table of Mnih et al. 2015 (as repeated in
-# Badia et al. 2020, "Agent57", Appendix H, and deepmind/dqn_zoo's atari_data.py).
+# (random, human) scores of the test games: Mnih et al. 2015's table (Agent57's App. H, dqn_zoo's atari_data.py)
 ATARI_RANDOM_HUMAN = {
     "pong": (-20.7, 14.6),
     "assault": (222.4, 742.0),
@@ -91,8 +67,7 @@ def read_results(study_dir: str) -> list[dict]:
 
 
 def read_eval(path: str) -> tuple[str, np.ndarray, np.ndarray]:
-    """eval.csv -> (metric, steps, values), sorted by step. Tolerates the older two-column file.
-    Raises FileNotFoundError or ValueError (malformed file)."""
+    """eval.csv -> (metric, steps, values), sorted by step; FileNotFoundError, or ValueError if malformed."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or len(rows[0]) < 2 or rows[0][0] != "env_step":
@@ -104,8 +79,7 @@ def read_eval(path: str) -> tuple[str, np.ndarray, np.ndarray]:
 
 
 def train_label(benchmark: str, train_set: str) -> str:
-    """A readable training-set name: '100' -> '100 levels'; a list of 10 tasks -> '10 tasks'. Counting
-    the items makes RLBench's leave-one-out sets (different for every held-out task) one group."""
+    """'100' -> '100 levels'; a list of 10 tasks -> '10 tasks' (RLBench's leave-one-out sets: one name)."""
     if not train_set:
         return ""
     one, many = UNIT.get(benchmark, ("task", "tasks"))
@@ -148,14 +122,13 @@ def load_study(study_dir: str) -> tuple[list[dict], list[str]]:
         path = os.path.join(study_dir, "runs", row["run_id"], "eval.csv")
         try:
             metric, steps, values = read_eval(path)
+            problem = "" if len(steps) else "done, but eval.csv has no evaluation rows"
         except FileNotFoundError:
-            missing.append(f"{row['run_id']}: done, but has no eval.csv")
-            continue
+            problem = "done, but has no eval.csv"
         except ValueError as e:
-            missing.append(f"{row['run_id']}: unreadable eval.csv ({e})")
-            continue
-        if len(steps) == 0:
-            missing.append(f"{row['run_id']}: done, but eval.csv has no evaluation rows")
+            problem = f"unreadable eval.csv ({e})"
+        if problem:
+            missing.append(f"{row['run_id']}: {problem}")
             continue
         demos = row["demos"] if row["benchmark"] == "rlbench" else ""
         runs.append(dict(run_id=row["run_id"], benchmark=row["benchmark"], method=row["method"],
@@ -165,8 +138,7 @@ def load_study(study_dir: str) -> tuple[list[dict], list[str]]:
 
 
 def merge_one_task_sets(runs: list[dict]) -> list[dict]:
-    """Leave-one-out grids (RLBench: train on the other 10 tasks) name a training set per held-out task;
-    when every training set of a benchmark serves exactly one task, they are one group: 'leave-one-out'."""
+    """Training sets that each serve exactly one held-out task (RLBench's leave-one-out) become one group."""
     for bench in {r["benchmark"] for r in runs}:
         mine = [r for r in runs if r["benchmark"] == bench and r["train"]]
         tasks_of = defaultdict(set)
@@ -180,9 +152,7 @@ def merge_one_task_sets(runs: list[dict]) -> list[dict]:
 
 
 def grid_holes(rows: list[dict]) -> list[str]:
-    """Runs that results.csv does not list although the grid implies them: every method seen with a
-    training set, on each task that training set is adapted to (scratch: every task), with each demos
-    count and each seed of the study."""
+    """Runs the grid implies (method x its training set's tasks x demos x seed; scratch: all tasks) but lacks."""
     holes = []
     for bench in sorted({r["benchmark"] for r in rows}):
         mine = [r for r in rows if r["benchmark"] == bench]
@@ -223,8 +193,7 @@ def atari_game_key(task: str) -> str:
 
 
 def aggregate_scale(benchmark: str, task: str, values: np.ndarray) -> np.ndarray | None:
-    """The scale the aggregates pool over tasks on: Atari human-normalised (score - random) / (human -
-    random); others as their curves. None when an Atari game has no reference scores."""
+    """The aggregates' scale: Atari's (score - random) / (human - random), None without references; else the curves'."""
     if benchmark == "atari":
         ref = ATARI_RANDOM_HUMAN.get(atari_game_key(task))
         return None if ref is None else (values - ref[0]) / (ref[1] - ref[0])
@@ -249,12 +218,8 @@ def mean_stderr(per_seed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(steps, mean, stderr, n_seeds) of a group of runs, on the paper's scale.
-
-    Runs of one group normally share their evaluation steps. Where they do not, every run is linearly
-    interpolated onto the union of their steps, up to the last step that all of them reached (no run
-    is extrapolated, so a curve stops where its shortest run stops). Per seed, the runs (tasks) are
-    averaged at each step; then mean and standard error over seeds."""
+    """(steps, mean, stderr, n_seeds) on the paper's scale: per seed the mean over runs (tasks), then over seeds.
+    Runs are interpolated onto the union of their steps up to the last all reached (never extrapolated)."""
     end = min(r["steps"][-1] for r in runs)
     grid = np.unique(np.concatenate([r["steps"][r["steps"] <= end] for r in runs]))
     by_seed = defaultdict(list)
@@ -280,9 +245,8 @@ def _median_iqm_mean(*per_task: np.ndarray) -> np.ndarray:
     return np.array([np.median(x), iqm(x), np.mean(x)])
 
 
-def interval_estimates(per_task: list[np.ndarray], reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Median, IQM and mean of all runs pooled, with 95% stratified bootstrap CIs (runs resampled within
-    each task). Returns (point[3], ci[2, 3]).
+def bootstrap(per_task: list[np.ndarray], statistic, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`statistic(*per_task)` and its 95% stratified bootstrap CI (runs resampled within each task), by rliable.
 
     The scores go to rliable as one array per task, so a partial grid with different seed counts per
     task stays stratified. rliable's bootstrap draws from numpy's global generator (its
@@ -290,15 +254,19 @@ def interval_estimates(per_task: list[np.ndarray], reps: int, seed: int) -> tupl
     from rliable import library as rly
 
     np.random.seed(seed)
-    point, ci = rly.get_interval_estimates({"x": per_task}, _median_iqm_mean, reps=reps)
+    point, ci = rly.get_interval_estimates({"x": per_task}, statistic, reps=reps)
     return point["x"], ci["x"]
 
 
+def interval_estimates(per_task: list[np.ndarray], reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median, IQM and mean of all runs pooled, with 95% CIs: (point[3], ci[2, 3])."""
+    return bootstrap(per_task, _median_iqm_mean, reps, seed)
+
+
 def improvement_probability(xs: list[np.ndarray], ys: list[np.ndarray], reps: int, seed: int) -> tuple:
-    """P(X > Y): the chance that a run of X beats a run of Y on the same task, averaged over tasks
-    (Agarwal et al. 2021), as rliable's metrics.probability_of_improvement, with a 95% stratified
-    bootstrap CI. xs[i] and ys[i] are the scores of X and Y on task i."""
-    from rliable import library as rly, metrics
+    """P(X > Y), the chance that a run of X beats a run of Y on the same task averaged over tasks (rliable's
+    probability_of_improvement), with its 95% CI; xs[i] and ys[i] are the scores of X and Y on task i."""
+    from rliable import metrics
 
     point = float(np.mean([metrics.probability_of_improvement(x[:, None], y[:, None]) for x, y in zip(xs, ys)]))
 
@@ -307,26 +275,21 @@ def improvement_probability(xs: list[np.ndarray], ys: list[np.ndarray], reps: in
         return np.array([np.mean([np.mean((x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :]))
                                   for x, y in zip(arrays[:k], arrays[k:])])])
 
-    np.random.seed(seed)
-    _, ci = rly.get_interval_estimates({"p": list(xs) + list(ys)}, poi, reps=reps)
-    return point, float(ci["p"][0, 0]), float(ci["p"][1, 0])
+    _, ci = bootstrap(list(xs) + list(ys), poi, reps, seed)
+    return point, float(ci[0, 0]), float(ci[1, 0])
 
 
 def performance_profile(per_task: list[np.ndarray], taus: np.ndarray, reps: int, seed: int) -> tuple:
     """Fraction of runs with a score above each tau (rliable's score distribution), with 95% CIs."""
-    from rliable import library as rly
 
     def profile(*cols):
         return (np.concatenate(cols)[:, None] > taus[None, :]).mean(axis=0)
 
-    np.random.seed(seed)
-    point, ci = rly.get_interval_estimates({"x": per_task}, profile, reps=reps)
-    return point["x"], ci["x"]
+    return bootstrap(per_task, profile, reps, seed)
 
 
 def group_key(run: dict) -> tuple[str, str]:
-    """(training-set label, method): the unit the aggregates pool over tasks and seeds. For RLBench the
-    number of demos at adaptation is part of the label."""
+    """(training-set label, method): the unit the aggregates pool over tasks and seeds (RLBench: with demos)."""
     train = run["train"]
     if run["benchmark"] == "rlbench":
         d = run["demos"] or "?"
@@ -346,8 +309,7 @@ def scratch_label(benchmark: str, label: str) -> str:
 
 
 def entry_order(benchmark: str, keys) -> list[tuple[str, str]]:
-    """Groups by training set, methods in METHODS order, each followed by its scratch baseline where that is
-    its own (RLBench: same demos); a scratch shared by all training sets comes last."""
+    """By training set: methods in METHODS order, then its own scratch (RLBench: same demos); shared scratch last."""
     keys, ordered = set(keys), []
     for train in comparison_sets(keys):
         ordered += sorted((k for k in keys if k[0] == train and k[1] != "scratch"), key=lambda k: method_order(k[1]))
@@ -428,10 +390,8 @@ def _steps_label(x, _pos=None) -> str:
 
 
 NOTES: list[str] = []  # what a reader of the figures should know (curves cut short); printed by main
-SCALE_NAME = {"procgen": "normalised return (R − 5) / 5", "atari": "human-normalised score",
-              "rlbench": "success rate"}
-CURVE_Y = {"procgen": "normalised return (R − 5) / 5", "atari": "score (raw game return)",
-           "rlbench": "success rate"}
+SCALE_NAME = {"procgen": "normalised return (R − 5) / 5", "atari": "human-normalised score", "rlbench": "success rate"}
+CURVE_Y = {"procgen": "normalised return (R − 5) / 5", "atari": "score (raw game return)", "rlbench": "success rate"}
 
 
 def draw_panel(ax, runs: list[dict], benchmark: str, title: str, xlabel: bool = True) -> None:
@@ -475,10 +435,9 @@ def save(fig, out: str, stem: str, formats, title: str, subtitle: str = "", lege
         text += "\n" + textwrap.fill(subtitle, int(width * 11))
     fig.suptitle(text, fontsize=11)
     fig.tight_layout(rect=(0, bottom, 1, 1))
-    paths = []
-    for ext in formats:
-        paths.append(os.path.join(out, f"{stem}.{ext}"))
-        fig.savefig(paths[-1], dpi=150)
+    paths = [os.path.join(out, f"{stem}.{ext}") for ext in formats]
+    for path in paths:
+        fig.savefig(path, dpi=150)
     plt.close(fig)
     return paths
 
@@ -509,9 +468,8 @@ def figure_curves(benchmark: str, runs: list[dict], out: str, formats) -> list[s
     trains = sorted({r["train"] for r in runs if r["method"] != "scratch"}, key=label_order) or [""]
     with_scratch = lambda train: [r for r in runs if r["train"] == train and r["method"] != "scratch"] + scratch
     if benchmark == "procgen":
-        # shared y: the panels compare training-set sizes
         fig, axes = plt.subplots(1, len(trains), figsize=(max(4.2 * len(trains), 6), 3.6), squeeze=False,
-                                 sharey=True)
+                                 sharey=True)  # shared y: the panels compare training-set sizes
         for ax, train in zip(axes[0], trains):
             panel = with_scratch(train)
             n = len({r["task"] for r in panel})

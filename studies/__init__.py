@@ -1,0 +1,1 @@
+"""the study's grids (TOML) and how their runs are executed"""
