@@ -1,21 +1,14 @@
-"""RL2 with PPO on Procgen CoinRun (Duan et al. 2016; Mandi, Abbeel & James 2022).
+"""RL2 with PPO on Procgen CoinRun (Duan et al. 2016, Sec. 2; Mandi, Abbeel & James 2022, Sec. 5.1).
 
-The "RL2" meta-RL baseline of Mandi, Abbeel & James, "On the Effectiveness of Fine-tuning Versus
-Meta-reinforcement Learning" (NeurIPS 2022), Sec. 5.1, after Duan et al., "RL^2: Fast
-Reinforcement Learning via Slow Reinforcement Learning" (2016), Sec. 2. A recurrent policy is
-trained across meta-episodes: `--num-trials` consecutive episodes (trials) on the same level. The
-LSTM reads [IMPALA embedding of the frame, one-hot previous action, previous reward, "a trial
-just began" flag]; its state carries across the trials of a meta-episode and is reset only when
-the level changes. Returns are not cut at trial ends, so the agent learns to use earlier trials
-to do better in later ones. Adaptation to a held-out level (`finetune.py`, via `adapt`) is
-rolling out with the recurrent state: no gradient step.
+The "RL2" meta-RL baseline of "On the Effectiveness of Fine-tuning Versus Meta-reinforcement Learning"
+(NeurIPS 2022): a recurrent policy trained over meta-episodes of `--num-trials` episodes (trials) on one
+level. The LSTM reads [IMPALA embedding, one-hot previous action, previous reward, trial-start flag]; its
+state carries across the trials and resets when the level changes, and returns run across trial ends, so
+the agent learns to use earlier trials. Adapting to a held-out level (`adapt`, via finetune.py) is rolling
+out with the recurrent state, no gradient step. Details: docs/procgen.md; the environment: envs/procgen.py.
 
     python ppo_rl2_procgen.py --num-levels 1000
     python finetune.py --checkpoint runs/.../checkpoint.pt --task 10000
-
-The story, top to bottom: Args, the network (IMPALA-CNN, embedding, LSTM, heads), the
-meta-episode environment, the sequence rollout and GAE, PPO over whole sequences, the training
-loop, and the adaptation (`adapt`). Plumbing comes last. The environment is `envs/procgen.py`.
 """
 
 from __future__ import annotations
@@ -62,8 +55,7 @@ class Args:
     save_every: int = 50
     """iterations between periodic checkpoints (at least 1); SIGINT/SIGTERM also write one, then stop"""
     resume: bool = False
-    """continue the run in --output-dir (required) from its checkpoint.pt: weights, optimizer, step, random
-    states, env and recurrent states and reward normaliser, up to the same budget; pass the run's flags again"""
+    """continue the run in --output-dir (required) from its checkpoint.pt up to the same budget (same flags)"""
 
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
@@ -75,8 +67,7 @@ class Args:
     start_level: int = 0
     """first training level; held-out test levels start at 10000"""
     env_threads: Optional[int] = None
-    """procgen's threads stepping the envs (default: one per CPU core; procgen's own default is 4).
-    A machine setting, never taken from a checkpoint (benchmarks/README.md)"""
+    """procgen's threads stepping the envs (default: one per CPU core); never taken from a checkpoint"""
     num_trials: int = 2
     """episodes per meta-episode on one level (authors: max_trials 2)"""
 
@@ -120,14 +111,11 @@ class Args:
     norm_reward: bool = True
     """scale the learning signal by a running std of the discounted return (the LSTM sees raw rewards)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """convolutions in bfloat16 autocast (LSTM, heads, losses and optimizer stay fp32); auto = bf16
-    where the hardware runs it natively (recent CUDA GPUs, CPUs with AVX512-BF16/AMX), else fp32"""
+    """convolutions in bfloat16 autocast (the rest stays fp32); auto: where the hardware has native bf16"""
 
-    # Adaptation's fresh-state evaluation (adapt): meta-episodes from a new recurrent state on the
-    # held-out level, in their own envs (the authors' launch script: 100 episodes on 50 envs).
+    # Adaptation's fresh-state evaluation (adapt): its own envs on the held-out level, a new recurrent state.
     eval_episodes: int = 100
-    """episodes of a fresh-state evaluation on the held-out level: the step-0 point, and any point
-    where no adaptation episode finished (authors: 100)"""
+    """episodes of the step-0 point, and of any point where no adaptation episode finished (authors: 100)"""
     eval_num_envs: int = 50
     """parallel envs of the fresh-state evaluation's own ProcgenEnv (authors: 50)"""
 
@@ -217,8 +205,7 @@ class RL2Agent(nn.Module):
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def recurrent(self, obs, prev_action, prev_reward, trial_start, state, resets):
-        """Runs (T, B) sequences; the state is zeroed before step t wherever resets[t] = 1.
-        prev_action is -1 at the start of a meta-episode (no previous action)."""
+        """Runs (T, B) sequences, zeroing the state before step t where resets[t] = 1 (prev_action -1: none)."""
         num_steps, batch = resets.shape
         x = self.encoder(obs.reshape(num_steps * batch, *obs.shape[2:]))
         one_hot = (prev_action.reshape(-1, 1) == torch.arange(self.num_actions, device=obs.device)).float()
@@ -257,15 +244,10 @@ class RL2Episode(NamedTuple):
 
 
 class MetaEpisodeVecEnv(ProcgenVecEnv):
-    """ProcgenVecEnv whose environments replay their level for `num_trials` episodes.
-
-    When a trial ends before the last, the environment is restored to the saved initial state
-    of its level (procgen's get_state/set_state), so the next trial is the same level. After the
-    last trial Procgen's own reset draws a new level and a new meta-episode begins. For RL2 the
-    meta-episode is the episode: `step` returns (obs, reward, meta_done, trial_done, finished),
-    where meta_done[i] means env i's next observation starts a new meta-episode (reset the
-    recurrent state there, and do not bootstrap across it) and trial_done[i] that a trial ended.
-    """
+    """ProcgenVecEnv whose envs replay their level (its saved first state) for `num_trials` episodes, then
+    let Procgen draw a new one. `step` returns (obs, reward, meta_done, trial_done, finished): meta_done[i]
+    = env i's next observation starts a new meta-episode (reset the recurrent state, do not bootstrap
+    across it); trial_done[i] = a trial ended."""
 
     def __init__(self, num_trials: int, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -386,8 +368,7 @@ class RL2Rollout:
 
     @torch.inference_mode()
     def step(self, agent: RL2Agent, envs: VecNormalizeReward):
-        """One step of every env from the carried inputs; carries the next inputs.
-        Returns (action, log-prob, value, learning reward, meta_done, finished episodes)."""
+        """One step of every env: (action, log-prob, value, learning reward, meta_done, finished episodes)."""
         device = self.next_obs.device
         action, logprob, _, value, self.state = agent.get_action_and_value(*self._inputs())
         action = action[0]
@@ -453,8 +434,7 @@ def ppo_loss(logratio: torch.Tensor, advantages: torch.Tensor, newvalue: torch.T
 
 
 def sequence_minibatches(num_envs: int, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Random disjoint groups of env indices; a minibatch takes each chosen env's whole sequence,
-    so the LSTM is replayed over contiguous steps from its stored initial state."""
+    """Random disjoint groups of env indices: a minibatch replays each chosen env's whole sequence."""
     return list(torch.randperm(num_envs, generator=generator).chunk(num_minibatches))
 
 
@@ -561,9 +541,8 @@ def train(args: Args, writer=None) -> RL2Agent:
 
 @torch.inference_mode()
 def evaluate(agent: RL2Agent, envs: VecNormalizeReward, num_episodes: int, device: torch.device) -> list:
-    """Adaptation's zero-shot point: meta-episodes from a fresh recurrent state in the evaluation's
-    own envs, before any adaptation rollout, until each env has finished its share of
-    `num_episodes` (EvalEpisodes; an env's episodes are its trials in order: 0, 1, 0, 1, ...)."""
+    """Meta-episodes from a fresh recurrent state in the evaluation's own envs until each env has finished
+    its share of `num_episodes` (EvalEpisodes; an env's episodes are its trials in order: 0, 1, 0, 1, ...)."""
     counted = EvalEpisodes(envs.num_envs, num_episodes)
     rollout = RL2Rollout(agent, envs, device, num_steps=0)  # resets the envs: every env starts a meta-episode
     while not counted.complete:
@@ -575,17 +554,10 @@ def evaluate(agent: RL2Agent, envs: VecNormalizeReward, num_episodes: int, devic
 def adapt(args: Args, model_state: dict, level: int, writer=None,
           log_eval: Optional[Callable[[int, float, int], None]] = None, eval_every: Optional[int] = None,
           train_tasks: Optional[list] = None) -> None:
-    """Test-time adaptation on one held-out level: meta-episodes of `num_trials` episodes with the
-    recurrent state reset at the start of each (as in training), no gradient step.
-    `log_eval(env_step, mean_return, episodes)` receives the zero-shot point at step 0 (evaluate:
-    its own envs, a fresh state), then a point every `eval_every` env steps (default: every rollout)
-    and one at the end of the budget: the mean return of the adaptation rollout's episodes that
-    finished since the last point. Where none finished (small budgets, long episodes), the point
-    is a fresh-state evaluation as at step 0: the weights never change and the state resets at
-    every meta-episode, so it estimates the same quantity. TensorBoard has the rollout's returns
-    per trial index (eval/trial_k_return). Its checkpoint (every --save-every rollouts, and on SIGINT/
-    SIGTERM) holds the unchanged weights (`train_tasks`: the pretraining's levels) and the rollout's
-    state for --resume."""
+    """Test-time adaptation on one held-out level: meta-episodes as in training, no gradient step.
+    `log_eval(env_step, mean_return, episodes)` gets the fresh-state evaluation at step 0, then every
+    `eval_every` env steps (default: every rollout) and at the end the mean return of the rollout's
+    episodes finished since the last point (none: a fresh-state evaluation again; docs/procgen.md)."""
     if args.eval_episodes < 1 or args.eval_num_envs < 1:
         raise SystemExit(f"error: --eval-episodes ({args.eval_episodes}) and --eval-num-envs ({args.eval_num_envs}) "
                          "must be at least 1")
@@ -595,7 +567,6 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
     agent.load_state_dict(model_state)
     agent.eval()
     ckpt_path = os.path.join(args.output_dir, CHECKPOINT)
-    start_time = time.time()
 
     def fresh_state_evaluation() -> list:  # its own envs on the level, every env from a new meta-episode
         eval_envs = MetaEpisodeVecEnv(args.num_trials, args.eval_num_envs, args.env_id, 1, level,
@@ -607,7 +578,7 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
 
     if log_eval is not None and resume is None:
         episodes = fresh_state_evaluation()
-        report(writer, "eval", 0, num_iterations, 0, (start_time, 0), episodes, args.num_trials)
+        report(writer, "eval", 0, num_iterations, 0, (time.time(), 0), episodes, args.num_trials)
         log_eval(0, float(np.mean([e.ret for e in episodes])), len(episodes))
     envs = MetaEpisodeVecEnv(args.num_trials, args.num_envs, args.env_id, 1, level, args.distribution_mode, args.seed,
                              args.env_threads)
@@ -726,8 +697,7 @@ def setup(args: Args, writer):
 
 def report(writer, prefix: str, iteration: int, num_iterations: int, global_step: int, start: tuple[float, int],
            finished: list, num_trials: int) -> None:
-    """TensorBoard and stdout: mean return overall and per trial index of the finished episodes.
-    `start`: (time, env step) when this process began (SPS counts its own steps)."""
+    """TensorBoard and stdout: the finished episodes' mean return, overall and per trial index (SPS since `start`)."""
     sps = int((global_step - start[1]) / max(time.time() - start[0], 1e-9))
     writer.add_scalar("charts/SPS", sps, global_step)
     returns = [episode.ret for episode in finished]

@@ -379,7 +379,7 @@ def test_scripts_are_short_and_open_on_the_algorithm(module):
 
     lines = inspect.getsource(module).splitlines()
     # RL2 also holds its adaptation (`adapt`) and the recurrent and meta-episode state a resume carries
-    assert len(lines) < (800 if module is rl2 else 700)
+    assert len(lines) < (760 if module is rl2 else 700)
     first_network_line = min(i for i, line in enumerate(lines) if line.startswith("class ResidualBlock"))
     assert first_network_line < len(lines) / 3
 
