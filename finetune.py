@@ -341,7 +341,7 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
         args = script_args(pearl, ckpt, overrides, **budget)
         pearl.check_args(args, 1)
         load_state(pearl.PearlAgent(ckpt["num_actions"], args), ckpt["model"], opts.checkpoint, "PEARL agent")
-        pearl.load_resume(args)  # --resume: this run's own checkpoint, with the same settings
+        pearl.atari.load_resume(args, pearl.MODULE)  # --resume: this run's own checkpoint, with the same settings
         pearl.adapt(args, ckpt["model"], opts.task, ckpt["num_actions"], writer=run.writer, eval_every=eval_every,
                     log_eval=_new_points(run), train_tasks=ckpt["train_tasks"])
         return
@@ -363,7 +363,7 @@ def finetune_atari(ckpt: dict | None, opts: argparse.Namespace, overrides: list[
         load_state(q_network, state, opts.checkpoint, "DER network", strict=not encoder_only)
         for layer in q_network.noisy_layers():  # noisy sigmas re-initialised for the new game
             layer.reset_sigma()
-    der.load_resume(args)  # --resume: this run's own checkpoint, with the same settings
+    der.atari.load_resume(args, der.MODULE)  # --resume: this run's own checkpoint, with the same settings
     der.train(args, [opts.task], q_network=q_network, method="finetune" if ckpt else "scratch",
               writer=run.writer, log_eval=_new_points(run), eval_every=eval_every)
 

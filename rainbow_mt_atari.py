@@ -1,34 +1,23 @@
 """Multi-task data-efficient Rainbow (DER) on Atari: one agent, several games.
 
 Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
-Learning" (NeurIPS 2022), Sec. 5.3 (Atari): pretrain one DER agent on 5 or 10 games, then
-fine-tune it on a held-out game (finetune.py). DER = Rainbow with the settings of van Hasselt et
-al. 2019 ("When to use parametric models in reinforcement learning?", Table 1): C51 distributional
-loss, 20-step returns, double Q, dueling NoisyNet heads, prioritized replay, one update per env
-step. The multi-task parts follow the authors' Kaixhin/Rainbow fork (MandiZhao/Rainbow): one
-replay buffer per game, a random game at every reset, each batch an equal share from a few
-sampled games, the action space padded to 18 (padding plays NOOP).
+Learning" (NeurIPS 2022), Sec. 5.3: pretrain one DER agent (van Hasselt et al. 2019, Table 1: C51,
+20-step returns, double Q, dueling NoisyNet heads, prioritized replay, one update per env step) on 5
+or 10 games, then fine-tune it on a held-out game (finetune.py). As the authors' Kaixhin/Rainbow fork
+(MandiZhao/Rainbow): one replay buffer per game, a random game at every reset, each batch an equal
+share from a few sampled games, the action space padded to 18 (padding plays NOOP).
 
     python rainbow_mt_atari.py --train-games 10              # paper's 10-game set, 1M env steps
-    python rainbow_mt_atari.py --games Pong Breakout --total-timesteps 100000
     python finetune.py --scratch atari --task Pong           # DER from scratch: this file's train()
 
-The environment (ALE, DER preprocessing, game sets) is envs/atari.py. Read this file top to
-bottom: Args, the network, the replay, the update, the loop. Below the loop, marked TRY NOT TO
-MODIFY: the network's speed form (the same function, faster on a CPU; tested against the plain
-modules) and the plumbing (background evaluation, checkpoints, settings).
+Read top to bottom: Args, the network, the replay, the update, the loop; below it, marked TRY NOT
+TO MODIFY, the network's speed form (the same function, faster on a CPU; tested against the plain
+modules). The environment and the run's plumbing are envs/atari.py; details in docs/atari.md.
 """
 
 from __future__ import annotations
 
-import copy
-import ctypes
-import dataclasses
-import glob
-import json
 import os
-import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -39,13 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from envs import atari, run_dir
-from envs.atari import FULL_ACTIONS, find_rom_id, rom_id  # noqa: F401  (finetune.py and tests use them from here)
-from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, open_output_dir, rng_state,
-                          set_rng_state)
+from envs import atari
+from envs.atari import FULL_ACTIONS, REPLAY, find_rom_id, keep_freed_memory, rom_id  # noqa: F401 (used from here)
+from envs.run_dir import CHECKPOINT, StopRequest
 
-CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
-REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt: what --resume needs to continue the same run
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
 
@@ -506,9 +492,9 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     steps and at the end. With args.resume, continues the run in args.output_dir."""
     check_args(args, len(games))
     if writer is None:
-        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    resume = load_resume(args)
-    device = seed_everything(args)
+        writer = atari.setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}", MODULE)
+    resume = atari.load_resume(args, MODULE)
+    device = atari.seed_everything(args)
     num_actions = FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0])
     if q_network is None:
         q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
@@ -523,17 +509,18 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
                             args.seed + g) for g in range(len(games))]
     env = atari.MultiGameEnv(games, args.seed, num_actions, args.max_noops, args.max_episode_steps)
     rng = np.random.default_rng(args.seed)
-    evaluator = Evaluator(log_eval, games[0], args, num_actions, device)
+    evaluator = atari.Evaluator(log_eval, games[0], args, num_actions, device, QNetwork, evaluate)
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, write checkpoint and replay, exit
     obs, _ = env.reset()
     start_step, learning_starts = 0, args.learning_starts
     if resume is None:
         evaluator.run(0, q_network)  # the zero-shot point, before any update
     else:  # the same run from its checkpoint: networks, optimizer, env, replay, random states
-        start_step, obs, learning_starts = restore(resume, args, q_network, target_network, optimizer, env, rng,
-                                                   buffers)
-        for e in resume["resume"]["evaluations"]:  # those the stopped run left unfinished, from their snapshots
-            evaluator.run(e["step"], q_network, {k: v.numpy() for k, v in e["model"].items()})
+        start_step, obs, learning_starts = atari.restore_run(resume, args, q_network, target_network, optimizer, env,
+                                                             rng, buffers)
+        if args.freeze_encoder and args.unfreeze_encoder_at is not None and args.unfreeze_encoder_at <= start_step:
+            q_network.encoder.requires_grad_(True)
+        evaluator.resume(resume["resume"]["evaluations"], q_network)  # those the stopped run left unfinished
 
     start_time, update_time = time.time(), 0.0
     try:
@@ -592,11 +579,12 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
                 evaluator.terminate()  # its unfinished evaluations go into the checkpoint
             replay = stopping or global_step % args.save_replay_every == 0
             if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
-                save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, q_network, optimizer, global_step,
-                                method, games, num_actions, run_state(target_network, env, obs, rng, learning_starts,
-                                                                      evaluations=evaluator.unfinished()))
+                state = atari.run_state(target_network, env, obs, rng, learning_starts,
+                                        evaluations=evaluator.unfinished())
+                atari.save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), MODULE, args, q_network, optimizer,
+                                      global_step, method, games, num_actions, state)
             if replay:
-                save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
+                atari.save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
             if stopping:
                 stop.exit(args.output_dir, global_step)
         evaluator.close(stop)  # waits for the last evaluations; a stop leaves them to --resume
@@ -605,7 +593,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
     finally:  # a stop or an error: no background evaluation outlives the run
         evaluator.terminate()
         stop.restore()
-    remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume
+    atari.remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume
     return q_network
 
 
@@ -678,227 +666,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-# --------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
-
-
-def evaluate_snapshot(state: dict[str, np.ndarray], bf16: bool, game: str, args: Args, num_actions: int,
-                      seed: int) -> list[float]:
-    """`evaluate` on a network rebuilt from a state dict of arrays (what the background evaluator runs)."""
-    torch.set_num_threads(1)
-    q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
-    q_network.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    q_network.bf16 = bf16
-    return evaluate(q_network, game, args, num_actions, torch.device("cpu"), seed)
-
-
-class Evaluator:
-    """Runs `evaluate` when train() asks and hands log_eval(step, mean, episodes) the scores in step
-    order; nothing without log_eval. With --background-eval each evaluation runs in a second process
-    on a snapshot while training goes on (same scores: same snapshot, same seeds), and the learner
-    drops to one torch thread meanwhile (benchmarks/README.md). `terminate` stops that process at
-    once (a stop, an error); it also dies with the learner, kill -9 included (`evaluation_worker_init`)."""
-
-    def __init__(self, log_eval, game: str, args: Args, num_actions: int, device):
-        self.log_eval, self.game, self.args, self.num_actions, self.device = log_eval, game, args, num_actions, device
-        self.pool, self.pending = None, []  # pending: (step, future, snapshot), oldest first
-        if log_eval is not None and args.background_eval:
-            import concurrent.futures
-            import multiprocessing
-
-            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                               initializer=evaluation_worker_init)
-
-    def run(self, step: int, q_network: QNetwork, snapshot: dict[str, np.ndarray] | None = None) -> None:
-        """Evaluate q_network at env step `step`; or the network of `snapshot` (its state dict as arrays:
-        an evaluation a stopped run left unfinished)."""
-        seed = self.args.seed + 10_000 + step
-        if self.log_eval is None:
-            return
-        if self.pool is None:
-            if snapshot is not None:
-                q_network = copy.deepcopy(q_network)
-                q_network.load_state_dict({k: torch.from_numpy(v) for k, v in snapshot.items()})
-            scores = evaluate(q_network, self.game, self.args, self.num_actions, self.device, seed)
-            self.log_eval(step, float(np.mean(scores)), len(scores))
-            return
-        # as numpy arrays: after torch's own pickling of tensors for multiprocessing (shared memory,
-        # handed over by a resource-sharer thread) the learner ran 1.8x slower for the rest of the run
-        if snapshot is None:
-            snapshot = {k: v.detach().cpu().numpy().copy() for k, v in q_network.state_dict().items()}
-        self.pending.append((step, self.pool.submit(evaluate_snapshot, snapshot, q_network.bf16, self.game, self.args,
-                                                    self.num_actions, seed), snapshot))
-
-    def share_cores(self) -> None:
-        """One learner thread while an evaluation has the other core."""
-        if self.pool is None:
-            return
-        threads = 1 if any(not future.done() for _, future, _ in self.pending) else self.args.torch_threads
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-
-    def log_finished(self) -> None:
-        while self.pending and self.pending[0][1].done():
-            step, future, _ = self.pending.pop(0)
-            scores = future.result()
-            self.log_eval(step, float(np.mean(scores)), len(scores))
-
-    def unfinished(self) -> list[dict]:
-        """The evaluations not logged yet, as {step, model snapshot}: a checkpoint keeps them for --resume."""
-        return [{"step": step, "model": {k: torch.from_numpy(v) for k, v in snapshot.items()}}
-                for step, _, snapshot in self.pending]
-
-    def close(self, stop=None) -> None:
-        """Wait for the evaluations still running and log them; a stop meanwhile leaves them to --resume."""
-        import concurrent.futures
-
-        while self.pending and not stop:
-            concurrent.futures.wait([self.pending[0][1]], timeout=0.5)
-            self.log_finished()
-        if self.pool is not None and not stop:
-            self.pool.shutdown()
-            self.pool = None
-
-    def terminate(self) -> None:
-        """Stop the evaluation process now (its unfinished evaluations stay in `pending`)."""
-        if self.pool is None:
-            return
-        for process in list((self.pool._processes or {}).values()):  # no public way before Python 3.14
-            process.kill()
-        self.pool.shutdown(cancel_futures=True)
-        self.pool = None
-
-
-def evaluation_worker_init() -> None:
-    """In the evaluation process: SIGINT and SIGTERM are the learner's to handle (it stops this process),
-    and the process dies with the learner however that ends (Linux prctl PR_SET_PDEATHSIG)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: `terminate` still stops it on every exit path of train()
-
-
-def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
-                    train_tasks: list[str], num_actions: int, resume: dict | None = None) -> None:
-    """One file, written to a temporary name of this process and renamed; loads with
-    torch.load(weights_only=True). `resume` (`run_state`): what --resume needs beyond the model and
-    the optimizer; the random states go with it."""
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": MODULE, "benchmark": "atari",
-        "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
-        "global_step": int(global_step), "model": q_network.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else {}, "num_actions": int(num_actions),
-    }
-    if resume is not None:
-        ckpt.update(rng=rng_state(), resume=resume)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(ckpt, path)
-
-
-def run_state(target_network: nn.Module, env: atari.MultiGameEnv, obs: np.ndarray, rng: np.random.Generator,
-              learning_starts: int, **more) -> dict:
-    """What --resume needs beyond the weights and the optimizer: the target network, the envs, the
-    observation, the loop's generator, the step learning starts at, and the script's `more`."""
-    return {"target_model": target_network.state_dict(), "env": env.get_state(), "obs": torch.from_numpy(obs.copy()),
-            "loop_rng": json.dumps(rng.bit_generator.state), "learning_starts": int(learning_starts), **more}
-
-
-def restore(ckpt: dict, args: Args, q_network: QNetwork, target_network: QNetwork, optimizer, env: atari.MultiGameEnv,
-            rng: np.random.Generator, buffers: list[ReplayBuffer]) -> tuple[int, np.ndarray, int]:
-    """--resume: the checkpoint's run state into the run's objects, replay.npz into `buffers`; returns
-    (env step, observation, env step learning starts at). The random states come last: the run goes
-    on with the numbers it would have drawn."""
-    state, step = ckpt["resume"], ckpt["global_step"]
-    q_network.load_state_dict(ckpt["model"])
-    target_network.load_state_dict(state["target_model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if args.freeze_encoder and args.unfreeze_encoder_at is not None and args.unfreeze_encoder_at <= step:
-        q_network.encoder.requires_grad_(True)
-    env.set_state(state["env"])
-    replayed = load_replay(os.path.join(args.output_dir, REPLAY), buffers, step)
-    rng.bit_generator.state = json.loads(state["loop_rng"])
-    set_rng_state(ckpt["rng"])
-    return step, state["obs"].numpy(), state["learning_starts"] if replayed else step + args.learning_starts
-
-
-REPLAY_FIELDS = ("frames", "actions", "rewards", "dones", "timesteps")
-
-
-def save_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> None:
-    """Every replay buffer (its entries, priorities, counters and generator) in one compressed .npz,
-    written to a temporary name of this process and renamed: a crash never leaves half a file."""
-    arrays = {"global_step": np.array(global_step), "capacities": np.array([b.capacity for b in buffers])}
-    for g, b in enumerate(buffers):
-        arrays.update({f"{g}_{name}": getattr(b, name)[:b.size] for name in REPLAY_FIELDS})
-        arrays.update({f"{g}_tree{i}": level for i, level in enumerate(b.tree.levels)})
-        arrays[f"{g}_counters"] = np.array([b.pos, b.size, b.next_t])
-        arrays[f"{g}_max_priority"] = np.array(b.tree.max_priority)
-        arrays[f"{g}_rng"] = np.array(json.dumps(b.rng.bit_generator.state))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-
-
-def load_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> bool:
-    """Fill `buffers` from `save_replay`'s file for a run resumed at `global_step`. One written before
-    the checkpoint (on its own interval, or a crash between the two writes) is used with its last
-    entry taken as an episode end. Returns False, with a one-line warning, when there is none to use."""
-    for tmp in glob.glob(f"{path}.*.tmp"):  # left by a killed run (this run holds the folder's lock)
-        os.remove(tmp)
-    problem = "is missing"
-    if os.path.isfile(path):
-        with np.load(path) as data:
-            step = int(data["global_step"])
-            if step > global_step:
-                problem = f"is from env step {step}, after the checkpoint's {global_step}"
-            elif data["capacities"].tolist() != [b.capacity for b in buffers]:
-                problem = f"holds buffers of {data['capacities'].tolist()} entries, not {[b.capacity for b in buffers]}"
-            else:
-                for g, b in enumerate(buffers):
-                    b.pos, b.size, b.next_t = (int(x) for x in data[f"{g}_counters"])
-                    for name in REPLAY_FIELDS:
-                        getattr(b, name)[:b.size] = data[f"{g}_{name}"]
-                    for i, level in enumerate(b.tree.levels):
-                        level[:] = data[f"{g}_tree{i}"]
-                    b.tree.max_priority = float(data[f"{g}_max_priority"])
-                    b.rng.bit_generator.state = json.loads(str(data[f"{g}_rng"]))
-                    if step < global_step and b.size:  # the transitions in between are lost: an episode end
-                        b.dones[(b.pos - 1) % b.capacity], b.next_t = True, 0
-                if step < global_step:
-                    print(f"warning: --resume: {path} is from env step {step}, the checkpoint from {global_step}: "
-                          f"the {global_step - step} transitions in between are not replayed", file=sys.stderr)
-                return True
-    print(f"warning: --resume: {path} {problem}: the replay starts empty and learning waits for new transitions",
-          file=sys.stderr)
-    return False
-
-
-def remove_replay(output_dir: str) -> None:
-    """A completed run's replay file served only --resume: removed."""
-    path = os.path.join(output_dir, REPLAY)
-    if os.path.exists(path):
-        os.remove(path)
-
-
-# settings a resumed run may change: the machine's, and where, how often and under which name it saves
-RESUME_FREE = run_dir.RESUME_FREE | {"exp_name", "save_replay_every"}
-
-
-def load_resume(args) -> dict | None:
-    """With --resume: the run's checkpoint.pt, checked to be this script's, written with the same
-    settings (one-line errors); None for a new run."""
-    return run_dir.load_resume(args.output_dir, MODULE, dataclasses.asdict(args), RESUME_FREE) if args.resume else None
-
-
-def _plain(value):
-    """Tuples become lists so the checkpoint loads with weights_only=True."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: flag checks
 
 
 def check_args(args: Args, num_games: int) -> None:
@@ -907,77 +675,11 @@ def check_args(args: Args, num_games: int) -> None:
                  "replay_ratio", "save_every", "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    check_der_args(args, num_games)
+    atari.check_der_args(args, num_games)
     if args.unfreeze_encoder_at is not None and not args.freeze_encoder:
         sys.exit("error: --unfreeze-encoder-at needs a frozen encoder (finetune.py --load-encoder-only)")
     if args.unfreeze_encoder_at is not None and args.unfreeze_encoder_at < 1:
         sys.exit(f"error: --unfreeze-encoder-at must be at least 1 (got {args.unfreeze_encoder_at})")
-
-
-def check_der_args(args, num_games: int) -> None:
-    """The checks every DER script shares."""
-    for name in ("hidden_size", "max_episode_steps"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if not args.learning_rate > 0:
-        sys.exit(f"error: --learning-rate must be above 0 (got {args.learning_rate})")
-    for name in ("learning_starts", "max_noops"):
-        if getattr(args, name) < 0:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 0 (got {getattr(args, name)})")
-    for name in ("gamma", "eval_epsilon", "priority_weight"):
-        if not 0 <= getattr(args, name) <= 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
-    if args.num_atoms < 2 or args.v_min >= args.v_max:
-        sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
-                 f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
-    if args.buffer_size // num_games <= args.n_step + 4:
-        sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
-                 f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse rather than return it to the OS and page-fault it in
-    again at the next update (none to 8% faster, benchmarks/README.md). Does nothing without glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
-
-
-def seed_everything(args) -> torch.device:
-    """Seeds, threads and the allocator; returns the device."""
-    keep_freed_memory()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.torch_threads)
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-
-def setup(args, run_name: str):
-    """Checks --output-dir (one-line errors before anything is created: never over another run) and
-    locks it for this process; then the TensorBoard writer there (and wandb when --track)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if args.resume and args.output_dir is None:
-        sys.exit("error: --resume needs --output-dir: the directory of the run to continue")
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    check_output_dir(args.output_dir, args.resume)
-    resume = load_resume(args)
-    lock = open_output_dir(args.output_dir)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
-                   save_code=True)
-    # a resumed run drops the events logged after its checkpoint: the log stays one curve
-    writer = SummaryWriter(args.output_dir, purge_step=resume["global_step"] + 1 if resume else None)
-    writer.output_dir_lock = lock  # held as long as the writer
-    if resume is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return writer
 
 
 if __name__ == "__main__":
@@ -987,7 +689,7 @@ if __name__ == "__main__":
     games = atari.game_set(args.train_games, args.games)
     check_args(args, len(games))  # every flag error before anything is created
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = setup(args, run_name)
+    writer = atari.setup(args, run_name, MODULE)
     print(f"multi-task DER on {', '.join(games)} -> {args.output_dir}", flush=True)
     train(args, games, method="mt", writer=writer)
     writer.close()

@@ -18,18 +18,13 @@ reproduce. Nichol et al.'s standard Reptile anneals from 1.0 to 0.0 instead.
 
 The network and its state_dict keys equal rainbow_mt_atari's, so finetune.py fine-tunes a
 Reptile checkpoint with the same DER code; the DER pieces here are copies of that file's (a test
-keeps them identical). The environment is envs/atari.py. Below the loop, marked TRY NOT TO
-MODIFY: the network's speed form (tested against the plain modules) and the plumbing.
+keeps them identical). Below the loop, marked TRY NOT TO MODIFY: the network's speed form (tested
+against the plain modules). The environment and the run's plumbing are envs/atari.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import glob
-import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -40,13 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from envs import atari, run_dir
-from envs.atari import FULL_ACTIONS
-from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, open_output_dir, rng_state,
-                          set_rng_state)
+from envs import atari
+from envs.atari import FULL_ACTIONS, REPLAY
+from envs.run_dir import CHECKPOINT, StopRequest
 
-CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
-REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt: what --resume needs to continue the same run
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
 
@@ -479,9 +471,9 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
     starts, k inner DER updates on one game's buffer, then the outer interpolation."""
     check_args(args, len(games))
     if writer is None:
-        writer = setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    resume = load_resume(args)
-    device = seed_everything(args)
+        writer = atari.setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}", MODULE)
+    resume = atari.load_resume(args, MODULE)
+    device = atari.seed_everything(args)
     num_actions = FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0])
     q_network = QNetwork(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max,
                          args.noisy_std).to(device).train()
@@ -499,8 +491,8 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
     obs, _ = env.reset()
     start_step, learning_starts = 0, args.learning_starts
     if resume is not None:  # the same run from its checkpoint: networks, optimizer, env, replay, random states
-        start_step, obs, learning_starts = restore(resume, args, q_network, target_network, optimizer, env, rng,
-                                                   buffers)
+        start_step, obs, learning_starts = atari.restore_run(resume, args, q_network, target_network, optimizer, env,
+                                                             rng, buffers)
 
     start_time, update_time = time.time(), 0.0
     for global_step in range(start_step + 1, args.total_timesteps + 1):
@@ -553,14 +545,15 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
         stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
         replay = stopping or global_step % args.save_replay_every == 0
         if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
-            save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), args, q_network, optimizer, global_step,
-                            "reptile", games, num_actions, run_state(target_network, env, obs, rng, learning_starts))
+            state = atari.run_state(target_network, env, obs, rng, learning_starts)
+            atari.save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), MODULE, args, q_network, optimizer,
+                                  global_step, "reptile", games, num_actions, state)
         if replay:
-            save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
+            atari.save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
         if stopping:
             stop.exit(args.output_dir, global_step)
     stop.restore()
-    remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume
+    atari.remove_replay(args.output_dir)  # the run is complete: the replay was only for --resume
     return q_network
 
 
@@ -633,127 +626,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-# --------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
-
-
-def save_checkpoint(path: str, args: Args, q_network: nn.Module, optimizer, global_step: int, method: str,
-                    train_tasks: list[str], num_actions: int, resume: dict | None = None) -> None:
-    """One file, written to a temporary name of this process and renamed; loads with
-    torch.load(weights_only=True). `resume` (`run_state`): what --resume needs beyond the model and
-    the optimizer; the random states go with it."""
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": MODULE, "benchmark": "atari",
-        "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
-        "global_step": int(global_step), "model": q_network.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else {}, "num_actions": int(num_actions),
-    }
-    if resume is not None:
-        ckpt.update(rng=rng_state(), resume=resume)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(ckpt, path)
-
-
-def run_state(target_network: nn.Module, env: atari.MultiGameEnv, obs: np.ndarray, rng: np.random.Generator,
-              learning_starts: int, **more) -> dict:
-    """What --resume needs beyond the weights and the optimizer: the target network, the envs, the
-    observation, the loop's generator, the step learning starts at, and the script's `more`."""
-    return {"target_model": target_network.state_dict(), "env": env.get_state(), "obs": torch.from_numpy(obs.copy()),
-            "loop_rng": json.dumps(rng.bit_generator.state), "learning_starts": int(learning_starts), **more}
-
-
-def restore(ckpt: dict, args: Args, q_network: QNetwork, target_network: QNetwork, optimizer, env: atari.MultiGameEnv,
-            rng: np.random.Generator, buffers: list[ReplayBuffer]) -> tuple[int, np.ndarray, int]:
-    """--resume: the checkpoint's run state into the run's objects, replay.npz into `buffers`; returns
-    (env step, observation, env step learning starts at). The random states come last: the run goes
-    on with the numbers it would have drawn."""
-    state, step = ckpt["resume"], ckpt["global_step"]
-    q_network.load_state_dict(ckpt["model"])
-    target_network.load_state_dict(state["target_model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    env.set_state(state["env"])
-    replayed = load_replay(os.path.join(args.output_dir, REPLAY), buffers, step)
-    rng.bit_generator.state = json.loads(state["loop_rng"])
-    set_rng_state(ckpt["rng"])
-    return step, state["obs"].numpy(), state["learning_starts"] if replayed else step + args.learning_starts
-
-
-REPLAY_FIELDS = ("frames", "actions", "rewards", "dones", "timesteps")
-
-
-def save_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> None:
-    """Every replay buffer (its entries, priorities, counters and generator) in one compressed .npz,
-    written to a temporary name of this process and renamed: a crash never leaves half a file."""
-    arrays = {"global_step": np.array(global_step), "capacities": np.array([b.capacity for b in buffers])}
-    for g, b in enumerate(buffers):
-        arrays.update({f"{g}_{name}": getattr(b, name)[:b.size] for name in REPLAY_FIELDS})
-        arrays.update({f"{g}_tree{i}": level for i, level in enumerate(b.tree.levels)})
-        arrays[f"{g}_counters"] = np.array([b.pos, b.size, b.next_t])
-        arrays[f"{g}_max_priority"] = np.array(b.tree.max_priority)
-        arrays[f"{g}_rng"] = np.array(json.dumps(b.rng.bit_generator.state))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-
-
-def load_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> bool:
-    """Fill `buffers` from `save_replay`'s file for a run resumed at `global_step`. One written before
-    the checkpoint (on its own interval, or a crash between the two writes) is used with its last
-    entry taken as an episode end. Returns False, with a one-line warning, when there is none to use."""
-    for tmp in glob.glob(f"{path}.*.tmp"):  # left by a killed run (this run holds the folder's lock)
-        os.remove(tmp)
-    problem = "is missing"
-    if os.path.isfile(path):
-        with np.load(path) as data:
-            step = int(data["global_step"])
-            if step > global_step:
-                problem = f"is from env step {step}, after the checkpoint's {global_step}"
-            elif data["capacities"].tolist() != [b.capacity for b in buffers]:
-                problem = f"holds buffers of {data['capacities'].tolist()} entries, not {[b.capacity for b in buffers]}"
-            else:
-                for g, b in enumerate(buffers):
-                    b.pos, b.size, b.next_t = (int(x) for x in data[f"{g}_counters"])
-                    for name in REPLAY_FIELDS:
-                        getattr(b, name)[:b.size] = data[f"{g}_{name}"]
-                    for i, level in enumerate(b.tree.levels):
-                        level[:] = data[f"{g}_tree{i}"]
-                    b.tree.max_priority = float(data[f"{g}_max_priority"])
-                    b.rng.bit_generator.state = json.loads(str(data[f"{g}_rng"]))
-                    if step < global_step and b.size:  # the transitions in between are lost: an episode end
-                        b.dones[(b.pos - 1) % b.capacity], b.next_t = True, 0
-                if step < global_step:
-                    print(f"warning: --resume: {path} is from env step {step}, the checkpoint from {global_step}: "
-                          f"the {global_step - step} transitions in between are not replayed", file=sys.stderr)
-                return True
-    print(f"warning: --resume: {path} {problem}: the replay starts empty and learning waits for new transitions",
-          file=sys.stderr)
-    return False
-
-
-def remove_replay(output_dir: str) -> None:
-    """A completed run's replay file served only --resume: removed."""
-    path = os.path.join(output_dir, REPLAY)
-    if os.path.exists(path):
-        os.remove(path)
-
-
-# settings a resumed run may change: the machine's, and where, how often and under which name it saves
-RESUME_FREE = run_dir.RESUME_FREE | {"exp_name", "save_replay_every"}
-
-
-def load_resume(args) -> dict | None:
-    """With --resume: the run's checkpoint.pt, checked to be this script's, written with the same
-    settings (one-line errors); None for a new run."""
-    return run_dir.load_resume(args.output_dir, MODULE, dataclasses.asdict(args), RESUME_FREE) if args.resume else None
-
-
-def _plain(value):
-    """Tuples become lists so the checkpoint loads with weights_only=True."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: flag checks
 
 
 def check_args(args: Args, num_games: int) -> None:
@@ -762,73 +635,7 @@ def check_args(args: Args, num_games: int) -> None:
                  "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    check_der_args(args, num_games)
-
-
-def check_der_args(args, num_games: int) -> None:
-    """The checks every DER script shares."""
-    for name in ("hidden_size", "max_episode_steps"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if not args.learning_rate > 0:
-        sys.exit(f"error: --learning-rate must be above 0 (got {args.learning_rate})")
-    for name in ("learning_starts", "max_noops"):
-        if getattr(args, name) < 0:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 0 (got {getattr(args, name)})")
-    for name in ("gamma", "eval_epsilon", "priority_weight"):
-        if not 0 <= getattr(args, name) <= 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
-    if args.num_atoms < 2 or args.v_min >= args.v_max:
-        sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
-                 f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
-    if args.buffer_size // num_games <= args.n_step + 4:
-        sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
-                 f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse rather than return it to the OS and page-fault it in
-    again at the next update (none to 8% faster, benchmarks/README.md). Does nothing without glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
-    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
-
-
-def seed_everything(args) -> torch.device:
-    """Seeds, threads and the allocator; returns the device."""
-    keep_freed_memory()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.torch_threads)
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-
-def setup(args, run_name: str):
-    """Checks --output-dir (one-line errors before anything is created: never over another run) and
-    locks it for this process; then the TensorBoard writer there (and wandb when --track)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if args.resume and args.output_dir is None:
-        sys.exit("error: --resume needs --output-dir: the directory of the run to continue")
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
-    check_output_dir(args.output_dir, args.resume)
-    resume = load_resume(args)
-    lock = open_output_dir(args.output_dir)
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
-                   save_code=True)
-    # a resumed run drops the events logged after its checkpoint: the log stays one curve
-    writer = SummaryWriter(args.output_dir, purge_step=resume["global_step"] + 1 if resume else None)
-    writer.output_dir_lock = lock  # held as long as the writer
-    if resume is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return writer
+    atari.check_der_args(args, num_games)
 
 
 if __name__ == "__main__":
@@ -838,7 +645,7 @@ if __name__ == "__main__":
     games = atari.game_set(args.train_games, args.games)
     check_args(args, len(games))  # every flag error before anything is created
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = setup(args, run_name)
+    writer = atari.setup(args, run_name, MODULE)
     print(f"Reptile-DER on {', '.join(games)} -> {args.output_dir}", flush=True)
     train(args, games, writer=writer)
     writer.close()

@@ -23,17 +23,28 @@ life loss included, which is what the replay buffers rebuild. Rewards come back 
 scripts clip them for learning); `info["episode"]` holds the real game's return and length at
 game over. `get_state` / `set_state` hold everything the next steps depend on (the emulator,
 the generators, the frame stack), so that a checkpoint can resume a run exactly.
+
+The last section is not the environment but the plumbing the three scripts share to run: flag
+checks, seeds, the output folder, checkpoints, replay files, the background evaluation.
 """
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import dataclasses
 import json
+import os
+import random
 import re
+import signal
 import sys
 
 import gymnasium as gym
 import numpy as np
 import torch
+
+from envs import run_dir
 
 # the paper's game sets (Sec. 5.3; authors' main_mt.py GAME_SETS '5-task' and '10-task')
 FIVE_GAMES = ("Breakout", "DemonAttack", "Robotank", "BankHeist", "Solaris")
@@ -264,3 +275,302 @@ class MultiGameEnv(gym.Env):
         self.game = state["game"]
         for env, env_state in zip(self.envs, state["envs"], strict=True):
             env.set_state(env_state)
+
+
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: running a DER script
+# Plumbing shared by the three scripts (rainbow_{mt,reptile,pearl}_atari.py), not the algorithm: flag
+# checks, seeds, the output folder, checkpoints, the replay file and the background evaluation.
+
+CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # must equal finetune.CHECKPOINT_FORMAT
+REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt: what --resume needs to continue the same run
+REPLAY_FIELDS = ("frames", "actions", "rewards", "dones", "timesteps")  # a ReplayBuffer's per-entry arrays
+# settings a resumed run may change: the machine's, and where, how often and under which name it saves
+RESUME_FREE = run_dir.RESUME_FREE | {"exp_name", "save_replay_every"}
+
+
+def check_der_args(args, num_games: int) -> None:
+    """The checks every DER script shares (one-line errors)."""
+    for name in ("hidden_size", "max_episode_steps"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if not args.learning_rate > 0:
+        sys.exit(f"error: --learning-rate must be above 0 (got {args.learning_rate})")
+    for name in ("learning_starts", "max_noops"):
+        if getattr(args, name) < 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be at least 0 (got {getattr(args, name)})")
+    for name in ("gamma", "eval_epsilon", "priority_weight"):
+        if not 0 <= getattr(args, name) <= 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
+    if args.num_atoms < 2 or args.v_min >= args.v_max:
+        sys.exit(f"error: the return support needs --num-atoms >= 2 and --v-min < --v-max "
+                 f"(got {args.num_atoms}, {args.v_min}, {args.v_max})")
+    if args.buffer_size // num_games <= args.n_step + 4:
+        sys.exit(f"error: --buffer-size {args.buffer_size} leaves {args.buffer_size // num_games} transitions "
+                 f"per game; each needs more than --n-step + 4 = {args.n_step + 4}")
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse rather than return it to the OS and page-fault it in
+    again at the next update (none to 8% faster, benchmarks/README.md). Does nothing without glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap, not from mmap
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap before returning it
+
+
+def seed_everything(args) -> torch.device:
+    """Seeds, threads and the allocator; returns the device."""
+    keep_freed_memory()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.torch_threads)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def load_resume(args, module: str) -> dict | None:
+    """With --resume: the run's checkpoint.pt, checked to be one the script `module` wrote with the
+    same settings (one-line errors); None for a new run."""
+    if not args.resume:
+        return None
+    return run_dir.load_resume(args.output_dir, module, dataclasses.asdict(args), RESUME_FREE)
+
+
+def setup(args, run_name: str, module: str):
+    """Checks --output-dir (one-line errors before anything is created: never over another run) and
+    locks it for this process; then the TensorBoard writer there (and wandb when --track)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.resume and args.output_dir is None:
+        sys.exit("error: --resume needs --output-dir: the directory of the run to continue")
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    run_dir.check_output_dir(args.output_dir, args.resume)
+    resume = load_resume(args, module)
+    lock = run_dir.open_output_dir(args.output_dir)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name,
+                   save_code=True)
+    # a resumed run drops the events logged after its checkpoint: the log stays one curve
+    writer = SummaryWriter(args.output_dir, purge_step=resume["global_step"] + 1 if resume else None)
+    writer.output_dir_lock = lock  # held as long as the writer
+    if resume is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return writer
+
+
+def _plain(value):
+    """Tuples become lists so the checkpoint loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_checkpoint(path: str, module: str, args, model: torch.nn.Module, optimizer, global_step: int, method: str,
+                    train_tasks: list[str], num_actions: int, resume: dict | None = None) -> None:
+    """The checkpoint of the script `module`: one file, written to a temporary name of this process
+    and renamed; loads with torch.load(weights_only=True). `resume` (`run_state`): what --resume
+    needs beyond the model and the optimizer; the random states go with it."""
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "format_version": 1, "module": module, "benchmark": "atari",
+        "method": method, "train_tasks": list(train_tasks), "args": _plain(dataclasses.asdict(args)),
+        "global_step": int(global_step), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {}, "num_actions": int(num_actions),
+    }
+    if resume is not None:
+        ckpt.update(rng=run_dir.rng_state(), resume=resume)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    run_dir.atomic_save(ckpt, path)
+
+
+def run_state(target_network: torch.nn.Module, env: MultiGameEnv, obs: np.ndarray, rng: np.random.Generator,
+              learning_starts: int, **more) -> dict:
+    """What --resume needs beyond the weights and the optimizer: the target network, the envs, the
+    observation, the loop's generator, the step learning starts at, and the script's `more`."""
+    return {"target_model": target_network.state_dict(), "env": env.get_state(), "obs": torch.from_numpy(obs.copy()),
+            "loop_rng": _generator_state(rng), "learning_starts": int(learning_starts), **more}
+
+
+def restore_run(ckpt: dict, args, model: torch.nn.Module, target_network: torch.nn.Module, optimizer,
+                env: MultiGameEnv, rng: np.random.Generator, buffers: list) -> tuple[int, np.ndarray, int]:
+    """--resume of a training loop: `run_state` into the run's objects, replay.npz into `buffers`;
+    returns (env step, observation, env step learning starts at). The random states come last: the
+    run goes on with the numbers it would have drawn."""
+    state, step = ckpt["resume"], ckpt["global_step"]
+    model.load_state_dict(ckpt["model"])
+    target_network.load_state_dict(state["target_model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    env.set_state(state["env"])
+    replayed = load_replay(os.path.join(args.output_dir, REPLAY), buffers, step)
+    _set_generator_state(rng, state["loop_rng"])
+    run_dir.set_rng_state(ckpt["rng"])
+    return step, state["obs"].numpy(), state["learning_starts"] if replayed else step + args.learning_starts
+
+
+def save_replay(path: str, buffers: list, global_step: int, fields: tuple[str, ...] = REPLAY_FIELDS) -> None:
+    """Replay buffers (each its `fields` arrays up to its size, its sum tree's levels, counters and
+    generator) in one compressed .npz with `run_dir.save_arrays`: a crash never leaves half a file.
+    Buffer g's arrays are named "{g}_{name}"."""
+    arrays = {"global_step": np.array(global_step), "capacities": np.array([b.capacity for b in buffers])}
+    for g, b in enumerate(buffers):
+        arrays.update({f"{g}_{name}": getattr(b, name)[:b.size] for name in fields})
+        arrays.update({f"{g}_tree{i}": level for i, level in enumerate(b.tree.levels)})
+        arrays[f"{g}_counters"] = np.array([b.pos, b.size, b.next_t])
+        arrays[f"{g}_max_priority"] = np.array(b.tree.max_priority)
+        arrays[f"{g}_rng"] = np.array(_generator_state(b.rng))
+    run_dir.save_arrays(path, arrays)
+
+
+def load_replay(path: str, buffers: list, global_step: int, fields: tuple[str, ...] = REPLAY_FIELDS) -> bool:
+    """Fill `buffers` from `save_replay`'s file for a run resumed at `global_step`. One written before
+    the checkpoint (on its own interval, or a crash between the two writes) is used with its last
+    entry taken as an episode end. Returns False, with a one-line warning, when there is none to use."""
+    run_dir.remove_temporaries(path)  # left by a killed run (this run holds the folder's lock)
+    problem = "is missing"
+    if os.path.isfile(path):
+        with np.load(path) as data:
+            step = int(data["global_step"])
+            if step > global_step:
+                problem = f"is from env step {step}, after the checkpoint's {global_step}"
+            elif data["capacities"].tolist() != [b.capacity for b in buffers]:
+                problem = f"holds buffers of {data['capacities'].tolist()} entries, not {[b.capacity for b in buffers]}"
+            else:
+                for g, b in enumerate(buffers):
+                    b.pos, b.size, b.next_t = (int(x) for x in data[f"{g}_counters"])
+                    for name in fields:
+                        getattr(b, name)[:b.size] = data[f"{g}_{name}"]
+                    for i, level in enumerate(b.tree.levels):
+                        level[:] = data[f"{g}_tree{i}"]
+                    b.tree.max_priority = float(data[f"{g}_max_priority"])
+                    _set_generator_state(b.rng, str(data[f"{g}_rng"]))
+                    if step < global_step and b.size:  # the transitions in between are lost: an episode end
+                        b.dones[(b.pos - 1) % b.capacity], b.next_t = True, 0
+                if step < global_step:
+                    print(f"warning: --resume: {path} is from env step {step}, the checkpoint from {global_step}: "
+                          f"the {global_step - step} transitions in between are not replayed", file=sys.stderr)
+                return True
+    print(f"warning: --resume: {path} {problem}: the replay starts empty and learning waits for new transitions",
+          file=sys.stderr)
+    return False
+
+
+def remove_replay(output_dir: str) -> None:
+    """A completed run's replay file served only --resume: removed."""
+    path = os.path.join(output_dir, REPLAY)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+class Evaluator:
+    """Runs the script's `evaluate(q_network, game, args, num_actions, device, seed)` when its train()
+    asks and hands log_eval(step, mean, episodes) the scores in step order; nothing without log_eval.
+    With --background-eval each evaluation runs in a second process on a snapshot (`evaluate_snapshot`;
+    the script's QNetwork class and evaluate function travel by reference) while training goes on
+    (same scores: same snapshot, same seeds), and the learner drops to one torch thread meanwhile
+    (benchmarks/README.md). `terminate` stops that process at once (a stop, an error); it also dies
+    with the learner, kill -9 included (`evaluation_worker_init`)."""
+
+    def __init__(self, log_eval, game: str, args, num_actions: int, device, network_class, evaluate):
+        self.log_eval, self.game, self.args, self.num_actions, self.device = log_eval, game, args, num_actions, device
+        self.network_class, self.evaluate = network_class, evaluate
+        self.pool, self.pending = None, []  # pending: (step, future, snapshot), oldest first
+        if log_eval is not None and args.background_eval:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                               initializer=evaluation_worker_init)
+
+    def run(self, step: int, q_network: torch.nn.Module, snapshot: dict[str, np.ndarray] | None = None) -> None:
+        """Evaluate q_network at env step `step`; or the network of `snapshot` (its state dict as arrays:
+        an evaluation a stopped run left unfinished)."""
+        seed = self.args.seed + 10_000 + step
+        if self.log_eval is None:
+            return
+        if self.pool is None:
+            if snapshot is not None:
+                q_network = copy.deepcopy(q_network)
+                q_network.load_state_dict({k: torch.from_numpy(v) for k, v in snapshot.items()})
+            scores = self.evaluate(q_network, self.game, self.args, self.num_actions, self.device, seed)
+            self.log_eval(step, float(np.mean(scores)), len(scores))
+            return
+        # as numpy arrays: after torch's own pickling of tensors for multiprocessing (shared memory,
+        # handed over by a resource-sharer thread) the learner ran 1.8x slower for the rest of the run
+        if snapshot is None:
+            snapshot = {k: v.detach().cpu().numpy().copy() for k, v in q_network.state_dict().items()}
+        future = self.pool.submit(evaluate_snapshot, self.network_class, self.evaluate, snapshot, q_network.bf16,
+                                  self.game, self.args, self.num_actions, seed)
+        self.pending.append((step, future, snapshot))
+
+    def resume(self, evaluations: list[dict], q_network: torch.nn.Module) -> None:
+        """Run again the evaluations a stopped run left unfinished (`unfinished`), from their snapshots."""
+        for e in evaluations:
+            self.run(e["step"], q_network, {k: v.numpy() for k, v in e["model"].items()})
+
+    def share_cores(self) -> None:
+        """One learner thread while an evaluation has the other core."""
+        if self.pool is None:
+            return
+        threads = 1 if any(not future.done() for _, future, _ in self.pending) else self.args.torch_threads
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    def log_finished(self) -> None:
+        """Hand log_eval the evaluations finished so far, oldest first."""
+        while self.pending and self.pending[0][1].done():
+            step, future, _ = self.pending.pop(0)
+            scores = future.result()
+            self.log_eval(step, float(np.mean(scores)), len(scores))
+
+    def unfinished(self) -> list[dict]:
+        """The evaluations not logged yet, as {step, model snapshot}: a checkpoint keeps them for --resume."""
+        return [{"step": step, "model": {k: torch.from_numpy(v) for k, v in snapshot.items()}}
+                for step, _, snapshot in self.pending]
+
+    def close(self, stop=None) -> None:
+        """Wait for the evaluations still running and log them; a stop meanwhile leaves them to --resume."""
+        import concurrent.futures
+
+        while self.pending and not stop:
+            concurrent.futures.wait([self.pending[0][1]], timeout=0.5)
+            self.log_finished()
+        if self.pool is not None and not stop:
+            self.pool.shutdown()
+            self.pool = None
+
+    def terminate(self) -> None:
+        """Stop the evaluation process now (its unfinished evaluations stay in `pending`)."""
+        if self.pool is None:
+            return
+        for process in list((self.pool._processes or {}).values()):  # no public way before Python 3.14
+            process.kill()
+        self.pool.shutdown(cancel_futures=True)
+        self.pool = None
+
+
+def evaluate_snapshot(network_class, evaluate, state: dict[str, np.ndarray], bf16: bool, game: str, args,
+                      num_actions: int, seed: int) -> list[float]:
+    """What the evaluation process runs: `evaluate` on a DER network (`network_class`, the script's
+    QNetwork) rebuilt from a state dict of arrays."""
+    torch.set_num_threads(1)
+    q_network = network_class(num_actions, args.hidden_size, args.num_atoms, args.v_min, args.v_max, args.noisy_std)
+    q_network.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    q_network.bf16 = bf16
+    return evaluate(q_network, game, args, num_actions, torch.device("cpu"), seed)
+
+
+def evaluation_worker_init() -> None:
+    """In the evaluation process: SIGINT and SIGTERM are the learner's to handle (it stops this process),
+    and the process dies with the learner however that ends (Linux prctl PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: `terminate` still stops it on every exit path of train()

@@ -446,7 +446,7 @@ def test_checkpoint_round_trip(module, tmp_path):
     opt.step()  # so the optimizer state holds tensors too
     path = str(tmp_path / "checkpoint.pt")
     method = {mt: "mt", reptile: "reptile", pearl: "pearl"}[module]
-    module.save_checkpoint(path, args, net, opt, 123, method, ["Pong", "Breakout"], 18)
+    atari.save_checkpoint(path, module.MODULE, args, net, opt, 123, method, ["Pong", "Breakout"], 18)
     ckpt = torch.load(path, weights_only=True)
     assert not os.path.exists(path + ".tmp")
     assert ckpt["format"] == finetune.CHECKPOINT_FORMAT and ckpt["format_version"] == 1
@@ -651,7 +651,7 @@ def test_resumed_pearl_adaptation_continues_where_it_stopped(tmp_path, monkeypat
 
 def test_a_signal_during_a_periodic_save_stops_at_the_next_step_with_its_replay(tmp_path, monkeypatch,
                                                                                 signal_handlers):
-    save, saves = mt.save_checkpoint, []
+    save, saves = atari.save_checkpoint, []
 
     def save_and_signal(*a, **k):
         save(*a, **k)
@@ -659,7 +659,7 @@ def test_a_signal_during_a_periodic_save_stops_at_the_next_step_with_its_replay(
         if len(saves) == 1:  # the periodic save at 105: the signal arrives after the step's decision to stop
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(mt, "save_checkpoint", save_and_signal)
+    monkeypatch.setattr(atari, "save_checkpoint", save_and_signal)
     with pytest.raises(SystemExit):
         mt.train(tiny(mt, tmp_path, total_timesteps=150, save_every=105), ["Pong"])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 106
@@ -689,26 +689,26 @@ def test_replay_file_round_trip_and_older_or_newer_files(tmp_path, capsys):
     buffer.update_priorities(np.array([1, 2]), np.array([4.0, 9.0]))
     buffer.rng.random(3)
     path = str(tmp_path / "replay.npz")
-    mt.save_replay(path, [buffer], 50)
+    atari.save_replay(path, [buffer], 50)
     assert os.listdir(tmp_path) == ["replay.npz"]  # no temporary file left
 
     same = mt.ReplayBuffer(40, 3, 0.9, 0.5, seed=1)
-    assert mt.load_replay(path, [same], 50) and capsys.readouterr().err == ""
-    for name in mt.REPLAY_FIELDS:
+    assert atari.load_replay(path, [same], 50) and capsys.readouterr().err == ""
+    for name in atari.REPLAY_FIELDS:
         assert np.array_equal(getattr(same, name), getattr(buffer, name)), name
     assert all(np.array_equal(a, b) for a, b in zip(same.tree.levels, buffer.tree.levels))
     assert (same.pos, same.size, same.next_t, same.tree.max_priority) == (10, 40, 1, 3.0)
     assert np.array_equal(same.rng.random(5), buffer.rng.random(5))  # the same samples from here on
 
     older = mt.ReplayBuffer(40, 3, 0.9, 0.5)
-    assert mt.load_replay(path, [older], 60)  # a checkpoint 10 steps later: the gap ends an episode
+    assert atari.load_replay(path, [older], 60)  # a checkpoint 10 steps later: the gap ends an episode
     assert older.dones[9] and not buffer.dones[9] and older.next_t == 0
     assert "is from env step 50, the checkpoint from 60: the 10 transitions" in capsys.readouterr().err
 
     newer = mt.ReplayBuffer(40, 3, 0.9, 0.5)
-    assert not mt.load_replay(path, [newer], 45) and newer.size == 0 and newer.tree.total == 0
+    assert not atari.load_replay(path, [newer], 45) and newer.size == 0 and newer.tree.total == 0
     assert "is from env step 50, after the checkpoint's 45: the replay starts empty" in capsys.readouterr().err
-    assert not mt.load_replay(path, [mt.ReplayBuffer(30, 3, 0.9, 0.5)], 50)
+    assert not atari.load_replay(path, [mt.ReplayBuffer(30, 3, 0.9, 0.5)], 50)
     assert "holds buffers of [40] entries, not [30]" in capsys.readouterr().err
 
 
@@ -716,11 +716,12 @@ def test_resume_with_other_settings_is_a_one_line_error(tmp_path):
     args = tiny(mt, tmp_path, total_timesteps=20)
     mt.train(args, ["Pong"])
     with pytest.raises(SystemExit, match=re.escape("error: --resume: --n-step is 10 here but 20 in")):
-        mt.load_resume(dataclasses.replace(args, resume=True, n_step=10))
-    assert mt.load_resume(dataclasses.replace(args, resume=True, torch_threads=2, save_every=5))["global_step"] == 20
+        atari.load_resume(dataclasses.replace(args, resume=True, n_step=10), mt.MODULE)
+    assert atari.load_resume(dataclasses.replace(args, resume=True, torch_threads=2, save_every=5),
+                             mt.MODULE)["global_step"] == 20
     reptile_args = tiny(reptile, tmp_path, resume=True)
     with pytest.raises(SystemExit, match="is not a resumable checkpoint of rainbow_reptile_atari.py"):
-        reptile.load_resume(reptile_args)
+        atari.load_resume(reptile_args, reptile.MODULE)
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -764,8 +765,8 @@ def test_script_never_starts_over_a_run(tmp_path, monkeypatch):
 def fake_checkpoint(path, train_tasks=("Breakout", "DemonAttack")) -> str:
     """A pretrained-looking MT checkpoint of the default network (18 actions), written in a moment."""
     net = mt.QNetwork(18)
-    mt.save_checkpoint(str(path), mt.Args(games=tuple(train_tasks)), net, torch.optim.Adam(net.parameters()), 1000,
-                       "mt", list(train_tasks), 18)
+    atari.save_checkpoint(str(path), mt.MODULE, mt.Args(games=tuple(train_tasks)), net,
+                          torch.optim.Adam(net.parameters()), 1000, "mt", list(train_tasks), 18)
     return str(path)
 
 
@@ -805,10 +806,9 @@ def test_finetune_writes_periodic_checkpoints_by_default(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the copies stay identical
 
+# the plumbing (checkpoints, replay file, settings, background evaluation) is written once, in envs/atari.py
 SHARED = ["NoisyLinear", "Encoder", "SumTree", "Batch", "ReplayBuffer", "project_distribution", "clip_gradients",
-          "to_patches", "encoder_matrices", "fast_encoder", "use_bf16", "save_checkpoint", "_plain", "check_der_args",
-          "keep_freed_memory", "seed_everything", "setup", "run_state", "save_replay", "load_replay", "remove_replay",
-          "load_resume"]
+          "to_patches", "encoder_matrices", "fast_encoder", "use_bf16"]
 SHARED_MT_REPTILE = ["QNetwork", "dqn_loss", "optimize", "act", "step_weights", "fast_forward"]
 SHARED_MT_PEARL = ["sample_games"]
 
@@ -818,8 +818,6 @@ SHARED_MT_PEARL = ["sample_games"]
 def test_shared_pieces_are_identical_copies(other, names):
     for name in names:
         assert inspect.getsource(getattr(other, name)) == inspect.getsource(getattr(mt, name)), name
-    for name in ("REPLAY", "REPLAY_FIELDS", "RESUME_FREE"):
-        assert getattr(other, name) == getattr(mt, name), name
 
 
 @pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
