@@ -1,27 +1,24 @@
 """PEARL on data-efficient Rainbow (DER) for Atari: a latent task variable inferred from context.
 
 Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
-Learning" (NeurIPS 2022), Sec. 5.3 (Atari), PEARL-Rainbow; PEARL: Rakelly et al. 2019. A context
-encoder (its own DER conv, then an MLP over [conv features, one-hot action, reward]) maps each
-of a few transitions of one game (authors: 10, drawn from that game's last 100) to a Gaussian
-factor over a latent z (size 32); the factors multiply into the posterior q(z | c), pulled toward
-N(0, I) by a KL term added unweighted, as in the authors' agent_pearl.py:
+Learning" (NeurIPS 2022), Sec. 5.3, PEARL-Rainbow; PEARL: Rakelly et al. 2019. A context encoder
+maps each of a few recent transitions of one game to a Gaussian factor over a latent z (size 32);
+the factors multiply into the posterior q(z | c), pulled toward N(0, I) by a KL term added
+unweighted, as in the authors' agent_pearl.py:
 
     loss = mean_i w_i * (CE_i + KL(q(z | c_g(i)) || N(0, I)))
 
 (CE_i: sample i's C51 loss, w_i its importance weight, c_g(i) the context of its game). The
-dueling C51 heads see [conv features, z]; the loss trains the heads, the conv and, through z,
-the context encoder. Data collection samples z from the current game's posterior at every
-episode start (from the prior before there is data). Adaptation to a held-out game, `adapt`,
-takes no gradient step: the agent plays the new game, infers z from that experience, and is
-evaluated with the posterior mean (finetune.py calls it).
+dueling C51 heads see [conv features, z]. Data collection samples z from the current game's
+posterior at every episode start. `adapt` (finetune.py calls it) takes no gradient step: it plays
+the held-out game, infers z from that experience, and evaluates with the posterior mean.
 
     python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
     python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # adapt: infer z, no gradient
 
-The DER pieces are copies of rainbow_mt_atari.py's (a test keeps them identical); the
-environment is envs/atari.py. Below the loop, marked TRY NOT TO MODIFY: the encoder's speed form
-(tested against the plain modules) and the plumbing.
+The DER pieces are copies of rainbow_mt_atari.py's (a test keeps them identical). Below the loop,
+marked TRY NOT TO MODIFY: the encoder's speed form (tested against the plain modules). The
+environment and the run's plumbing are envs/atari.py; details in docs/atari.md.
 """
 
 from __future__ import annotations
