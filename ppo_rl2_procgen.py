@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Optional
@@ -26,10 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import (NUM_ACTIONS, check_env_id, check_levels, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward,
-                          state_tensor)
-from envs.run_dir import (CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir,
-                          restore, rng_state)
+from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward, check_env_id,
+                          check_levels, make_writer, save_checkpoint, seed_everything, use_bf16, state_tensor)
+from envs.run_dir import CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore
 
 SCRIPT = "ppo_rl2_procgen"  # the module name checkpoints record (finetune.py checks it)
 
@@ -520,7 +518,7 @@ def train(args: Args, writer=None) -> RL2Agent:
         report(writer, "charts", iteration, num_iterations, global_step, (start_time, start_step), finished,
                args.num_trials)
         if iteration % args.save_every == 0 or iteration == num_iterations or stop:
-            save_checkpoint(ckpt_path, agent.state_dict(), optimizer, args, global_step, "rl2", train_tasks,
+            save_checkpoint(ckpt_path, SCRIPT, agent.state_dict(), optimizer, args, global_step, "rl2", train_tasks,
                             dict(iteration=iteration, generator=generator.get_state(), envs=envs.state_dict(),
                                  rollout=rollout.state_dict()))
         if stop:
@@ -607,7 +605,7 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
             pending = []
             next_eval = global_step + eval_every
         if iteration % args.save_every == 0 or iteration == num_iterations or stop:
-            save_checkpoint(ckpt_path, model_state, None, args, global_step, "rl2", train_tasks or [level],
+            save_checkpoint(ckpt_path, SCRIPT, model_state, None, args, global_step, "rl2", train_tasks or [level],
                             dict(iteration=iteration, next_eval=next_eval, pending=[list(e) for e in pending],
                                  envs=envs.state_dict(), rollout=rollout.state_dict()))
         if stop:
@@ -622,32 +620,6 @@ def adapt(args: Args, model_state: dict, level: int, writer=None,
 
 
 # ----------------------------------------------------------------------------- TRY NOT TO MODIFY: plumbing
-
-LOSS_TAGS = {"pg_loss": "policy_loss", "v_loss": "value_loss", "entropy": "entropy", "approx_kl": "approx_kl",
-             "clipfrac": "clipfrac", "explained_variance": "explained_variance"}
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
-
-
-def make_writer(args, run_name: str, resume_step: Optional[int] = None):
-    """TensorBoard in --output-dir; a resumed run (`resume_step`: its checkpoint's step, whose events
-    were all logged before the save) drops events logged after it and continues the same curve."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(args.output_dir, purge_step=None if resume_step is None else resume_step + 1)
-    if resume_step is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return writer
 
 
 def check_args(args: Args) -> int:
@@ -713,40 +685,6 @@ def report(writer, prefix: str, iteration: int, num_iterations: int, global_step
     mean_ret = f"{np.mean(returns):.2f}" if returns else "n/a"
     print(f"iter {iteration}/{num_iterations} step={global_step} episodic_return={mean_ret} {' '.join(per_trial)} "
           f"({len(returns)} episodes) SPS={sps}", flush=True)
-
-
-def save_checkpoint(path: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args, global_step: int,
-                    method: str, train_tasks: list, resume: dict) -> None:
-    """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
-    (weights_only-loadable). `model`: the state dict finetune.py adapts; `resume`: what --resume needs
-    beyond it, the optimizer and the random states (the loop's counters, env states, ...)."""
-    ckpt = {
-        "format": "finetune-vs-meta-rl",
-        "format_version": 1,
-        "module": SCRIPT,
-        "benchmark": "procgen",
-        "method": method,
-        "train_tasks": [int(t) for t in train_tasks],
-        "args": dataclasses.asdict(args),
-        "global_step": int(global_step),
-        "model": model,
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},  # RL2's adaptation has none
-        "rng": rng_state(),
-        "resume": resume,
-    }
-    atomic_save(ckpt, path)
-
-
-# ----------------------------------------------------------------------------- SPEED: faster forms of plain steps
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 if __name__ == "__main__":

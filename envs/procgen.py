@@ -5,6 +5,8 @@
 - `VecNormalizeReward`: the reward half of a `VecNormalize` wrapper (SB3, openai/baselines):
   rewards divided by a running standard deviation of the discounted return, then clipped.
 - `EvalEpisodes`: which episodes an evaluation on several envs counts (SB3's `evaluate_policy` rule).
+- At the end, the scripts' plumbing: seeding, the TensorBoard writer, the checkpoint file, and
+  `use_bf16` (whether --precision auto means bf16 on this hardware).
 
 procgen still imports the unmaintained `gym` package; `import_procgen` keeps its banner out of
 sight. Nothing here depends on the learning method.
@@ -13,11 +15,16 @@ sight. Nothing here depends on the learning method.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
+import random
 from typing import NamedTuple, Optional
 
 import numpy as np
+import torch
+
+from envs.run_dir import atomic_save, rng_state
 
 NUM_ACTIONS = 15  # Procgen's full action set; CoinRun uses all 15 ids.
 
@@ -258,3 +265,66 @@ class EvalEpisodes:
     @property
     def returns(self) -> list[float]:
         return [episode[1] for episode in self.episodes]
+
+
+# ----------------------------------------------------------------------------- running a PPO script: plumbing
+# shared by the three scripts, not the algorithm (TensorBoard, seeding, the checkpoint file)
+
+# TensorBoard tags of ppo_update's statistics
+LOSS_TAGS = {"pg_loss": "policy_loss", "v_loss": "value_loss", "entropy": "entropy", "approx_kl": "approx_kl",
+             "clipfrac": "clipfrac", "explained_variance": "explained_variance"}
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Python's, numpy's and torch's global generators from one seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def make_writer(args, run_name: str, resume_step: Optional[int] = None):
+    """TensorBoard in --output-dir; a resumed run (`resume_step`: its checkpoint's step, whose events
+    were all logged before the save) drops events logged after it and continues the same curve."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(args.output_dir, purge_step=None if resume_step is None else resume_step + 1)
+    if resume_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+def save_checkpoint(path: str, script: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args, global_step: int,
+                    method: str, train_tasks: list, resume: dict) -> None:
+    """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
+    (weights_only-loadable). `script`: the module that wrote it; `model`: the state dict finetune.py adapts; `resume`: what --resume needs
+    beyond it, the optimizer and the random states (the loop's counters, env states, ...)."""
+    ckpt = {
+        "format": "finetune-vs-meta-rl",
+        "format_version": 1,
+        "module": script,
+        "benchmark": "procgen",
+        "method": method,
+        "train_tasks": [int(t) for t in train_tasks],
+        "args": dataclasses.asdict(args),
+        "global_step": int(global_step),
+        "model": model,
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},  # RL2's adaptation has none
+        "rng": rng_state(),
+        "resume": resume,
+    }
+    atomic_save(ckpt, path)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

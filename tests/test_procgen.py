@@ -342,7 +342,7 @@ def test_sb3_ortho_init_gains(module):
 
 
 SHARED_ALL = ["ortho_init", "ResidualBlock", "ConvSequence", "ImpalaEncoder", "compute_gae", "PPOLoss", "ppo_loss",
-              "seed_everything", "make_writer", "setup", "save_checkpoint", "use_bf16"]
+              "setup"]
 SHARED_MT_REPTILE = ["Agent", "Batch", "RolloutBuffer", "ppo_update", "check_args", "log_iteration", "RolloutPolicy"]
 
 
@@ -354,7 +354,7 @@ def test_duplicated_pieces_are_identical(name):
     for module in others:
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(mt, name)), (name, module.__name__)
     for module in (reptile, rl2):
-        assert module.LOSS_TAGS == mt.LOSS_TAGS and module.NUM_ACTIONS == mt.NUM_ACTIONS
+        assert module.LOSS_TAGS is mt.LOSS_TAGS and module.NUM_ACTIONS == mt.NUM_ACTIONS
 
 
 @pytest.mark.parametrize("module", [mt, reptile, rl2], ids=["mt", "reptile", "rl2"])
@@ -378,8 +378,7 @@ def test_scripts_are_short_and_open_on_the_algorithm(module):
     import inspect
 
     lines = inspect.getsource(module).splitlines()
-    # RL2 also holds its adaptation (`adapt`) and the recurrent and meta-episode state a resume carries
-    assert len(lines) < (760 if module is rl2 else 700)
+    assert len(lines) <= 700
     first_network_line = min(i for i, line in enumerate(lines) if line.startswith("class ResidualBlock"))
     assert first_network_line < len(lines) / 3
 
