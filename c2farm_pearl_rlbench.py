@@ -3,21 +3,16 @@
     python c2farm_pearl_rlbench.py --backend metaworld                             # ML10 train split
     python c2farm_pearl_rlbench.py --backend rlbench --held-out-task push_button   # the paper
 
-Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
-Learning" (NeurIPS 2022), Sec. 5.2 (RLBench); PEARL: Rakelly et al. 2019. A context encoder
-(a small conv net on the front RGB, plus the encoded action and the reward) maps each transition of a
-task to a Gaussian over a latent z (size 16); the Gaussians combine by a product of Gaussians
-into the task posterior, regularised by KL(q || N(0, I)) with weight 1. z is tiled into the
-depth-0 Q-attention network. Each task's context is 3 transitions drawn from the latest 10
-of its buffer (demo transitions count). The Q-loss trains the encoder, as in PEARL.
-Adaptation (`adapt`, used by finetune.py): infer z from the new task's own experience, no
-gradient step.
+Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement Learning" (NeurIPS
+2022), Sec. 5.2 (RLBench); PEARL: Rakelly et al. 2019. A context encoder (a small conv net on the front RGB, plus the
+encoded action and the reward) maps each transition of a task to a Gaussian over a latent z (size 16); the Gaussians
+combine by a product of Gaussians into the task posterior, regularised by KL(q || N(0, I)) with weight 1. z is tiled
+into the depth-0 Q-attention network. Each task's context is 3 transitions drawn from the latest 10 of its buffer
+(demo transitions count). The Q-loss trains the encoder, as in PEARL. Adaptation (`adapt`, used by finetune.py):
+infer z from the new task's own experience, no gradient step.
 
-Top to bottom: Args; C2F-ARM's discrete action; the voxel grid; the Q-attention network;
-the replay buffer; demos into the replay; the learner; PEARL's context encoder and update;
-the training loop; checkpoints, --resume and `adapt`. The environments come from
-envs/rlbench.py; the C2F-ARM code is the same as in c2farm_mt_rlbench.py (a test keeps the
-copies identical).
+Top to bottom: Args; network; replay and demos; learner; PEARL's context encoder and update; loop and `adapt`.
+Environments, voxel geometry and plumbing come from envs/rlbench.py; the C2F-ARM code is c2farm_mt_rlbench.py's.
 """
 
 from __future__ import annotations
@@ -25,11 +20,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import random
-import signal
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple
 
@@ -39,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
-    BACKEND_TASKS, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS, ZOOM_HALF_WIDTH,
-    Observation, TaskError, default_tasks, discover_keypoints, euler_to_quaternion, make_task, quaternion_to_euler)
-from envs.run_dir import (
-    CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir, rng_state, set_rng_state)
+    BACKEND_TASKS, LOWDIM_SIZE, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS,
+    ZOOM_HALF_WIDTH, TaskError, action_to_pose, check_c2farm_args, demo_chains, discover_keypoints, lowdim_state,
+    make_task, obs_tensors, pose_to_action, resume_loop, run_pretraining, to_tensors, voxel_centers, voxelize, zoom_in)
 
+SCRIPT = os.path.basename(__file__)[:-3]  # the checkpoint's module
 METHOD = "pearl"  # the checkpoint's method
 
 
@@ -161,74 +153,7 @@ class Args:
     """weight of KL(q(z | context) || N(0, I)) in the loss (paper: 1)"""
 
 
-# --------------------------------------------------------------------------- ALGO LOGIC: the discrete action
-# A C2F-ARM action is (voxel index per depth (flattened i*V*V + j*V + k), rot x, rot y, rot z bins, gripper open).
-
-
-def discretize_rotation(q: np.ndarray, resolution: float = 5.0) -> np.ndarray:
-    """Quaternion -> one bin per Euler axis: (angle + 180) / resolution, rounded, modulo 360/resolution."""
-    bins = int(round(360 / resolution))
-    return np.round((quaternion_to_euler(q) + 180.0) / resolution).astype(np.int64) % bins
-
-
-def undiscretize_rotation(bins: np.ndarray, resolution: float = 5.0) -> np.ndarray:
-    """Rotation bins -> quaternion xyzw: angle = bin * resolution - 180."""
-    return euler_to_quaternion(np.asarray(bins, dtype=np.float64) * resolution - 180.0)
-
-
-def point_to_voxel(point: np.ndarray, bounds: np.ndarray, voxels: int) -> np.ndarray:
-    """Index (i, j, k) of the voxel containing a point; points outside go to the border voxel."""
-    bounds = np.asarray(bounds, dtype=np.float64)
-    size = (bounds[3:] - bounds[:3]) / voxels
-    return np.clip(np.floor((np.asarray(point) - bounds[:3]) / size), 0, voxels - 1).astype(np.int64)
-
-
-def voxel_to_point(index: np.ndarray, bounds: np.ndarray, voxels: int) -> np.ndarray:
-    """Centre of voxel (i, j, k)."""
-    bounds = np.asarray(bounds, dtype=np.float64)
-    size = (bounds[3:] - bounds[:3]) / voxels
-    return bounds[:3] + (np.asarray(index, dtype=np.float64) + 0.5) * size
-
-
-def zoom_bounds(center: np.ndarray, half_width: float) -> np.ndarray:
-    """Bounds of the next depth: a cube of +-half_width around the previous depth's voxel centre."""
-    center = np.asarray(center, dtype=np.float64)
-    return np.concatenate([center - half_width, center + half_width])
-
-
-def voxelize(points: torch.Tensor, colors: torch.Tensor, bounds: torch.Tensor, voxels: int) -> torch.Tensor:
-    """Points (B, N, 3), colours in [0, 1] (B, N, 3), bounds (B, 6) -> grid (B, 10, V, V, V).
-
-    Channels: mean xyz of the points in the voxel (3), mean RGB (3), the voxel's normalised
-    index (3), occupancy (1). Points outside the bounds are dropped."""
-    b, n, _ = points.shape
-    lo, hi = bounds[:, None, :3], bounds[:, None, 3:]
-    idx = torch.floor((points - lo) / (hi - lo) * voxels).long()
-    valid = ((idx >= 0) & (idx < voxels)).all(-1).reshape(-1)
-    flat = (torch.arange(b, device=points.device)[:, None] * voxels**3
-            + idx[..., 0] * voxels**2 + idx[..., 1] * voxels + idx[..., 2]).reshape(-1)[valid]
-    feats = torch.cat([points, colors, torch.ones_like(points[..., :1])], -1).reshape(b * n, 7)[valid]
-    sums = torch.zeros(b * voxels**3, 7, device=points.device).index_add_(0, flat, feats)
-    count = sums[:, 6:7]
-    means = sums[:, :6] / count.clamp(min=1.0)
-    occupancy = (count > 0).float()
-    grid = torch.cat([means, occupancy], -1).reshape(b, voxels, voxels, voxels, 7).permute(0, 4, 1, 2, 3)
-    axis = torch.arange(voxels, device=points.device, dtype=torch.float32) / (voxels - 1)
-    index = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), 0).expand(b, 3, voxels, voxels, voxels)
-    return torch.cat([grid[:, :6], index, grid[:, 6:]], 1)
-
-
 # --------------------------------------------------------------------------- ALGO LOGIC: Q-attention network
-
-
-def lowdim_state(obs, t: int, episode_length: int) -> np.ndarray:
-    """Proprioception: gripper open, gripper pose (7), finger positions (2), time in [-1, 1]."""
-    time_left = (1.0 - t / episode_length) * 2.0 - 1.0
-    return np.concatenate([[float(obs.gripper_open)], obs.gripper_pose, obs.gripper_joint_positions[:2],
-                           [time_left]]).astype(np.float32)
-
-
-LOWDIM_SIZE = 11
 
 
 def conv3d(c_in: int, c_out: int, kernel: int = 3, activation: bool = True) -> nn.Module:
@@ -275,12 +200,11 @@ def spatial_softmax(x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
 
 
 class QAttentionNet(nn.Module):
-    """Q-attention for one depth, ARM's Qattention3DNet (networks.py) for 16^3 voxels: inception
-    blocks down 16 -> 8 -> 4 and back up with skip connections, LeakyReLU(0.02), no normalisation.
-    The proprioception (and PEARL's latent) goes through a dense layer and is tiled over the grid.
-    Outputs one Q-value per voxel and, at the last depth, a dense head over spatial-softmax and
-    max-pooled features of four levels: Q-values for the rotation bins and the gripper.
-    `width` (ARM: 64 kernels) is a CPU sizing knob; the inner width of the inception blocks is half."""
+    """Q-attention for one depth,ARM's Qattention3DNet (networks.py) for 16^3 voxels: inception blocks down 16 -> 8 -> 4 and back up with skip
+    connections, LeakyReLU(0.02), no normalisation; the proprioception (and PEARL's latent) through a dense layer,
+    tiled over the grid. Outputs one Q-value per voxel and, at the last depth, a dense head over spatial-softmax and
+    max-pooled features of four levels: Q-values for the rotation bins and the gripper. `width` (ARM: 64 kernels) is
+    a CPU sizing knob."""
 
     def __init__(self, in_channels: int = 10, width: int = 64, lowdim: int = LOWDIM_SIZE, latent: int = 0,
                  rot_grip_outputs: int = 0):
@@ -330,9 +254,9 @@ class QAttentionNet(nn.Module):
 
 
 class C2FARM(nn.Module):
-    """Coarse-to-fine Q-attention: depth 0 picks a voxel in the scene bounds, depth d+1 picks a
-    voxel in a cube of +-zoom around the centre of depth d's choice; the last depth also picks
-    the rotation (one of 72 bins per Euler axis) and the gripper state."""
+    """Coarse-to-fine Q-attention: depth 0 picks a voxel in the scene bounds, depth d+1 picks a voxel in a cube of
+    +-zoom around the centre of depth d's choice; the last depth also picks the rotation (one of 72 bins per Euler
+    axis) and the gripper state."""
 
     def __init__(self, scene_bounds, zoom_half_width: float, voxels: int = 16, depths: int = 2, width: int = 64,
                  rotation_resolution: float = 5.0, latent: int = 0):
@@ -345,27 +269,15 @@ class C2FARM(nn.Module):
                           3 * self.rot_bins + 2 if d == depths - 1 else 0)
             for d in range(depths))
 
-    def index_to_center(self, flat_index: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-        v = self.voxels
-        ijk = torch.stack([flat_index // (v * v), (flat_index // v) % v, flat_index % v], -1).float()
-        return bounds[:, :3] + (ijk + 0.5) * (bounds[:, 3:] - bounds[:, :3]) / v
-
-    def zoom_in(self, bounds: torch.Tensor, flat_index: torch.Tensor, shift=None) -> torch.Tensor:
-        """The next depth's bounds (B, 6): a cube of +-zoom around the centre of the chosen voxel
-        (moved by `shift` (B, 3), the crop augmentation of demo transitions)."""
-        center = self.index_to_center(flat_index, bounds) + (0.0 if shift is None else shift)
-        return torch.cat([center - self.zoom, center + self.zoom], 1)
-
     def forward(self, points, colors, lowdim, latent=None, choose: Callable | None = None):
-        """Act through the depths: each depth's Q-attention picks a voxel (`choose(q, depth)`,
-        default argmax) and the next depth zooms around it. Returns the chosen voxels
-        (B, depths) and the last depth's rotation/gripper Q-values (B, 3 * bins + 2)."""
+        """Act through the depths: each depth's Q-attention picks a voxel (`choose(q, depth)`, default argmax) and
+        the next depth zooms around it. Returns the chosen voxels (B, depths), rotation/gripper Q (B, 3 * bins + 2)."""
         bounds = self.scene_bounds.expand(points.shape[0], 6)
         chosen = []
         for d, net in enumerate(self.qnets):
             q, rot_grip = net(voxelize(points, colors, bounds, self.voxels), lowdim, latent if d == 0 else None)
             chosen.append(q.argmax(1) if choose is None else choose(q, d))
-            bounds = self.zoom_in(bounds, chosen[-1])
+            bounds = zoom_in(bounds, chosen[-1], self.voxels, self.zoom)
         return torch.stack(chosen, 1), rot_grip
 
     def split_rot_grip(self, rot_grip):
@@ -375,30 +287,14 @@ class C2FARM(nn.Module):
     def greedy_rot_grip(self, rot_grip) -> torch.Tensor:
         return torch.stack([h.argmax(1) for h in self.split_rot_grip(rot_grip)], 1)
 
-    # -- discrete <-> continuous (numpy, one action)
     def encode_pose(self, pose: np.ndarray, gripper_open: float, shifts: np.ndarray | None = None) -> np.ndarray:
-        """8-D next-best pose (or gripper pose + open state) -> discrete action; depth d + 1 zooms
-        around depth d's voxel centre moved by shifts[d] (crop augmentation; none by default)."""
-        bounds = self.scene_bounds.cpu().numpy().astype(np.float64)
-        indices = []
-        for d in range(self.depths):
-            ijk = point_to_voxel(pose[:3], bounds, self.voxels)
-            indices.append(ijk[0] * self.voxels**2 + ijk[1] * self.voxels + ijk[2])
-            shift = shifts[d] if shifts is not None and d < self.depths - 1 else 0.0
-            bounds = zoom_bounds(voxel_to_point(ijk, bounds, self.voxels) + shift, self.zoom)
-        rot = discretize_rotation(pose[3:7], self.resolution)
-        return np.array(indices + list(rot) + [int(gripper_open > 0.5)], dtype=np.int64)
+        """8-D next-best pose (or gripper pose + open state) -> discrete action (`shifts`: crop augmentation)."""
+        return pose_to_action(pose, gripper_open, self.scene_bounds.cpu().numpy(), self.voxels, self.depths, self.zoom,
+                              self.resolution, shifts)
 
     def decode_action(self, action: np.ndarray) -> np.ndarray:
         """Discrete action -> 8-D next-best pose: last depth's voxel centre, quaternion xyzw, gripper."""
-        bounds = self.scene_bounds.cpu().numpy().astype(np.float64)
-        v = self.voxels
-        for d in range(self.depths):
-            i = int(action[d])
-            center = voxel_to_point(np.array([i // (v * v), (i // v) % v, i % v]), bounds, v)
-            bounds = zoom_bounds(center, self.zoom)
-        quat = undiscretize_rotation(action[self.depths:self.depths + 3], self.resolution)
-        return np.concatenate([center, quat, [float(action[-1])]])
+        return action_to_pose(action, self.scene_bounds.cpu().numpy(), self.voxels, self.depths, self.zoom, self.resolution)
 
 
 def make_agent(args: Args, latent: int = 0) -> C2FARM:
@@ -406,7 +302,7 @@ def make_agent(args: Args, latent: int = 0) -> C2FARM:
                   args.unet_width, args.rotation_resolution, latent)
 
 
-# --------------------------------------------------------------------------- ALGO LOGIC: replay
+# --------------------------------------------------------------------------- ALGO LOGIC: replay and demos
 
 
 class Batch(NamedTuple):
@@ -428,9 +324,9 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """One task's prioritized replay (proportional, exponent alpha). Observations are stored
-    once (point cloud as float16) and transitions refer to them by index, so a demo chain
-    shares its keypoint frames. Arrays are allocated lazily by the OS: memory grows with use."""
+    """One task's prioritized replay(proportional, exponent alpha). Observations are stored once (point cloud as float16) and transitions refer to
+    them by index, so a demo chain shares its keypoint frames. Arrays are allocated lazily by the OS: memory grows
+    with use."""
 
     def __init__(self, capacity: int, image_size: int, action_size: int, alpha: float = 0.7):
         self.capacity, self.alpha = capacity, alpha
@@ -483,27 +379,11 @@ class ReplayBuffer:
         self.priority[idx] = np.abs(td) + 1e-6
 
 
-# --------------------------------------------------------------------------- ALGO LOGIC: demos
-
-
-def demo_chains(keypoints: list[int], every: int = 10) -> list[list[int]]:
-    """Demo augmentation: every `every`-th frame before the last keypoint starts a chain of
-    frames [start, next keypoint, following keypoints..., last keypoint]."""
-    return [[start] + [k for k in keypoints if k > start] for start in range(0, keypoints[-1], every)]
-
-
-def demo_frames(demo, every: int = 10, backend: str = "metaworld") -> list[int]:
-    """The frames the demo pipeline reads images from (so a backend may render only these)."""
-    keypoints = discover_keypoints(demo, backend)
-    return sorted({i for chain in demo_chains(keypoints, every) for i in chain})
-
-
 def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args, rng: np.random.Generator) -> int:
-    """Keypoint discovery (the backend's rule, envs/rlbench.py) + demo augmentation into a replay
-    buffer; returns the transitions added.
-    Each chain is an episode: (frame -> keypoint) transitions whose action is the keypoint's
-    gripper pose and open state, reward 1 and done at the last keypoint (demos succeed). With
-    --crop-augmentation each transition zooms around shifted centres, U(-0.75 zoom, 0.75 zoom) per axis."""
+    """Keypoint discovery (the backend's rule, envs/rlbench.py) + demo augmentation into a replay buffer; returns
+    the transitions added. Each chain is an episode: (frame -> keypoint) transitions whose action is the keypoint's
+    gripper pose and open state, reward 1 and done at the last keypoint (demos succeed). With --crop-augmentation
+    each transition zooms around shifted centres, U(-0.75 zoom, 0.75 zoom) per axis."""
     added, max_shift = 0, 0.75 * agent.zoom if args.crop_augmentation else 0.0
     for demo in demos:
         for chain in demo_chains(discover_keypoints(demo, args.backend), args.demo_augmentation_every):
@@ -518,36 +398,15 @@ def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args, rng: np.ra
     return added
 
 
-def collect_demos(task, args: Args):
-    """Demos from the backend; the Meta-World stand-in renders only the frames we read."""
-    return task.get_demos(args.demos, live_demos=True,
-                          frames=lambda demo: demo_frames(demo, args.demo_augmentation_every, args.backend))
 
 
 # --------------------------------------------------------------------------- ALGO LOGIC: the learner
 
 
-def to_tensors(batch: Batch, device, next_obs: bool = False):
-    """Replay arrays -> (points (B,N,3), colours in [0,1] (B,N,3), lowdim (B,L)) tensors."""
-    pcd, rgb, lowdim = (batch.next_pcd, batch.next_rgb, batch.next_lowdim) if next_obs else (
-        batch.pcd, batch.rgb, batch.lowdim)
-    points = torch.as_tensor(pcd, device=device).float().flatten(1, 2)
-    colors = torch.as_tensor(rgb, device=device).float().flatten(1, 2) / 255.0
-    return points, colors, torch.as_tensor(lowdim, device=device)
-
-
-def obs_tensors(obs, t: int, args: Args, device):
-    """One observation as a batch of one."""
-    points = torch.as_tensor(obs.front_point_cloud, device=device).float().reshape(1, -1, 3)
-    colors = torch.as_tensor(obs.front_rgb, device=device).float().reshape(1, -1, 3) / 255.0
-    return points, colors, torch.as_tensor(lowdim_state(obs, t, args.episode_length), device=device)[None]
-
-
 class C2FARMLearner:
-    """The C2F-ARM update (stepjam/ARM qattention_agent.py): per depth, a double-Q target from the
-    target network at the next state (zoomed where the agent zoomed from it), a Huber loss for
-    the taken voxel (and, at the last depth, the rotation and gripper heads), an L1 regulariser
-    on all Q-values, soft target updates and prioritized replay over per-task buffers."""
+    """The C2F-ARM update (stepjam/ARM qattention_agent.py): per depth, a double-Q target from the target network at the next state (zoomed where
+    the agent zoomed from it), a Huber loss for the taken voxel (and, at the last depth, the rotation and gripper
+    heads), an L1 regulariser on all Q-values, soft target updates and prioritized replay over per-task buffers."""
 
     def __init__(self, agent: C2FARM, buffers: list[ReplayBuffer], args: Args, device):
         self.agent, self.buffers, self.args, self.device = agent, buffers, args, device
@@ -607,10 +466,10 @@ class C2FARMLearner:
                 break
             # the next depth zooms where the agent did: at s the stored action's voxel, at s' the voxel
             # chosen when acting from s' (the online choice where none is stored: an episode's last state)
-            bounds = agent.zoom_in(bounds, action[:, d], shift[:, d])
+            bounds = zoom_in(bounds, action[:, d], v, agent.zoom, shift[:, d])
             stored = next_attention[:, d] >= 0
-            next_bounds = agent.zoom_in(next_bounds, torch.where(stored, next_attention[:, d], next_voxel),
-                                        next_shift[:, d] * stored[:, None])
+            next_bounds = zoom_in(next_bounds, torch.where(stored, next_attention[:, d], next_voxel), v, agent.zoom,
+                                  next_shift[:, d] * stored[:, None])
         td = torch.cat(td, 1)
         logs["losses/td_loss"] = total.detach()
         return total, td.abs().mean(1).cpu().numpy(), logs
@@ -685,17 +544,6 @@ class C2FARMLearner:
     def latent(self, task_id: int):
         return None  # PEARL overrides: the task's inferred context
 
-    def state(self) -> dict:
-        return {"model": self.model.state_dict(), "target_model": self.target.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "sampling_rng": self.rng.bit_generator.state}
-
-    def load(self, ckpt: dict) -> None:
-        """Restore what `state` saved (--resume)."""
-        self.model.load_state_dict(ckpt["model"])
-        self.target.load_state_dict(ckpt["target_model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.rng.bit_generator.state = ckpt["sampling_rng"]
-
 
 # --------------------------------------------------------------------------- ALGO LOGIC: PEARL
 
@@ -721,8 +569,8 @@ def encode_actions(agent: C2FARM, action: torch.Tensor) -> torch.Tensor:
     rotation angle (bin * resolution - 180 degrees) as its sine and cosine, the gripper bit."""
     bounds = agent.scene_bounds.expand(len(action), 6)
     for d in range(agent.depths):
-        center = agent.index_to_center(action[:, d], bounds)
-        bounds = agent.zoom_in(bounds, action[:, d])
+        center = voxel_centers(action[:, d], bounds, agent.voxels)
+        bounds = zoom_in(bounds, action[:, d], agent.voxels, agent.zoom)
     lo, hi = agent.scene_bounds[:3], agent.scene_bounds[3:]
     angles = torch.deg2rad(action[:, agent.depths:agent.depths + 3].float() * agent.resolution - 180.0)
     return torch.cat([(center - lo) / (hi - lo), angles.sin(), angles.cos(), action[:, -1:].float()], 1)
@@ -796,8 +644,8 @@ class PEARLLearner(C2FARMLearner):
 
 
 def evaluate(tasks, learner: C2FARMLearner, args: Args, stop=None) -> tuple[float, int] | None:
-    """Greedy success rate over `eval_episodes` episodes of every task, and the episode count
-    (None once `stop` is set: a SIGINT / SIGTERM does not wait for a long evaluation)."""
+    """Greedy success rate over `eval_episodes` episodes of every task, and the episode count (None once `stop`
+    is set: a SIGINT / SIGTERM does not wait for a long evaluation)."""
     successes = []
     for task_id, task in enumerate(tasks):
         for _ in range(args.eval_episodes):
@@ -818,14 +666,11 @@ def evaluate(tasks, learner: C2FARMLearner, args: Args, stop=None) -> tuple[floa
 def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str], writer,
           log_eval: Callable | None = None, eval_every: int | None = None, save: Callable | None = None,
           stop=None, loop: dict | None = None) -> int:
-    """The C2F-ARM loop shared by pretraining (MT / Reptile / PEARL learners) and fine-tuning:
-    episodes round-robin over the tasks, `updates_per_step` learner updates per env step.
-    `log_eval(step, success_rate, episodes)` receives evaluations at step 0 (when `eval_every`
-    is set), at the first episode end after every `eval_every` env steps, and at the end;
-    `save(step, loop, with_replay)` every `checkpoint_interval` steps, with the replay buffers every
-    `replay_save_interval`, and at the end. A set `stop` (SIGINT / SIGTERM) ends the loop after the
-    current step with a save that includes the replay. `loop` (a checkpoint's) continues a run
-    exactly where it stopped. Returns the env steps taken."""
+    """The C2F-ARM loop of pretraining (MT / Reptile / PEARL learners) and fine-tuning: episodes round-robin over
+    the tasks, `updates_per_step` learner updates per env step. `log_eval(step, success_rate, episodes)` gets
+    evaluations at step 0 (if `eval_every`), at the first episode end after every `eval_every` env steps, and at
+    the end; `save(step, loop, with_replay)` runs at the checkpoint and replay intervals and at the end. A set
+    `stop` (SIGINT / SIGTERM) ends the loop after the current step; `loop` (a checkpoint's) continues a run."""
     start, successes, episode, logs = time.time(), [], 0, {}
     done, task_id, obs, obs_i, t, success = True, 0, None, 0, 0, 0.0
     global_step, next_eval, finished = 0, (0 if eval_every else None), False
@@ -898,253 +743,6 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
     return global_step
 
 
-# --------------------------------------------------------------------------- TRY NOT TO MODIFY: checkpoint and setup
-
-
-CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # = finetune.CHECKPOINT_FORMAT
-
-
-def save_checkpoint(path: str, args: Args, learner: C2FARMLearner, train_tasks: list[str], global_step: int,
-                    method: str = METHOD, loop: dict | None = None) -> None:
-    """Tensors and plain values only (loads with weights_only=True); written atomically.
-    finetune.py also saves its fine-tuned agents with this (method "finetune" / "scratch").
-    --resume continues from the learner's state, the random states and `loop` (train's state: "resume")."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": os.path.basename(__file__)[:-3],
-            "benchmark": "rlbench", "method": method, "train_tasks": list(train_tasks),
-            "args": dataclasses.asdict(args), "global_step": int(global_step), **learner.state(),
-            "rng": rng_state(), "resume": loop}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(ckpt, path)
-
-
-def check_args(args: Args) -> None:
-    """Settings that cannot run raise TaskError, which the scripts report as one line."""
-    for name in ("total_timesteps", "batch_size", "image_size", "episode_length", "voxel_size", "depths",
-                 "replay_size", "updates_per_step", "eval_episodes", "checkpoint_interval", "unet_width",
-                 "demo_augmentation_every",
-                 "latent_size", "context_size"):
-        if getattr(args, name) < 1:
-            raise TaskError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.context_window < args.context_size:
-        raise TaskError(f"--context-window ({args.context_window}) must hold --context-size "
-                        f"({args.context_size}) transitions")
-    if args.context_window > 100:
-        raise TaskError(f"--context-window must be at most 100, the transitions a buffer keeps as recent "
-                        f"(got {args.context_window})")
-    for name in ("demos", "learning_starts", "eval_interval", "replay_save_interval", "torch_threads", "weight_decay",
-                 "priority_exponent", "importance_exponent", "lambda_trans_qreg", "lambda_rot_qreg", "kl_weight"):
-        if not getattr(args, name) >= 0:
-            raise TaskError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)})")
-    for name in ("gamma", "epsilon"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise TaskError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
-    for name in ("learning_rate", "grad_clip_value"):
-        if not getattr(args, name) > 0:
-            raise TaskError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if not 0 < args.tau <= 1:
-        raise TaskError(f"--tau must be in (0, 1] (got {args.tau})")
-    if not 0 < args.rotation_resolution <= 180:
-        raise TaskError(f"--rotation-resolution must be in (0, 180] degrees (got {args.rotation_resolution})")
-    if args.unet_width % 4:
-        raise TaskError(f"--unet-width must be a multiple of 4 (got {args.unet_width})")
-    if args.exploration not in ("greedy", "gaussian", "epsilon"):
-        raise TaskError(f"--exploration must be greedy, gaussian or epsilon (got {args.exploration})")
-
-
-def setup(args: Args, task_names: list[str], agent: C2FARM | None = None, latent: int = 0):
-    """Seeds, device, tasks and agent: the part every script shares (the replay: `make_buffers`)."""
-    check_args(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.torch_threads > 0:
-        torch.set_num_threads(args.torch_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    tasks = [make_task(args.backend, name, args.image_size, args.seed + i) for i, name in enumerate(task_names)]
-    agent = (agent or make_agent(args, latent)).to(device)
-    return device, tasks, agent
-
-
-def make_buffers(args: Args, task_names: list[str], tasks: list, agent: C2FARM, stop=None,
-                 replay: str | None = None, resume_step: int | None = None) -> tuple[list[ReplayBuffer], bool]:
-    """Every task's prioritized replay, filled with `--demos` expert demos, or (--resume) loaded from
-    the run's `replay` file. Also returns whether that file is of the checkpoint's env step
-    `resume_step` (else the episode in progress cannot continue: its observations are not in it)."""
-    buffers = [ReplayBuffer(max(1, args.replay_size // len(tasks)), args.image_size, args.depths + 4,
-                            args.priority_exponent) for _ in tasks]
-    if replay is not None and os.path.exists(replay):
-        step = load_replay(replay, buffers)
-        print(f"replay buffers of env step {step} from {replay}", flush=True)
-        if step != resume_step:  # killed between the replay's save and the checkpoint's
-            print(f"warning: {replay} is of env step {step}, the checkpoint of env step {resume_step}: "
-                  "resuming with it; the episode in progress restarts", file=sys.stderr, flush=True)
-        return buffers, step == resume_step
-    if replay is not None:
-        print(f"warning: {replay} is missing: collecting the demos again; the agent's own transitions "
-              "before the checkpoint are lost and the episode in progress restarts", file=sys.stderr, flush=True)
-    demo_rng = np.random.default_rng(args.seed)
-    for name, task, buffer in zip(task_names, tasks, buffers):
-        if stop:  # demos take minutes on RLBench: a stop does not wait for all of them
-            print(f"stopped by {signal.Signals(stop.signum).name} while collecting demos; nothing new was saved: "
-                  "run the same command again", file=sys.stderr, flush=True)
-            raise SystemExit(128 + stop.signum)
-        if args.demos > 0:
-            t0 = time.time()
-            n = add_demos(buffer, agent, collect_demos(task, args), args, demo_rng)
-            print(f"{name}: {args.demos} demos -> {n} transitions ({time.time() - t0:.1f}s)", flush=True)
-    return buffers, False
-
-
-def make_writer(args: Args, run_dir: str, purge_step: int | None = None):
-    """TensorBoard in run_dir; a resumed run (`purge_step`: its checkpoint's step) continues the same
-    log, TensorBoard dropping what the killed run logged after its checkpoint."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
-    writer = SummaryWriter(run_dir, purge_step=purge_step)
-    if purge_step is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return writer
-
-
-# --------------------------------------------------------------------------- TRY NOT TO MODIFY: resume
-
-
-REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt
-OBS_ARRAYS = ("rgb", "pcd", "lowdim", "attention", "shift")  # ReplayBuffer's arrays per observation
-TRANSITION_ARRAYS = ("obs_index", "action", "reward", "done", "priority")  # and per transition
-
-
-def save_run(output_dir: str, args: Args, learner: C2FARMLearner, train_tasks: list[str], global_step: int,
-             loop: dict, with_replay: bool, method: str = METHOD) -> None:
-    """`train`'s save: the replay buffers first (`with_replay`), then the checkpoint. A finished run's
-    replay file goes: it only serves --resume and is the run's largest file."""
-    replay = os.path.join(output_dir, REPLAY)
-    if with_replay:
-        save_replay(replay, learner.buffers, global_step)
-    save_checkpoint(os.path.join(output_dir, CHECKPOINT), args, learner, train_tasks, global_step, method, loop)
-    if loop["finished"] and os.path.exists(replay):
-        os.remove(replay)
-
-
-def save_replay(path: str, buffers: list[ReplayBuffer], global_step: int) -> None:
-    """The filled part of every task's replay arrays (demos, agent transitions, priorities, PEARL's
-    recent transitions) in one .npz, deflated at level 1 (numpy's default level takes about 3x as
-    long for a similar size), written to a temporary name of this process and renamed into place."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        def put(name: str, array) -> None:
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
-
-        put("global_step", np.int64(global_step))
-        for i, b in enumerate(buffers):
-            put(f"{i}/counters", np.array([b.size, b.pos, b.obs_size, b.obs_pos], np.int64))
-            put(f"{i}/recent", np.array(b.recent, np.int64))
-            for name in OBS_ARRAYS:
-                put(f"{i}/{name}", getattr(b, name)[:b.obs_size])
-            for name in TRANSITION_ARRAYS:
-                put(f"{i}/{name}", getattr(b, name)[:b.size])
-    os.replace(tmp, path)
-
-
-def load_replay(path: str, buffers: list[ReplayBuffer]) -> int:
-    """Fill new buffers from `save_replay`'s file; returns its env step. One-line TaskError if it does not fit."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if f"{len(buffers)}/counters" in f.files:
-                raise ValueError("it holds more task buffers than this run has")
-            for i, b in enumerate(buffers):
-                b.size, b.pos, b.obs_size, b.obs_pos = (int(x) for x in f[f"{i}/counters"])
-                b.recent = f[f"{i}/recent"].tolist()
-                for name in OBS_ARRAYS:
-                    getattr(b, name)[:b.obs_size] = f[f"{i}/{name}"]
-                for name in TRANSITION_ARRAYS:
-                    getattr(b, name)[:b.size] = f[f"{i}/{name}"]
-            return int(f["global_step"])
-    except Exception as e:  # truncated, another run's shapes, not an npz
-        reason = " ".join(str(e).split())[:120]
-        raise TaskError(f"--resume: {path} does not fit this run ({type(e).__name__}: {reason}); remove it to "
-                        "resume without it (the demos are collected again, the agent's transitions are lost)") from None
-
-
-# Args a --resume may change (envs.run_dir.load_resume): where and how often it saves, and the machine's
-# settings; any other flag must be the run's own (a resumed run is the same run).
-RESUME_FREE = frozenset({"resume", "output_dir", "checkpoint_interval", "replay_save_interval", "cuda",
-                         "torch_threads", "track", "wandb_project_name", "wandb_entity"})
-
-
-def restore(learner: C2FARMLearner, ckpt: dict, path: str) -> dict:
-    """--resume: the learner (networks, optimizer, sampling generator) and the global random states from
-    a checkpoint, before any demo or file is made; returns train's loop state. One-line TaskError if it
-    does not fit this run."""
-    try:
-        learner.load(ckpt)
-        set_rng_state(ckpt["rng"])
-        return dict(ckpt["resume"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        reason = " ".join(line.strip() for line in str(e).splitlines())[:240]
-        raise TaskError(f"--resume: {path} does not fit this run: {reason}") from None
-
-
-def resume_loop(loop: dict, tasks: list):
-    """train's variables at the checkpoint; every task's simulator state restored. The episode in
-    progress goes on where its task can continue it (RLBench cannot: a new episode starts)."""
-    observations = [task.set_state(state) for task, state in zip(tasks, loop["tasks"])]
-    obs = None if loop["done"] else observations[loop["task_id"]]
-    return (loop["global_step"], loop["episode"], list(loop["successes"]), loop["next_eval"], obs is None,
-            loop["task_id"], obs, loop["obs_i"], loop["t"], loop["success"])
-
-
-def main(args: Args):
-    """Pretraining entry point: every input is checked before a folder, file or demo is made."""
-    task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
-    check_args(args)
-    if args.resume and args.output_dir is None:
-        raise TaskError("--resume needs --output-dir: the directory of the run to continue")
-    run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    check_output_dir(run_dir, args.resume)
-    path, replay = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, REPLAY)
-    script = os.path.basename(__file__)[:-3]
-    ckpt = load_resume(run_dir, script, dataclasses.asdict(args), RESUME_FREE) if args.resume else None
-    if ckpt is not None and ckpt["resume"]["finished"]:
-        print(f"the run in {run_dir} is complete ({ckpt['global_step']} env steps): nothing to resume", flush=True)
-        return
-    device, tasks, agent = setup(args, task_names, latent=args.latent_size)
-    writer = stop = loop = None
-    try:
-        learner = PEARLLearner(agent, [], args, device)
-        loop = restore(learner, ckpt, path) if ckpt is not None else None
-        lock = open_output_dir(run_dir)  # noqa: F841  (held while this process runs)
-        stop = StopRequest()
-        learner.buffers, exact = make_buffers(args, task_names, tasks, agent, stop, ckpt and replay,
-                                              ckpt and ckpt["global_step"])
-        if loop is not None and not exact:
-            loop["done"] = True  # the episode in progress restarts
-        writer = make_writer(args, run_dir, purge_step=loop and loop["global_step"])
-
-        def log_eval(step, rate, episodes):
-            writer.add_scalar("eval/success_rate", rate, step)
-            print(f"[eval] global_step={step} success_rate={rate:.3f} ({episodes} episodes)", flush=True)
-
-        step = train(args, learner, tasks, task_names, writer, log_eval=log_eval, eval_every=args.eval_interval or None,
-                     save=lambda step, loop, with_replay: save_run(run_dir, args, learner, task_names, step, loop,
-                                                                   with_replay),
-                     stop=stop, loop=loop)
-    finally:
-        for task in tasks:
-            task.close()
-        if writer is not None:
-            writer.close()
-    if stop:
-        stop.exit(run_dir, step)
-    print(f"saved {path}", flush=True)
-
-
 def adapt(args: Args, learner: PEARLLearner, tasks: list, task_name: str, writer, log_eval: Callable, eval_every: int,
           save: Callable | None = None, stop=None, loop: dict | None = None) -> int:
     """PEARL's adaptation to a new task (finetune.py: `learner` holds the pretrained agent and encoder,
@@ -1154,6 +752,26 @@ def adapt(args: Args, learner: PEARLLearner, tasks: list, task_name: str, writer
     args = dataclasses.replace(args, learning_starts=args.total_timesteps + 1)  # never update
     return train(args, learner, tasks, [task_name], writer, log_eval=log_eval, eval_every=max(1, eval_every),
                  save=save, stop=stop, loop=loop)
+
+
+# ------------------------------------------- TRY NOT TO MODIFY: checks and main (the rest of the plumbing: envs/rlbench.py)
+
+
+def check_args(args: Args) -> None:
+    """Settings that cannot run raise TaskError, which the script reports as one line."""
+    check_c2farm_args(args, at_least_one=("latent_size", "context_size"), non_negative=("kl_weight",))
+    if args.context_window < args.context_size:
+        raise TaskError(f"--context-window ({args.context_window}) must hold --context-size "
+                        f"({args.context_size}) transitions")
+    if args.context_window > 100:
+        raise TaskError(f"--context-window must be at most 100, the transitions a buffer keeps as recent "
+                        f"(got {args.context_window})")
+
+
+def main(args: Args):
+    """Pretraining: every input is checked before a folder, file or demo is made (envs.rlbench.run_pretraining)."""
+    run_pretraining(args, SCRIPT, METHOD, check_args, make_agent, PEARLLearner, ReplayBuffer, add_demos, train,
+                    latent=args.latent_size)
 
 
 if __name__ == "__main__":

@@ -395,6 +395,7 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     --resume the run's own, and its replay.npz) is checked before `run` creates anything and before
     a demo is collected."""
     c2f = importlib.import_module(BASE_MODULES["rlbench"])
+    rlb = importlib.import_module("envs.rlbench")  # the scripts' shared plumbing: setup, replay, checkpoints
     method = ckpt["method"] if ckpt else "scratch"
     pearl = method == "pearl"
     module = importlib.import_module("c2farm_pearl_rlbench") if pearl else c2f
@@ -412,10 +413,10 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
         print(f"warning: {opts.task} was one of the checkpoint's training tasks", flush=True)
     eval_every = opts.eval_every or 1000
     label = "pearl" if pearl else "finetune" if ckpt else "scratch"  # the method this run's checkpoint names
-    path, replay = os.path.join(run.output_dir, run_dir.CHECKPOINT), os.path.join(run.output_dir, c2f.REPLAY)
+    path, replay = os.path.join(run.output_dir, run_dir.CHECKPOINT), os.path.join(run.output_dir, rlb.REPLAY)
     stop = None
     try:
-        own = run_dir.load_resume(run.output_dir, module.__name__, dataclasses.asdict(args), module.RESUME_FREE) \
+        own = run_dir.load_resume(run.output_dir, module.__name__, dataclasses.asdict(args), rlb.RESUME_FREE) \
             if opts.resume else None
         if own is not None and (own["method"] != label or own["train_tasks"] != [opts.task]):
             raise FinetuneError(f"--resume: {path} holds a {own['method']} run on {', '.join(own['train_tasks'])}, "
@@ -424,10 +425,11 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
             run.open()
             print(f"the run in {run.output_dir} is complete ({own['global_step']} env steps): nothing to resume")
             return
-        device, tasks, agent = module.setup(args, [opts.task], latent=args.latent_size if pearl else 0)
+        device, tasks, agent = rlb.setup(args, [opts.task], module.check_args, module.make_agent,
+                                         latent=args.latent_size if pearl else 0)
         try:
             learner = (module.PEARLLearner if pearl else c2f.C2FARMLearner)(agent, [], args, device)
-            loop = module.restore(learner, own, path) if own is not None else None
+            loop = rlb.restore(learner, own, path) if own is not None else None
             if own is None and ckpt is not None:  # the pretrained weights (PEARL: the agent and its context encoder)
                 load_state(learner.model, ckpt["model"], opts.checkpoint, f"{'PEARL-' if pearl else ''}C2F-ARM agent")
                 if opts.load_encoder_only:  # keep the Q-attention encoders, re-initialise the Q outputs (paper appendix)
@@ -435,13 +437,13 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
                         net.reset_heads()
             run.open()  # the folder, its lock, eval.csv and TensorBoard: only now that every check has passed
             stop = run_dir.StopRequest()
-            learner.buffers, exact = module.make_buffers(args, [opts.task], tasks, agent, stop, own and replay,
-                                                         own and own["global_step"])
+            learner.buffers, exact = rlb.make_buffers(args, [opts.task], tasks, agent, module.ReplayBuffer,
+                                                      module.add_demos, stop, own and replay, own and own["global_step"])
             if loop is not None and not exact:
                 loop["done"] = True  # the episode in progress restarts
 
             def save(step, loop, with_replay):
-                module.save_run(run.output_dir, args, learner, [opts.task], step, loop, with_replay, method=label)
+                rlb.save_run(run.output_dir, module.SCRIPT, label, args, learner, [opts.task], step, loop, with_replay)
 
             if pearl:
                 step = module.adapt(args, learner, tasks, opts.task, run.writer, _new_points(run), eval_every,

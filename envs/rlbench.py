@@ -30,11 +30,21 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("EGL_PLATFORM", "surfaceless")
 
+import dataclasses
+import random
+import signal
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
+
+from envs.run_dir import (
+    CHECKPOINT, StopRequest, atomic_save, check_output_dir, load_resume, open_output_dir, remove_temporaries,
+    rng_state, save_arrays, set_rng_state)
 
 # The paper's eleven RLBench tasks (variation 0).
 RLBENCH_TASKS = (
@@ -99,6 +109,37 @@ class Observation:
     misc: dict
 
 
+# --------------------------------------------------------------------------- observations as the network reads them
+
+
+def lowdim_state(obs, t: int, episode_length: int) -> np.ndarray:
+    """Proprioception: gripper open, gripper pose (7), finger positions (2), time in [-1, 1]."""
+    time_left = (1.0 - t / episode_length) * 2.0 - 1.0
+    return np.concatenate([[float(obs.gripper_open)], obs.gripper_pose, obs.gripper_joint_positions[:2],
+                           [time_left]]).astype(np.float32)
+
+
+LOWDIM_SIZE = 11
+
+
+def obs_tensors(obs, t: int, args, device):
+    """One observation as the network reads it, a batch of one: points (1, N, 3), colours in [0, 1]
+    (1, N, 3), lowdim (1, LOWDIM_SIZE)."""
+    points = torch.as_tensor(obs.front_point_cloud, device=device).float().reshape(1, -1, 3)
+    colors = torch.as_tensor(obs.front_rgb, device=device).float().reshape(1, -1, 3) / 255.0
+    return points, colors, torch.as_tensor(lowdim_state(obs, t, args.episode_length), device=device)[None]
+
+
+def to_tensors(batch, device, next_obs: bool = False):
+    """A replay batch's observations (or, `next_obs`, next observations) -> (points (B,N,3), colours in
+    [0,1] (B,N,3), lowdim (B,L)) tensors."""
+    pcd, rgb, lowdim = (batch.next_pcd, batch.next_rgb, batch.next_lowdim) if next_obs else (
+        batch.pcd, batch.rgb, batch.lowdim)
+    points = torch.as_tensor(pcd, device=device).float().flatten(1, 2)
+    colors = torch.as_tensor(rgb, device=device).float().flatten(1, 2) / 255.0
+    return points, colors, torch.as_tensor(lowdim, device=device)
+
+
 # --------------------------------------------------------------------------- pose and camera math
 
 
@@ -127,6 +168,105 @@ def pointcloud_from_depth(depth: np.ndarray, intrinsics: np.ndarray, extrinsics:
     fx, fy, cx, cy = intrinsics[0, 0], intrinsics[1, 1], intrinsics[0, 2], intrinsics[1, 2]
     cam = np.stack([(u - cx) * depth / fx, (v - cy) * depth / fy, depth], axis=-1)
     return (cam @ extrinsics[:3, :3].T + extrinsics[:3, 3]).astype(np.float32)
+
+
+# ----------------------------------------------------------------- the scene's geometry as C2F-ARM discretises it
+# A C2F-ARM action is (voxel index per depth (flattened i*V*V + j*V + k), rot x, rot y, rot z bins, gripper open).
+
+
+def discretize_rotation(q: np.ndarray, resolution: float = 5.0) -> np.ndarray:
+    """Quaternion -> one bin per Euler axis: (angle + 180) / resolution, rounded, modulo 360/resolution."""
+    bins = int(round(360 / resolution))
+    return np.round((quaternion_to_euler(q) + 180.0) / resolution).astype(np.int64) % bins
+
+
+def undiscretize_rotation(bins: np.ndarray, resolution: float = 5.0) -> np.ndarray:
+    """Rotation bins -> quaternion xyzw: angle = bin * resolution - 180."""
+    return euler_to_quaternion(np.asarray(bins, dtype=np.float64) * resolution - 180.0)
+
+
+def point_to_voxel(point: np.ndarray, bounds: np.ndarray, voxels: int) -> np.ndarray:
+    """Index (i, j, k) of the voxel containing a point; points outside go to the border voxel."""
+    bounds = np.asarray(bounds, dtype=np.float64)
+    size = (bounds[3:] - bounds[:3]) / voxels
+    return np.clip(np.floor((np.asarray(point) - bounds[:3]) / size), 0, voxels - 1).astype(np.int64)
+
+
+def voxel_to_point(index: np.ndarray, bounds: np.ndarray, voxels: int) -> np.ndarray:
+    """Centre of voxel (i, j, k)."""
+    bounds = np.asarray(bounds, dtype=np.float64)
+    size = (bounds[3:] - bounds[:3]) / voxels
+    return bounds[:3] + (np.asarray(index, dtype=np.float64) + 0.5) * size
+
+
+def zoom_bounds(center: np.ndarray, half_width: float) -> np.ndarray:
+    """Bounds of the next depth: a cube of +-half_width around the previous depth's voxel centre."""
+    center = np.asarray(center, dtype=np.float64)
+    return np.concatenate([center - half_width, center + half_width])
+
+
+def voxelize(points: torch.Tensor, colors: torch.Tensor, bounds: torch.Tensor, voxels: int) -> torch.Tensor:
+    """Points (B, N, 3), colours in [0, 1] (B, N, 3), bounds (B, 6) -> grid (B, 10, V, V, V).
+
+    Channels: mean xyz of the points in the voxel (3), mean RGB (3), the voxel's normalised
+    index (3), occupancy (1). Points outside the bounds are dropped."""
+    b, n, _ = points.shape
+    lo, hi = bounds[:, None, :3], bounds[:, None, 3:]
+    idx = torch.floor((points - lo) / (hi - lo) * voxels).long()
+    valid = ((idx >= 0) & (idx < voxels)).all(-1).reshape(-1)
+    flat = (torch.arange(b, device=points.device)[:, None] * voxels**3
+            + idx[..., 0] * voxels**2 + idx[..., 1] * voxels + idx[..., 2]).reshape(-1)[valid]
+    feats = torch.cat([points, colors, torch.ones_like(points[..., :1])], -1).reshape(b * n, 7)[valid]
+    sums = torch.zeros(b * voxels**3, 7, device=points.device).index_add_(0, flat, feats)
+    count = sums[:, 6:7]
+    means = sums[:, :6] / count.clamp(min=1.0)
+    occupancy = (count > 0).float()
+    grid = torch.cat([means, occupancy], -1).reshape(b, voxels, voxels, voxels, 7).permute(0, 4, 1, 2, 3)
+    axis = torch.arange(voxels, device=points.device, dtype=torch.float32) / (voxels - 1)
+    index = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), 0).expand(b, 3, voxels, voxels, voxels)
+    return torch.cat([grid[:, :6], index, grid[:, 6:]], 1)
+
+
+def voxel_centers(flat_index: torch.Tensor, bounds: torch.Tensor, voxels: int) -> torch.Tensor:
+    """Centres (B, 3) of flat voxel indices i*V*V + j*V + k (B,) in bounds (B, 6): voxel_to_point in torch."""
+    v = voxels
+    ijk = torch.stack([flat_index // (v * v), (flat_index // v) % v, flat_index % v], -1).float()
+    return bounds[:, :3] + (ijk + 0.5) * (bounds[:, 3:] - bounds[:, :3]) / v
+
+
+def zoom_in(bounds: torch.Tensor, flat_index: torch.Tensor, voxels: int, half_width: float, shift=None) -> torch.Tensor:
+    """The next depth's bounds (B, 6): a cube of +-half_width around the centre of the chosen voxel
+    (moved by `shift` (B, 3), the crop augmentation of demo transitions)."""
+    center = voxel_centers(flat_index, bounds, voxels) + (0.0 if shift is None else shift)
+    return torch.cat([center - half_width, center + half_width], 1)
+
+
+def pose_to_action(pose: np.ndarray, gripper_open: float, bounds: np.ndarray, voxels: int, depths: int, zoom: float,
+                   resolution: float, shifts: np.ndarray | None = None) -> np.ndarray:
+    """8-D next-best pose (or gripper pose + open state) -> discrete action; depth d + 1 zooms
+    around depth d's voxel centre moved by shifts[d] (crop augmentation; none by default)."""
+    bounds = np.asarray(bounds, dtype=np.float64)
+    indices = []
+    for d in range(depths):
+        ijk = point_to_voxel(pose[:3], bounds, voxels)
+        indices.append(ijk[0] * voxels**2 + ijk[1] * voxels + ijk[2])
+        shift = shifts[d] if shifts is not None and d < depths - 1 else 0.0
+        bounds = zoom_bounds(voxel_to_point(ijk, bounds, voxels) + shift, zoom)
+    rot = discretize_rotation(pose[3:7], resolution)
+    return np.array(indices + list(rot) + [int(gripper_open > 0.5)], dtype=np.int64)
+
+
+def action_to_pose(action: np.ndarray, bounds: np.ndarray, voxels: int, depths: int, zoom: float,
+                   resolution: float) -> np.ndarray:
+    """Discrete action -> 8-D next-best pose: last depth's voxel centre, quaternion xyzw, gripper."""
+    bounds = np.asarray(bounds, dtype=np.float64)
+    v = voxels
+    for d in range(depths):
+        i = int(action[d])
+        center = voxel_to_point(np.array([i // (v * v), (i // v) % v, i % v]), bounds, v)
+        bounds = zoom_bounds(center, zoom)
+    quat = undiscretize_rotation(action[depths:depths + 3], resolution)
+    return np.concatenate([center, quat, [float(action[-1])]])
 
 
 # --------------------------------------------------------------------------- demo keypoints
@@ -197,6 +337,24 @@ def keypoints_from_speed(demo, rest_fraction: float = 0.5, rest_window: int = 4,
             keypoints.append(i)
     keypoints.append(n - 1)
     return keypoints
+
+
+def demo_chains(keypoints: list[int], every: int = 10) -> list[list[int]]:
+    """Demo augmentation: every `every`-th frame before the last keypoint starts a chain of
+    frames [start, next keypoint, following keypoints..., last keypoint]."""
+    return [[start] + [k for k in keypoints if k > start] for start in range(0, keypoints[-1], every)]
+
+
+def demo_frames(demo, every: int = 10, backend: str = "metaworld") -> list[int]:
+    """The frames the demo pipeline reads images from (so a backend may render only these)."""
+    keypoints = discover_keypoints(demo, backend)
+    return sorted({i for chain in demo_chains(keypoints, every) for i in chain})
+
+
+def collect_demos(task, args):
+    """`args.demos` demos from the backend; the Meta-World stand-in renders only the frames we read."""
+    return task.get_demos(args.demos, live_demos=True,
+                          frames=lambda demo: demo_frames(demo, args.demo_augmentation_every, args.backend))
 
 
 # --------------------------------------------------------------------------- Meta-World stand-in
@@ -498,3 +656,249 @@ class RLBenchTask:
 
     def close(self):
         self.env.shutdown()
+
+
+# ---- running a C2F-ARM script: plumbing shared by the three scripts, not the algorithm
+# What `c2farm_{mt,reptile,pearl}_rlbench.py` and finetune.py do alike around the method: argument checks,
+# seeding, TensorBoard, checkpoints, the replay file, --resume and the pretraining `main`. Functions that
+# need a script's classes take them (or read their attributes): a learner has `model`, `target`,
+# `optimizer`, `rng` and `buffers`; a replay buffer has the arrays named in OBS_ARRAYS and TRANSITION_ARRAYS.
+
+CHECKPOINT_FORMAT = "finetune-vs-meta-rl"  # = finetune.CHECKPOINT_FORMAT
+REPLAY = "replay.npz"  # the replay buffers, beside checkpoint.pt
+OBS_ARRAYS = ("rgb", "pcd", "lowdim", "attention", "shift")  # ReplayBuffer's arrays per observation
+TRANSITION_ARRAYS = ("obs_index", "action", "reward", "done", "priority")  # and per transition
+# Args a --resume may change (envs.run_dir.load_resume): where and how often it saves, and the machine's
+# settings; any other flag must be the run's own (a resumed run is the same run).
+RESUME_FREE = frozenset({"resume", "output_dir", "checkpoint_interval", "replay_save_interval", "cuda",
+                         "torch_threads", "track", "wandb_project_name", "wandb_entity"})
+
+
+def check_c2farm_args(args, at_least_one=(), non_negative=(), unit_interval=()) -> None:
+    """The settings of every C2F-ARM script that cannot run raise TaskError, which the scripts report as
+    one line; a method adds its own flags by name (`at_least_one`, `non_negative`, `unit_interval`)."""
+    for name in ("total_timesteps", "batch_size", "image_size", "episode_length", "voxel_size", "depths",
+                 "replay_size", "updates_per_step", "eval_episodes", "checkpoint_interval", "unet_width",
+                 "demo_augmentation_every", *at_least_one):
+        if getattr(args, name) < 1:
+            raise TaskError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("demos", "learning_starts", "eval_interval", "replay_save_interval", "torch_threads", "weight_decay",
+                 "priority_exponent", "importance_exponent", "lambda_trans_qreg", "lambda_rot_qreg", *non_negative):
+        if not getattr(args, name) >= 0:
+            raise TaskError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)})")
+    for name in ("gamma", "epsilon", *unit_interval):
+        if not 0 <= getattr(args, name) <= 1:
+            raise TaskError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
+    for name in ("learning_rate", "grad_clip_value"):
+        if not getattr(args, name) > 0:
+            raise TaskError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not 0 < args.tau <= 1:
+        raise TaskError(f"--tau must be in (0, 1] (got {args.tau})")
+    if not 0 < args.rotation_resolution <= 180:
+        raise TaskError(f"--rotation-resolution must be in (0, 180] degrees (got {args.rotation_resolution})")
+    if args.unet_width % 4:
+        raise TaskError(f"--unet-width must be a multiple of 4 (got {args.unet_width})")
+    if args.exploration not in ("greedy", "gaussian", "epsilon"):
+        raise TaskError(f"--exploration must be greedy, gaussian or epsilon (got {args.exploration})")
+
+
+def setup(args, task_names: list[str], check_args: Callable, make_agent: Callable, latent: int = 0):
+    """Checks (`check_args(args)`), seeds, device, tasks and agent (`make_agent(args, latent)`, drawn after
+    seeding): the part every script shares (the replay: `make_buffers`)."""
+    check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    tasks = [make_task(args.backend, name, args.image_size, args.seed + i) for i, name in enumerate(task_names)]
+    return device, tasks, make_agent(args, latent).to(device)
+
+
+def make_buffers(args, task_names: list[str], tasks: list, agent, buffer_class: Callable, add_demos: Callable,
+                 stop=None, replay: str | None = None, resume_step: int | None = None) -> tuple[list, bool]:
+    """Every task's prioritized replay (`buffer_class`), filled with `--demos` expert demos by the script's
+    `add_demos`, or (--resume) loaded from the run's `replay` file. Also returns whether that file is of the
+    checkpoint's env step `resume_step` (else the episode in progress cannot continue: its observations are
+    not in it)."""
+    buffers = [buffer_class(max(1, args.replay_size // len(tasks)), args.image_size, args.depths + 4,
+                            args.priority_exponent) for _ in tasks]
+    if replay is not None:
+        remove_temporaries(replay)  # a killed save's partial file (the caller holds the folder's lock)
+    if replay is not None and os.path.exists(replay):
+        step = load_replay(replay, buffers)
+        print(f"replay buffers of env step {step} from {replay}", flush=True)
+        if step != resume_step:  # killed between the replay's save and the checkpoint's
+            print(f"warning: {replay} is of env step {step}, the checkpoint of env step {resume_step}: "
+                  "resuming with it; the episode in progress restarts", file=sys.stderr, flush=True)
+        return buffers, step == resume_step
+    if replay is not None:
+        print(f"warning: {replay} is missing: collecting the demos again; the agent's own transitions "
+              "before the checkpoint are lost and the episode in progress restarts", file=sys.stderr, flush=True)
+    demo_rng = np.random.default_rng(args.seed)
+    for name, task, buffer in zip(task_names, tasks, buffers):
+        if stop:  # demos take minutes on RLBench: a stop does not wait for all of them
+            print(f"stopped by {signal.Signals(stop.signum).name} while collecting demos; nothing new was saved: "
+                  "run the same command again", file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop.signum)
+        if args.demos > 0:
+            t0 = time.time()
+            n = add_demos(buffer, agent, collect_demos(task, args), args, demo_rng)
+            print(f"{name}: {args.demos} demos -> {n} transitions ({time.time() - t0:.1f}s)", flush=True)
+    return buffers, False
+
+
+def make_writer(args, run_dir: str, purge_step: int | None = None):
+    """TensorBoard in run_dir; a resumed run (`purge_step`: its checkpoint's step) continues the same
+    log, TensorBoard dropping what the killed run logged after its checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    if purge_step is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+def learner_state(learner) -> dict:
+    """What a checkpoint holds of a learner: its `model` (PEARL: the agent and its context encoder), `target`
+    network, `optimizer` and sampling generator `rng`."""
+    return {"model": learner.model.state_dict(), "target_model": learner.target.state_dict(),
+            "optimizer": learner.optimizer.state_dict(), "sampling_rng": learner.rng.bit_generator.state}
+
+
+def save_checkpoint(path: str, script: str, method: str, args, learner, train_tasks: list[str], global_step: int,
+                    loop: dict | None = None) -> None:
+    """Tensors and plain values only (loads with weights_only=True); written atomically. `script`: the
+    writing script's module name; `method`: mt, reptile, pearl, or finetune.py's finetune / scratch.
+    --resume continues from the learner's state, the random states and `loop` (train's state: "resume")."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "format_version": 1, "module": script,
+            "benchmark": "rlbench", "method": method, "train_tasks": list(train_tasks),
+            "args": dataclasses.asdict(args), "global_step": int(global_step), **learner_state(learner),
+            "rng": rng_state(), "resume": loop}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_save(ckpt, path)
+
+
+def save_run(output_dir: str, script: str, method: str, args, learner, train_tasks: list[str], global_step: int,
+             loop: dict, with_replay: bool) -> None:
+    """`train`'s save: the replay buffers first (`with_replay`), then the checkpoint. A finished run's
+    replay file goes: it only serves --resume and is the run's largest file."""
+    replay = os.path.join(output_dir, REPLAY)
+    if with_replay:
+        save_replay(replay, learner.buffers, global_step)
+    save_checkpoint(os.path.join(output_dir, CHECKPOINT), script, method, args, learner, train_tasks, global_step, loop)
+    if loop["finished"] and os.path.exists(replay):
+        os.remove(replay)
+
+
+def save_replay(path: str, buffers: list, global_step: int) -> None:
+    """The filled part of every task's replay arrays (demos, agent transitions, priorities, PEARL's
+    recent transitions) in one .npz written atomically (envs.run_dir.save_arrays), deflated at level 1."""
+    arrays = {"global_step": np.int64(global_step)}
+    for i, b in enumerate(buffers):
+        arrays[f"{i}/counters"] = np.array([b.size, b.pos, b.obs_size, b.obs_pos], np.int64)
+        arrays[f"{i}/recent"] = np.array(b.recent, np.int64)
+        for name in OBS_ARRAYS:
+            arrays[f"{i}/{name}"] = getattr(b, name)[:b.obs_size]
+        for name in TRANSITION_ARRAYS:
+            arrays[f"{i}/{name}"] = getattr(b, name)[:b.size]
+    save_arrays(path, arrays, compresslevel=1)
+
+
+def load_replay(path: str, buffers: list) -> int:
+    """Fill new buffers from `save_replay`'s file; returns its env step. One-line TaskError if it does not fit."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if f"{len(buffers)}/counters" in f.files:
+                raise ValueError("it holds more task buffers than this run has")
+            for i, b in enumerate(buffers):
+                b.size, b.pos, b.obs_size, b.obs_pos = (int(x) for x in f[f"{i}/counters"])
+                b.recent = f[f"{i}/recent"].tolist()
+                for name in OBS_ARRAYS:
+                    getattr(b, name)[:b.obs_size] = f[f"{i}/{name}"]
+                for name in TRANSITION_ARRAYS:
+                    getattr(b, name)[:b.size] = f[f"{i}/{name}"]
+            return int(f["global_step"])
+    except Exception as e:  # truncated, another run's shapes, not an npz
+        reason = " ".join(str(e).split())[:120]
+        raise TaskError(f"--resume: {path} does not fit this run ({type(e).__name__}: {reason}); remove it to "
+                        "resume without it (the demos are collected again, the agent's transitions are lost)") from None
+
+
+def restore(learner, ckpt: dict, path: str) -> dict:
+    """--resume: the learner (networks, optimizer, sampling generator) and the global random states from
+    a checkpoint, before any demo or file is made; returns train's loop state. One-line TaskError if it
+    does not fit this run."""
+    try:
+        learner.model.load_state_dict(ckpt["model"])
+        learner.target.load_state_dict(ckpt["target_model"])
+        learner.optimizer.load_state_dict(ckpt["optimizer"])
+        learner.rng.bit_generator.state = ckpt["sampling_rng"]
+        set_rng_state(ckpt["rng"])
+        return dict(ckpt["resume"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        reason = " ".join(line.strip() for line in str(e).splitlines())[:240]
+        raise TaskError(f"--resume: {path} does not fit this run: {reason}") from None
+
+
+def resume_loop(loop: dict, tasks: list):
+    """train's variables at the checkpoint; every task's simulator state restored. The episode in
+    progress goes on where its task can continue it (RLBench cannot: a new episode starts)."""
+    observations = [task.set_state(state) for task, state in zip(tasks, loop["tasks"])]
+    obs = None if loop["done"] else observations[loop["task_id"]]
+    return (loop["global_step"], loop["episode"], list(loop["successes"]), loop["next_eval"], obs is None,
+            loop["task_id"], obs, loop["obs_i"], loop["t"], loop["success"])
+
+
+def run_pretraining(args, script: str, method: str, check_args: Callable, make_agent: Callable, learner_class: Callable,
+                    buffer_class: Callable, add_demos: Callable, train: Callable, latent: int = 0) -> None:
+    """A script's `main`, pretraining with the script's pieces: every input is checked (`check_args`) before
+    a folder, file or demo is made; then the tasks and agent (`setup`), the learner (restored with --resume),
+    the replay (`make_buffers`), TensorBoard and `train`, saving checkpoints into the run's folder."""
+    task_names = default_tasks(args.backend, args.train_tasks, args.held_out_task)
+    check_args(args)
+    if args.resume and args.output_dir is None:
+        raise TaskError("--resume needs --output-dir: the directory of the run to continue")
+    run_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    check_output_dir(run_dir, args.resume)
+    path, replay = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, REPLAY)
+    ckpt = load_resume(run_dir, script, dataclasses.asdict(args), RESUME_FREE) if args.resume else None
+    if ckpt is not None and ckpt["resume"]["finished"]:
+        print(f"the run in {run_dir} is complete ({ckpt['global_step']} env steps): nothing to resume", flush=True)
+        return
+    device, tasks, agent = setup(args, task_names, check_args, make_agent, latent)
+    writer = stop = loop = None
+    try:
+        learner = learner_class(agent, [], args, device)
+        loop = restore(learner, ckpt, path) if ckpt is not None else None
+        lock = open_output_dir(run_dir)  # noqa: F841  (held while this process runs)
+        stop = StopRequest()
+        learner.buffers, exact = make_buffers(args, task_names, tasks, agent, buffer_class, add_demos, stop,
+                                              ckpt and replay, ckpt and ckpt["global_step"])
+        if loop is not None and not exact:
+            loop["done"] = True  # the episode in progress restarts
+        writer = make_writer(args, run_dir, purge_step=loop and loop["global_step"])
+
+        def log_eval(step, rate, episodes):
+            writer.add_scalar("eval/success_rate", rate, step)
+            print(f"[eval] global_step={step} success_rate={rate:.3f} ({episodes} episodes)", flush=True)
+
+        def save(step, loop, with_replay):
+            save_run(run_dir, script, method, args, learner, task_names, step, loop, with_replay)
+
+        step = train(args, learner, tasks, task_names, writer, log_eval=log_eval, eval_every=args.eval_interval or None,
+                     save=save, stop=stop, loop=loop)
+    finally:
+        for task in tasks:
+            task.close()
+        if writer is not None:
+            writer.close()
+    if stop:
+        stop.exit(run_dir, step)
+    print(f"saved {path}", flush=True)

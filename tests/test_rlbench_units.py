@@ -24,22 +24,22 @@ RLB_BOUNDS = np.array([-0.3, -0.5, 0.6, 0.7, 0.5, 1.6])  # 1 m cube, 16 voxels o
 
 def test_point_to_voxel_and_back():
     # 0.0625 m voxels starting at (-0.3, -0.5, 0.6)
-    assert c2f.point_to_voxel([-0.3, -0.5, 0.6], RLB_BOUNDS, 16).tolist() == [0, 0, 0]
-    assert c2f.point_to_voxel([0.0, 0.0, 1.0], RLB_BOUNDS, 16).tolist() == [4, 8, 6]  # 0.3/0.0625=4.8, 8.0, 6.4
-    assert c2f.point_to_voxel([0.69, 0.49, 1.59], RLB_BOUNDS, 16).tolist() == [15, 15, 15]
-    assert c2f.point_to_voxel([5.0, -5.0, 1.0], RLB_BOUNDS, 16).tolist() == [15, 0, 6]  # outside -> border
-    np.testing.assert_allclose(c2f.voxel_to_point([4, 8, 6], RLB_BOUNDS, 16), [-0.01875, 0.03125, 1.00625])
-    np.testing.assert_allclose(c2f.voxel_to_point([0, 0, 0], RLB_BOUNDS, 16), [-0.26875, -0.46875, 0.63125])
+    assert rlb.point_to_voxel([-0.3, -0.5, 0.6], RLB_BOUNDS, 16).tolist() == [0, 0, 0]
+    assert rlb.point_to_voxel([0.0, 0.0, 1.0], RLB_BOUNDS, 16).tolist() == [4, 8, 6]  # 0.3/0.0625=4.8, 8.0, 6.4
+    assert rlb.point_to_voxel([0.69, 0.49, 1.59], RLB_BOUNDS, 16).tolist() == [15, 15, 15]
+    assert rlb.point_to_voxel([5.0, -5.0, 1.0], RLB_BOUNDS, 16).tolist() == [15, 0, 6]  # outside -> border
+    np.testing.assert_allclose(rlb.voxel_to_point([4, 8, 6], RLB_BOUNDS, 16), [-0.01875, 0.03125, 1.00625])
+    np.testing.assert_allclose(rlb.voxel_to_point([0, 0, 0], RLB_BOUNDS, 16), [-0.26875, -0.46875, 0.63125])
     # every voxel centre maps back to its own index
     for ijk in [(0, 0, 0), (3, 7, 11), (15, 15, 15), (15, 0, 9)]:
-        centre = c2f.voxel_to_point(ijk, RLB_BOUNDS, 16)
-        assert tuple(c2f.point_to_voxel(centre, RLB_BOUNDS, 16)) == ijk
+        centre = rlb.voxel_to_point(ijk, RLB_BOUNDS, 16)
+        assert tuple(rlb.point_to_voxel(centre, RLB_BOUNDS, 16)) == ijk
 
 
 def test_depth1_zoom_bounds():
     # depth 0 picks voxel (4, 8, 6): centre (-0.01875, 0.03125, 1.00625); depth 1 is +-0.15 m around it
-    centre = c2f.voxel_to_point([4, 8, 6], RLB_BOUNDS, 16)
-    np.testing.assert_allclose(c2f.zoom_bounds(centre, 0.15),
+    centre = rlb.voxel_to_point([4, 8, 6], RLB_BOUNDS, 16)
+    np.testing.assert_allclose(rlb.zoom_bounds(centre, 0.15),
                                [-0.16875, -0.11875, 0.85625, 0.13125, 0.18125, 1.15625])
     # the agent encodes a pose through both depths and decodes to the depth-1 voxel centre
     agent = c2f.C2FARM(tuple(RLB_BOUNDS), 0.15, voxels=16, depths=2, width=4)
@@ -55,14 +55,14 @@ def test_depth1_zoom_bounds():
     assert np.abs(decoded[:3] - pose[:3]).max() <= 0.01875 / 2 + 1e-12  # within half a depth-1 voxel
     # the batched torch path agrees with the numpy one
     bounds = torch.tensor(RLB_BOUNDS, dtype=torch.float32)[None]
-    np.testing.assert_allclose(agent.index_to_center(torch.tensor([action[0]]), bounds).numpy()[0], centre, atol=1e-6)
+    np.testing.assert_allclose(rlb.voxel_centers(torch.tensor([action[0]]), bounds, 16).numpy()[0], centre, atol=1e-6)
 
 
 def test_voxelize_features():
     bounds = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
     points = torch.tensor([[[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.9, 0.9, 0.6], [2.0, 0.5, 0.5]]])
     colors = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]])
-    grid = c2f.voxelize(points, colors, bounds, 4)  # 0.25 m voxels
+    grid = rlb.voxelize(points, colors, bounds, 4)  # 0.25 m voxels
     assert grid.shape == (1, 10, 4, 4, 4)
     # two points share voxel (0, 0, 0): mean xyz and mean colour
     torch.testing.assert_close(grid[0, :6, 0, 0, 0], torch.tensor([0.15, 0.15, 0.15, 0.5, 0.5, 0.0]))
@@ -78,30 +78,30 @@ def test_voxelize_features():
 
 def test_quaternion_discrete_euler_round_trip():
     # identity -> euler 0 -> bin (0 + 180) / 5 = 36 on every axis
-    assert c2f.discretize_rotation(np.array([0, 0, 0, 1.0])).tolist() == [36, 36, 36]
+    assert rlb.discretize_rotation(np.array([0, 0, 0, 1.0])).tolist() == [36, 36, 36]
     # 90 degrees about z (xyzw)
     q = np.array([0, 0, np.sin(np.pi / 4), np.cos(np.pi / 4)])
-    np.testing.assert_allclose(c2f.quaternion_to_euler(q), [0, 0, 90], atol=1e-9)
-    assert c2f.discretize_rotation(q).tolist() == [36, 36, 54]
+    np.testing.assert_allclose(rlb.quaternion_to_euler(q), [0, 0, 90], atol=1e-9)
+    assert rlb.discretize_rotation(q).tolist() == [36, 36, 54]
     # 180 degrees about x: +-180 both wrap to bin 0
-    assert c2f.discretize_rotation(np.array([1.0, 0, 0, 0]))[0] == 0
+    assert rlb.discretize_rotation(np.array([1.0, 0, 0, 0]))[0] == 0
     # bins -> quaternion -> bins is the identity away from gimbal lock (pitch in (-90, 90))
     rng = np.random.default_rng(0)
     for _ in range(200):
         bins = np.array([rng.integers(72), rng.integers(19, 54), rng.integers(72)])
-        q = c2f.undiscretize_rotation(bins)
+        q = rlb.undiscretize_rotation(bins)
         assert abs(np.linalg.norm(q) - 1) < 1e-12
-        assert c2f.discretize_rotation(q).tolist() == bins.tolist()
+        assert rlb.discretize_rotation(q).tolist() == bins.tolist()
     # and euler -> quaternion -> euler on continuous angles
     e = np.array([12.5, -33.0, 170.0])
-    np.testing.assert_allclose(c2f.quaternion_to_euler(c2f.euler_to_quaternion(e)), e, atol=1e-9)
+    np.testing.assert_allclose(rlb.quaternion_to_euler(rlb.euler_to_quaternion(e)), e, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- demos
 
 
 def _frame(pos, gripper_open, fingers):
-    return c2f.Observation(None, None, np.array(list(pos) + [0, 0, 0, 1.0]), float(gripper_open),
+    return rlb.Observation(None, None, np.array(list(pos) + [0, 0, 0, 1.0]), float(gripper_open),
                            np.array([fingers, fingers]), np.zeros(7), {})
 
 
@@ -128,10 +128,10 @@ def test_keypoint_discovery_synthetic():
 
 
 def test_demo_augmentation_chains():
-    assert c2f.demo_chains([10, 22, 29], every=10) == [[0, 10, 22, 29], [10, 22, 29], [20, 22, 29]]
-    assert c2f.demo_chains([25, 40, 59], every=10) == [
+    assert rlb.demo_chains([10, 22, 29], every=10) == [[0, 10, 22, 29], [10, 22, 29], [20, 22, 29]]
+    assert rlb.demo_chains([25, 40, 59], every=10) == [
         [0, 25, 40, 59], [10, 25, 40, 59], [20, 25, 40, 59], [30, 40, 59], [40, 59], [50, 59]]
-    assert c2f.demo_frames(synthetic_demo(), every=10) == [0, 10, 20, 22, 29]
+    assert rlb.demo_frames(synthetic_demo(), every=10) == [0, 10, 20, 22, 29]
 
 
 def test_add_demos_rewards_and_actions():
@@ -193,7 +193,7 @@ def test_checkpoint_round_trip(tmp_path):
     buffer = c2f.ReplayBuffer(10, 4, 6)
     learner = reptile.ReptileLearner(agent, [buffer], args, torch.device("cpu"))
     path = str(tmp_path / "checkpoint.pt")
-    reptile.save_checkpoint(path, args, learner, ["reach-v3"], 7)
+    rlb.save_checkpoint(path, reptile.SCRIPT, reptile.METHOD, args, learner, ["reach-v3"], 7)
     assert not os.path.exists(path + ".tmp")
     ckpt = finetune.load_checkpoint(path)  # validates; weights_only load
     assert ckpt["format"] == finetune.CHECKPOINT_FORMAT and ckpt["format_version"] == 1
@@ -227,16 +227,16 @@ def _filled_buffer(seed: int, capacity: int = 6, image_size: int = 4, transition
 def test_replay_file_round_trip_and_bad_files(tmp_path):
     buffers = [_filled_buffer(0), _filled_buffer(1, transitions=2)]
     assert buffers[0].size == 6 and buffers[0].obs_size == 10 and buffers[1].obs_size == 3
-    path = str(tmp_path / c2f.REPLAY)
-    c2f.save_replay(path, buffers, global_step=42)
-    assert sorted(os.listdir(tmp_path)) == [c2f.REPLAY]  # no temporary file left behind
+    path = str(tmp_path / rlb.REPLAY)
+    rlb.save_replay(path, buffers, global_step=42)
+    assert sorted(os.listdir(tmp_path)) == [rlb.REPLAY]  # no temporary file left behind
     loaded = [c2f.ReplayBuffer(6, 4, 6), c2f.ReplayBuffer(6, 4, 6)]
-    assert c2f.load_replay(path, loaded) == 42
+    assert rlb.load_replay(path, loaded) == 42
     for b, c in zip(buffers, loaded):
         assert (b.size, b.pos, b.obs_size, b.obs_pos, b.recent) == (c.size, c.pos, c.obs_size, c.obs_pos, c.recent)
-        for name in c2f.OBS_ARRAYS:
+        for name in rlb.OBS_ARRAYS:
             np.testing.assert_array_equal(getattr(b, name)[:b.obs_size], getattr(c, name)[:c.obs_size])
-        for name in c2f.TRANSITION_ARRAYS:
+        for name in rlb.TRANSITION_ARRAYS:
             np.testing.assert_array_equal(getattr(b, name)[:b.size], getattr(c, name)[:c.size])
         idx = np.arange(b.size)
         for x, y in zip(b.batch(idx), c.batch(idx)):
@@ -244,28 +244,28 @@ def test_replay_file_round_trip_and_bad_files(tmp_path):
     # another run's shapes, another number of tasks, a truncated file: one line naming the file and the way out
     for fresh in ([c2f.ReplayBuffer(6, 8, 6), c2f.ReplayBuffer(6, 8, 6)], [c2f.ReplayBuffer(6, 4, 6)]):
         with pytest.raises(c2f.TaskError, match="replay.npz does not fit this run .*remove it to resume without it"):
-            c2f.load_replay(path, fresh)
+            rlb.load_replay(path, fresh)
     with open(path, "r+b") as f:
         f.truncate(200)
     with pytest.raises(c2f.TaskError) as error:
-        c2f.load_replay(path, [c2f.ReplayBuffer(6, 4, 6), c2f.ReplayBuffer(6, 4, 6)])
+        rlb.load_replay(path, [c2f.ReplayBuffer(6, 4, 6), c2f.ReplayBuffer(6, 4, 6)])
     assert "\n" not in str(error.value) and path in str(error.value)
 
 
 def test_replay_file_missing_or_of_another_step_warns_in_one_line(tmp_path, capsys):
     args = c2f.Args(unet_width=4, image_size=16, demos=1, train_tasks=["reach-v3"])
-    _, tasks, agent = c2f.setup(args, ["reach-v3"])
+    _, tasks, agent = rlb.setup(args, ["reach-v3"], c2f.check_args, c2f.make_agent)
     try:
-        buffers, exact = c2f.make_buffers(args, ["reach-v3"], tasks, agent, replay=str(tmp_path / c2f.REPLAY),
-                                          resume_step=8)
+        buffers, exact = rlb.make_buffers(args, ["reach-v3"], tasks, agent, c2f.ReplayBuffer, c2f.add_demos,
+                                          replay=str(tmp_path / rlb.REPLAY), resume_step=8)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "replay.npz is missing: collecting the demos again" in err[0]
         assert buffers[0].size > 0 and not exact  # the demos, and the episode in progress restarts
         # a replay file of another env step than the checkpoint (killed between the two saves): used, with a warning
-        c2f.save_replay(str(tmp_path / c2f.REPLAY), buffers, global_step=4)
+        rlb.save_replay(str(tmp_path / rlb.REPLAY), buffers, global_step=4)
         for step, warned in ((8, True), (4, False)):
-            loaded, exact = c2f.make_buffers(args, ["reach-v3"], tasks, agent, replay=str(tmp_path / c2f.REPLAY),
-                                             resume_step=step)
+            loaded, exact = rlb.make_buffers(args, ["reach-v3"], tasks, agent, c2f.ReplayBuffer, c2f.add_demos,
+                                             replay=str(tmp_path / rlb.REPLAY), resume_step=step)
             assert loaded[0].size == buffers[0].size and exact == (not warned)
             err = capsys.readouterr().err.strip()
             assert ("replay.npz is of env step 4, the checkpoint of env step 8" in err) == warned
@@ -287,25 +287,25 @@ def test_learner_state_restores_exactly_and_refuses_another_network(module, lear
     a = make()
     a.update(1)
     path = str(tmp_path / "checkpoint.pt")
-    module.save_checkpoint(path, a.args, a, ["reach-v3"], 1, loop={"finished": False})
-    ckpt = load_resume(str(tmp_path), module.__name__, dataclasses.asdict(a.args), module.RESUME_FREE)
+    rlb.save_checkpoint(path, module.SCRIPT, module.METHOD, a.args, a, ["reach-v3"], 1, loop={"finished": False})
+    ckpt = load_resume(str(tmp_path), module.__name__, dataclasses.asdict(a.args), rlb.RESUME_FREE)
     b = make()
     b.buffers = [_filled_buffer(3)]  # the same replay (in a run: from replay.npz)
     b.buffers[0].priority[:] = a.buffers[0].priority
-    assert module.restore(b, ckpt, path) == {"finished": False}
+    assert rlb.restore(b, ckpt, path) == {"finished": False}
     for learner in (a, b):  # one process: both continue from the checkpoint's global random state
         set_rng_state(ckpt["rng"])
         learner.update(2)
     for x, y in zip(list(a.model.state_dict().values()) + list(a.target.state_dict().values()),
                     list(b.model.state_dict().values()) + list(b.target.state_dict().values())):
         assert torch.equal(x, y)
-    with pytest.raises(module.TaskError, match="does not fit this run: .*size mismatch"):
-        module.restore(make(width=8), ckpt, path)
+    with pytest.raises(rlb.TaskError, match="does not fit this run: .*size mismatch"):
+        rlb.restore(make(width=8), ckpt, path)
     with pytest.raises(SystemExit, match="--batch-size is 8 here but 4 in .*pass the run's own flags"):
         load_resume(str(tmp_path), module.__name__, dataclasses.asdict(dataclasses.replace(a.args, batch_size=8)),
-                    module.RESUME_FREE)
+                    rlb.RESUME_FREE)
     free = dataclasses.replace(a.args, checkpoint_interval=7, replay_save_interval=0, torch_threads=2)
-    load_resume(str(tmp_path), module.__name__, dataclasses.asdict(free), module.RESUME_FREE)  # may change
+    load_resume(str(tmp_path), module.__name__, dataclasses.asdict(free), rlb.RESUME_FREE)  # may change
 
 
 def test_metaworld_demo_replays_through_action_interface():
@@ -384,12 +384,8 @@ def test_method_settings_that_cannot_run_are_refused(module, change, message):
 # --------------------------------------------------------------------------- the three scripts
 
 
-SHARED = ("discretize_rotation", "undiscretize_rotation", "point_to_voxel", "voxel_to_point", "zoom_bounds",
-          "voxelize", "lowdim_state", "conv3d", "dense", "_init", "Inception3D", "spatial_softmax",
-          "QAttentionNet", "C2FARM", "make_agent", "Batch", "ReplayBuffer", "demo_chains",
-          "demo_frames", "add_demos", "collect_demos", "to_tensors", "obs_tensors", "C2FARMLearner", "evaluate",
-          "train", "save_checkpoint", "setup", "make_buffers", "make_writer", "save_run", "save_replay", "load_replay",
-          "restore", "resume_loop")
+SHARED = ("conv3d", "dense", "_init", "Inception3D", "spatial_softmax", "QAttentionNet", "C2FARM", "make_agent", "Batch",
+          "ReplayBuffer", "add_demos", "C2FARMLearner", "evaluate", "train")
 
 
 @pytest.mark.parametrize("name", SHARED)
@@ -399,8 +395,17 @@ def test_shared_pieces_are_identical(name):
 
     sources = [inspect.getsource(getattr(m, name)) for m in (c2f, reptile, pearl)]
     assert sources[0] == sources[1] == sources[2], f"{name} differs between the C2F-ARM scripts"
-    for constant in ("REPLAY", "OBS_ARRAYS", "TRANSITION_ARRAYS", "RESUME_FREE"):
-        assert getattr(c2f, constant) == getattr(reptile, constant) == getattr(pearl, constant)
+
+
+@pytest.mark.parametrize("module", [c2f, reptile, pearl], ids=["mt", "reptile", "pearl"])
+def test_scripts_are_short_and_open_on_the_algorithm(module):
+    import inspect
+
+    lines = inspect.getsource(module).splitlines()
+    # PEARL also holds its context encoder and its adaptation (`adapt`), as RL2 in tests/test_procgen.py
+    assert len(lines) <= (800 if module is pearl else 700)
+    first_network_line = min(i for i, line in enumerate(lines) if line.startswith("def conv3d"))
+    assert first_network_line < len(lines) / 3
 
 
 @pytest.mark.parametrize("module", [c2f, reptile, pearl])
@@ -438,7 +443,7 @@ def test_act_is_greedy_by_default_and_draws_no_random_numbers():
     a1, a2 = learner.act(obs, 0, 0, explore=True), learner.act(obs, 0, 0, explore=False)
     assert learner.rng.bit_generator.state == state  # no randomness unless --exploration asks for it
     np.testing.assert_array_equal(a1, a2)
-    voxels, rot_grip = agent(*c2f.obs_tensors(obs, 0, args, "cpu"))
+    voxels, rot_grip = agent(*rlb.obs_tensors(obs, 0, args, "cpu"))
     np.testing.assert_array_equal(a1, np.concatenate([voxels[0].numpy(), agent.greedy_rot_grip(rot_grip)[0].numpy()]))
 
 
@@ -552,8 +557,10 @@ def test_next_state_zooms_at_its_stored_attention(monkeypatch):
     scene = learner.agent.scene_bounds.expand(2, 6)
     current_d1, next_d1 = seen[2], seen[3]  # order: depth 0 at s, s'; depth 1 at s, s'
     assert len(seen) == 4
-    torch.testing.assert_close(current_d1, learner.agent.zoom_in(scene, torch.tensor([3, 6]), torch.tensor(shift)[:, 0]))
-    centre = learner.agent.index_to_center(torch.tensor([5, 7]), scene)  # 7: the online argmax
+    agent = learner.agent
+    torch.testing.assert_close(current_d1, rlb.zoom_in(scene, torch.tensor([3, 6]), agent.voxels, agent.zoom,
+                                                       torch.tensor(shift)[:, 0]))
+    centre = rlb.voxel_centers(torch.tensor([5, 7]), scene, agent.voxels)  # 7: the online argmax
     torch.testing.assert_close(next_d1[:, :3], centre + torch.tensor([[0.0, -0.01, 0.0], [0.0, 0.0, 0.0]]) - 0.12)
 
 
@@ -639,9 +646,9 @@ def test_demo_crop_augmentation():
     np.testing.assert_allclose(shift, expected_shift, rtol=1e-6)
     scene = np.array(c2f.SCENE_BOUNDS["metaworld"])
     pose = demo[10].gripper_pose
-    depth0 = c2f.point_to_voxel(pose[:3], scene, 16)
-    cube = c2f.zoom_bounds(c2f.voxel_to_point(depth0, scene, 16) + expected_shift, 0.12)
-    depth1 = c2f.point_to_voxel(pose[:3], cube, 16)
+    depth0 = rlb.point_to_voxel(pose[:3], scene, 16)
+    cube = rlb.zoom_bounds(rlb.voxel_to_point(depth0, scene, 16) + expected_shift, 0.12)
+    depth1 = rlb.point_to_voxel(pose[:3], cube, 16)
     assert buffer.action[0, 1] == depth1[0] * 256 + depth1[1] * 16 + depth1[2]
     assert buffer.attention[obs_index, 0] == buffer.action[0, 0]
     # agent transitions are not shifted
