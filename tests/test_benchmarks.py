@@ -41,3 +41,20 @@ def test_der_benchmark_runs_our_script_with_flags_it_has(tmp_path):
             args.replay_ratio) == (20, 256, 1e-4, 2000, 32, 1)
     theirs = bench.kaixhin(5600, "/k")
     assert theirs[theirs.index("--multi-step") + 1] == "20" and theirs[theirs.index("--T-max") + 1] == "5600"
+
+
+def test_c2farm_benchmark_runs_on_the_scripts_interface(tmp_path):
+    """bench_c2farm.py builds the learner from the script's and envs/rlbench.py's pieces; a tiny run
+    of every variant proves the calls still fit (the numbers are not checked: no test times anything)."""
+    import subprocess
+
+    env = dict(os.environ, MUJOCO_GL="egl", EGL_PLATFORM="surfaceless", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_c2farm.py"), "--batch-size", "2",
+                           "--image-size", "64", "--unet-widths", "8", "--updates", "1", "--env-steps", "2",
+                           "--variants", "fp32", "bf16", "channels-last"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for variant in ("fp32", "bf16", "channels-last"):
+        assert f"unet_width 8, {variant}: " in proc.stdout
+    assert "acting:" in proc.stdout
+    assert os.listdir(tmp_path) == []  # nothing written
