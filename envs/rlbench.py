@@ -391,10 +391,12 @@ class MetaWorldTask:
             raise TaskError(f"unknown metaworld task '{name}'")
         self.name, self.image_size, self._mj = name, image_size, mujoco
         # goal-observable: the scripted expert can read the goal. Meta-World's constructor freezes the
-        # scene it samples first, so every episode of a task starts with the same object and goal
-        # positions (unlike RLBench's randomised scenes; docs/rlbench.md, "What still differs").
+        # scene it samples first; unfrozen below, every reset draws new object and goal positions from
+        # the env's generator (seeded by `seed`), as RLBench randomises its scenes.
         self.env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{name}-goal-observable"](seed=seed)
         self.env.max_path_length = 10**9  # episodes are bounded by the agent's 10 actions instead
+        self.env._freeze_rand_vec = False  # a new scene at every reset, as RLBench
+        self.env.seeded_rand_vec = True  # drawn from the env's own seeded generator
         self.expert = ENV_POLICY_MAP[name]()
         m = self.env.model
         self._arm_dofs = np.array([m.jnt_dofadr[m.joint(j).id] for j in self.ARM_JOINTS])
@@ -562,7 +564,10 @@ class MetaWorldTask:
         self.reset()
         env._freeze_rand_vec = state["freeze_rand_vec"]
         mj.mj_setState(env.model, env.data, state["sim"].numpy(), mj.mjtState.mjSTATE_INTEGRATION)
-        mj.mj_forward(env.model, env.data)
+        mj.mj_forward(env.model, env.data)  # positions, contacts, sensors: what observations and rendering read
+        # mj_forward re-solves the contacts and leaves its own solver warm start, which differs from the
+        # saved one in the last bits; with objects in contact the next steps would drift: restore it
+        mj.mj_setState(env.model, env.data, state["sim"].numpy(), mj.mjtState.mjSTATE_INTEGRATION)
         env.np_random.bit_generator.state = state["np_random"]
         env._prev_obs, env.curr_path_length = state["prev_obs"].numpy().copy(), state["path_length"]
         self.grip_effort = state["grip_effort"]

@@ -45,23 +45,43 @@ def test_pointcloud_from_depth_known_camera():
 
 
 def test_metaworld_point_cloud_sees_the_scene():
-    """The rendered point cloud lands where the simulator says things are: table top at z=0,
-    and the projection of the goal through the camera matrices hits the goal's pixels."""
-    task = rlb.make_task("metaworld", "reach-v3", image_size=64, seed=0)
+    """The rendered point cloud lands where the simulator says things are, in every new scene: the
+    table top at z = 0, the puck's surface seen, and the projection of the puck through the camera
+    matrices hits the puck's pixels."""
+    task = rlb.make_task("metaworld", "push-v3", image_size=64, seed=0)
     try:
-        _, obs = task.reset()
-        pcd = obs.front_point_cloud.reshape(-1, 3)
-        goal = task.env._target_pos
-        assert np.linalg.norm(pcd - goal, axis=1).min() < 0.03  # the goal sphere's surface is seen
-        assert abs(np.median(pcd[:, 2])) < 0.01  # most pixels see the table top at z = 0
-        intrinsics, extrinsics = task.camera_matrices()
-        cam = np.linalg.inv(extrinsics) @ np.append(goal, 1.0)
-        u, v = intrinsics[0, 0] * cam[0] / cam[2] + intrinsics[0, 2], intrinsics[1, 1] * cam[1] / cam[2] + intrinsics[1, 2]
-        np.testing.assert_allclose(obs.front_point_cloud[int(round(v)), int(round(u))], goal, atol=0.03)
+        for _ in range(3):
+            _, obs = task.reset()
+            pcd = obs.front_point_cloud.reshape(-1, 3)
+            puck = task.env._get_pos_objects()[:3]  # its centre; radius 0.02
+            assert np.linalg.norm(pcd - puck, axis=1).min() < 0.03
+            assert abs(np.median(pcd[:, 2])) < 0.01  # most pixels see the table top at z = 0
+            intrinsics, extrinsics = task.camera_matrices()
+            cam = np.linalg.inv(extrinsics) @ np.append(puck, 1.0)
+            u = intrinsics[0, 0] * cam[0] / cam[2] + intrinsics[0, 2]
+            v = intrinsics[1, 1] * cam[1] / cam[2] + intrinsics[1, 2]
+            np.testing.assert_allclose(obs.front_point_cloud[int(round(v)), int(round(u))], puck, atol=0.03)
         assert obs.front_rgb.shape == (64, 64, 3) and obs.front_rgb.dtype == np.uint8
         assert obs.gripper_pose.shape == (7,) and obs.gripper_open == 1.0 and obs.joint_velocities.shape == (7,)
     finally:
         task.close()
+
+
+def test_metaworld_draws_a_new_scene_at_every_reset_from_its_seed():
+    """As RLBench: every reset places the objects and the goal anew (Meta-World's constructor would
+    freeze its first scene), drawn from the task's own seeded generator, so a seed gives the same
+    sequence of scenes and another seed another."""
+    def scenes(seed):
+        task = rlb.make_task("metaworld", "push-v3", image_size=16, seed=seed)
+        try:
+            return [np.array(task.env._last_rand_vec) for _ in range(3) if task.reset()]
+        finally:
+            task.close()
+
+    first, again, other = scenes(3), scenes(3), scenes(4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+    assert not np.array_equal(first[0], other[0])
 
 
 def test_metaworld_unreachable_target_is_a_failure():
@@ -81,7 +101,8 @@ def test_metaworld_unreachable_target_is_a_failure():
 @pytest.mark.parametrize("name", ["push-v3", "drawer-open-v3"])
 def test_metaworld_state_resumes_mid_episode_exactly(name):
     """get_state mid-episode, then set_state on a fresh task (another seed): the same observation and
-    the same observations, rewards and ends for the same actions afterwards, bit for bit."""
+    the same observations, rewards and ends for the same actions afterwards, bit for bit (push-v3's
+    random targets push the puck: contacts, whose solver warm start must be restored too)."""
     rng = np.random.default_rng(0)
     a, b = rlb.make_task("metaworld", name, image_size=16, seed=5), rlb.make_task("metaworld", name, image_size=16, seed=9)
     try:
@@ -99,7 +120,7 @@ def test_metaworld_state_resumes_mid_episode_exactly(name):
         for action in actions[2:]:
             (obs_a, *rest_a), (obs_b, *rest_b) = a.step(action), b.step(action)
             assert same(obs_a, obs_b) and rest_a == rest_b
-        a.reset(), b.reset()  # the next scene too (Meta-World's generator and the frozen scene restored)
+        a.reset(), b.reset()  # the next scene too (Meta-World's generator restored)
         np.testing.assert_array_equal(a.env._last_rand_vec, b.env._last_rand_vec)
     finally:
         a.close()
