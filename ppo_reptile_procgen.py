@@ -31,8 +31,9 @@ import torch.nn.functional as F
 import tyro
 
 from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward, check_env_id,
-                          check_levels, make_writer, save_checkpoint, seed_everything, use_bf16)
-from envs.run_dir import CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore
+                          check_levels, make_writer, save_checkpoint, seed_everything)
+from envs.run_dir import (CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore,
+                          use_bf16)
 
 SCRIPT = "ppo_reptile_procgen"  # the module name checkpoints record (finetune.py checks it)
 

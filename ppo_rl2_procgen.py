@@ -26,8 +26,9 @@ import torch.nn.functional as F
 import tyro
 
 from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward, check_env_id,
-                          check_levels, make_writer, save_checkpoint, seed_everything, use_bf16, state_tensor)
-from envs.run_dir import CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore
+                          check_levels, make_writer, save_checkpoint, seed_everything, state_tensor)
+from envs.run_dir import (CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore,
+                          use_bf16)
 
 SCRIPT = "ppo_rl2_procgen"  # the module name checkpoints record (finetune.py checks it)
 

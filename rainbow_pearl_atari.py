@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from envs import atari
 from envs.atari import FULL_ACTIONS, REPLAY
-from envs.run_dir import CHECKPOINT, StopRequest, set_rng_state
+from envs.run_dir import CHECKPOINT, StopRequest, set_rng_state, use_bf16
 
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
@@ -776,15 +776,6 @@ def encode(encoder: Encoder, obs: torch.Tensor, speed_form: bool, bf16: bool) ->
         return encoder(obs.float() / 255)
     dtype = torch.bfloat16 if bf16 else torch.float32
     return fast_encoder(obs, encoder_matrices(encoder, dtype)).float()
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # --------------------------------------------------------------------------- TRY NOT TO MODIFY: resume, flag checks

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from envs import atari
 from envs.atari import FULL_ACTIONS, REPLAY
-from envs.run_dir import CHECKPOINT, StopRequest
+from envs.run_dir import CHECKPOINT, StopRequest, use_bf16
 
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
@@ -615,15 +615,6 @@ def fast_forward(q_network: QNetwork, obs: torch.Tensor, weights: dict) -> torch
     adv = F.linear(F.relu(F.linear(x, *weights["advantage_hidden"])).float(), *weights["advantage_out"])
     value, adv = value.view(-1, 1, q_network.num_atoms), adv.view(-1, q_network.num_actions, q_network.num_atoms)
     return F.log_softmax(value + adv - adv.mean(1, keepdim=True), dim=2)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # --------------------------------------------------------------------------- TRY NOT TO MODIFY: flag checks

@@ -5,8 +5,7 @@
 - `VecNormalizeReward`: the reward half of a `VecNormalize` wrapper (SB3, openai/baselines):
   rewards divided by a running standard deviation of the discounted return, then clipped.
 - `EvalEpisodes`: which episodes an evaluation on several envs counts (SB3's `evaluate_policy` rule).
-- At the end, the scripts' plumbing: seeding, the TensorBoard writer, the checkpoint file, and
-  `use_bf16` (whether --precision auto means bf16 on this hardware).
+- At the end, the scripts' plumbing: seeding, the TensorBoard writer, the checkpoint file.
 
 procgen still imports the unmaintained `gym` package; `import_procgen` keeps its banner out of
 sight. Nothing here depends on the learning method.
@@ -319,12 +318,3 @@ def save_checkpoint(path: str, script: str, model: dict, optimizer: Optional[tor
         "resume": resume,
     }
     atomic_save(ckpt, path)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve --precision: bf16 only where the hardware has native bfloat16 arithmetic."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

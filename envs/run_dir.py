@@ -223,3 +223,13 @@ class StopRequest:
         print(f"stopped by {name} at env step {global_step}; checkpoint in {os.path.join(output_dir, CHECKPOINT)}; "
               f"continue with: {resume_command()}", file=sys.stderr, flush=True)
         raise SystemExit(128 + self.signum)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve a script's --precision (auto, bf16, fp32): in auto, bf16 only where the hardware has native
+    bfloat16 arithmetic (a CUDA GPU that supports it; a CPU with oneDNN's bf16 support, e.g. AVX512-BF16)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -808,7 +808,7 @@ def test_finetune_writes_periodic_checkpoints_by_default(tmp_path, monkeypatch):
 
 # the plumbing (checkpoints, replay file, settings, background evaluation) is written once, in envs/atari.py
 SHARED = ["NoisyLinear", "Encoder", "SumTree", "Batch", "ReplayBuffer", "project_distribution", "clip_gradients",
-          "to_patches", "encoder_matrices", "fast_encoder", "use_bf16"]
+          "to_patches", "encoder_matrices", "fast_encoder"]
 SHARED_MT_REPTILE = ["QNetwork", "dqn_loss", "optimize", "act", "step_weights", "fast_forward"]
 SHARED_MT_PEARL = ["sample_games"]
 

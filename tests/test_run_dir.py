@@ -109,3 +109,12 @@ def test_save_arrays_round_trips_and_leaves_no_temporary(tmp_path):
     (tmp_path / "replay.npz.123.tmp").write_bytes(b"half")
     remove_temporaries(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["replay.npz"]
+
+
+def test_use_bf16_follows_the_flag_and_in_auto_the_hardware():
+    from envs.run_dir import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) is True and use_bf16("fp32", cpu) is False
+    assert use_bf16("auto", cpu) == bool(torch.backends.mkldnn.is_available()
+                                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
