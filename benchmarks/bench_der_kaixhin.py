@@ -35,8 +35,8 @@ WARMUP, AFTER = 1600, 4000  # env steps before learning starts, and measured aft
 
 # Kaixhin/Rainbow's env.close() calls cv2.destroyAllWindows(), which a headless OpenCV build cannot
 # do; the launcher makes it a no-op and then runs main.py as its own script.
-LAUNCHER = ("import runpy, sys, cv2; cv2.destroyAllWindows = lambda: None; "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+LAUNCHER = ("import os, runpy, sys, cv2; cv2.destroyAllWindows = lambda: None; sys.argv = sys.argv[1:]; "
+            "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def ours(steps: int, out: str) -> list[str]:
