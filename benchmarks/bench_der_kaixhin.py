@@ -39,16 +39,22 @@ LAUNCHER = ("import os, runpy, sys, cv2; cv2.destroyAllWindows = lambda: None; s
             "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
+def learn_start(steps: int) -> int:
+    """The env step of the first update: WARMUP; in the warm-up run one later, so that it runs WARMUP
+    env steps and no update (Kaixhin/Rainbow's main.py also divides by T_max - learn_start)."""
+    return WARMUP + 1 if steps == WARMUP else WARMUP
+
+
 def ours(steps: int, out: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "rainbow_mt_atari.py"), "--games", "Pong", "--no-pad-actions",
-            "--games-per-batch", "1", "--buffer-size", "100000", "--learning-starts", str(WARMUP),
+            "--games-per-batch", "1", "--buffer-size", "100000", "--learning-starts", str(learn_start(steps)),
             "--total-timesteps", str(steps), "--save-every", "1000000", "--save-replay-every", "1000000",
             "--output-dir", out]
 
 
 def kaixhin(steps: int, kaixhin_dir: str) -> list[str]:
     return [sys.executable, "-c", LAUNCHER, os.path.join(kaixhin_dir, "main.py"), "--game", "pong", "--disable-cuda",
-            "--T-max", str(steps), "--learn-start", str(WARMUP), "--memory-capacity", "100000",
+            "--T-max", str(steps), "--learn-start", str(learn_start(steps)), "--memory-capacity", "100000",
             "--replay-frequency", "1", "--multi-step", "20", "--architecture", "data-efficient", "--hidden-size",
             "256", "--learning-rate", "0.0001", "--target-update", "2000", "--evaluation-interval", "1000000"]
 

@@ -41,6 +41,11 @@ def test_der_benchmark_runs_our_script_with_flags_it_has(tmp_path):
             args.replay_ratio) == (20, 256, 1e-4, 2000, 32, 1)
     theirs = bench.kaixhin(5600, "/k")
     assert theirs[theirs.index("--multi-step") + 1] == "20" and theirs[theirs.index("--T-max") + 1] == "5600"
+    assert theirs[theirs.index("--learn-start") + 1] == "1600"
+    # the warm-up runs: 1600 env steps and no update on either side
+    warm, warm_theirs = tyro.cli(rainbow_mt_atari.Args, args=bench.ours(1600, "o")[2:]), bench.kaixhin(1600, "/k")
+    assert (warm.total_timesteps, warm.learning_starts) == (1600, 1601)
+    assert warm_theirs[warm_theirs.index("--learn-start") + 1] == "1601"
 
 
 def test_c2farm_benchmark_runs_on_the_scripts_interface(tmp_path):
