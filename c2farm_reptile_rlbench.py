@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from envs.run_dir import use_bf16
 from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
     BACKEND_TASKS, LOWDIM_SIZE, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS,
     ZOOM_HALF_WIDTH, TaskError, action_to_pose, check_c2farm_args, demo_chains, discover_keypoints, lowdim_state,
@@ -139,6 +140,8 @@ class Args:
     About 10 GB at the paper's settings; 0 = only at a stop"""
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small 3D convolutions on a busy 2-core machine; 0 = torch's default)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """the update's Q-attention passes in bf16 autocast (auto: where the CPU/GPU has native bf16; benchmarks/README.md)"""
 
     # Reptile
     reptile_k: int = 5
@@ -411,12 +414,19 @@ class C2FARMLearner:
         self.target = copy.deepcopy(agent).requires_grad_(False)
         self.optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         self.rng = np.random.default_rng(args.seed)
+        self.bf16 = use_bf16(args.precision, device)  # SPEED: see `q_values`
 
     def sample(self, task_ids: list[int], per_task: int) -> tuple[Batch, list[tuple[int, np.ndarray]]]:
         """An equal share of the batch from each listed task's buffer; (task, indices) per share."""
         shares = [(t, *self.buffers[t].sample(per_task, self.args.importance_exponent, self.rng)) for t in task_ids]
         batch = Batch(*(np.concatenate(arrays) for arrays in zip(*(b for _, _, b in shares))))
         return batch, [(t, idx) for t, idx, _ in shares]
+
+    def q_values(self, qnet: QAttentionNet, grid: torch.Tensor, lowdim: torch.Tensor, latent):
+        """qnet's (voxel, rotation/gripper) Q-values in fp32; SPEED: computed in bf16 autocast under --precision bf16."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            q, rot_grip = qnet(grid, lowdim, latent)
+        return q.float(), None if rot_grip is None else rot_grip.float()  # rotation and gripper: the last depth only
 
     def loss(self, batch: Batch, latent=None, next_latent=None):
         """The summed per-depth losses, new priorities (mean |TD| over the heads) and logs."""
@@ -434,11 +444,11 @@ class C2FARMLearner:
         total, td, logs = 0.0, [], {}
         for d in range(agent.depths):
             last, z, next_z = d == agent.depths - 1, latent if d == 0 else None, next_latent if d == 0 else None
-            q, rot_grip = agent.qnets[d](voxelize(points, colors, bounds, v), lowdim, z)
+            q, rot_grip = self.q_values(agent.qnets[d], voxelize(points, colors, bounds, v), lowdim, z)
             with torch.no_grad():
                 next_grid = voxelize(next_points, next_colors, next_bounds, v)
-                online_q, online_rot_grip = agent.qnets[d](next_grid, next_lowdim, next_z)
-                target_q, target_rot_grip = target.qnets[d](next_grid, next_lowdim, next_z)
+                online_q, online_rot_grip = self.q_values(agent.qnets[d], next_grid, next_lowdim, next_z)
+                target_q, target_rot_grip = self.q_values(target.qnets[d], next_grid, next_lowdim, next_z)
                 next_voxel = online_q.argmax(1)  # double Q: the online network picks a', the target network values it
                 q_next = target_q.gather(1, next_voxel[:, None])
                 if last:  # the last depth's target is the mean over its five heads (voxel, 3 rotations, gripper)

@@ -676,7 +676,7 @@ TRANSITION_ARRAYS = ("obs_index", "action", "reward", "done", "priority")  # and
 # Args a --resume may change (envs.run_dir.load_resume): where and how often it saves, and the machine's
 # settings; any other flag must be the run's own (a resumed run is the same run).
 RESUME_FREE = frozenset({"resume", "output_dir", "checkpoint_interval", "replay_save_interval", "cuda",
-                         "torch_threads", "track", "wandb_project_name", "wandb_entity"})
+                         "torch_threads", "precision", "track", "wandb_project_name", "wandb_entity"})
 
 
 def check_c2farm_args(args, at_least_one=(), non_negative=(), unit_interval=()) -> None:
