@@ -54,15 +54,11 @@ class Args:
     """the wandb project"""
     wandb_entity: str | None = None
     """the wandb entity (team)"""
-    capture_video: bool = False
-    """accepted for CLI uniformity; the front camera's frames are in the replay instead"""
     output_dir: str | None = None
     """where checkpoint.pt, replay.npz and TensorBoard logs go (default runs/{run_name})"""
     resume: bool = False
-    """continue the run in --output-dir (required) from its checkpoint.pt and replay.npz: pass the run's own
-    flags again (only where and how often it saves and the machine's settings may change); it ends at the
-    same --total-timesteps. Without replay.npz (killed before its first save) the demos are collected again,
-    the agent's own transitions are lost and the episode in progress restarts (a one-line warning says so)"""
+    """continue the run in --output-dir (required) from its checkpoint.pt and replay.npz, with the run's own flags
+    (README, "Stopping and resuming a run": what may change, and a resume without replay.npz)"""
 
     # tasks
     backend: str = "metaworld"
