@@ -559,37 +559,24 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
 
 # --------------------------------------------------------------------------- TRY NOT TO MODIFY: the speed form
 # The same network as QNetwork.forward, computed from its parameters in a form that runs faster
-# on a CPU (benchmarks/bench_rainbow_atari.py --compare; tests/test_atari.py checks it against the
-# plain modules). Whether it pays over a whole 100k run is measured in benchmarks/README.md.
+# on a CPU: the noisy weights composed once per env step and shared by acting and both online
+# passes of the update, the 1/255 scale folded into the first conv, and bf16 convs and hidden
+# layers where the hardware has native bf16 (--precision). tests/test_atari.py checks it against
+# the plain modules; benchmarks/README.md measures what it gains over a whole 100k run.
 
 
-def to_patches(obs: torch.Tensor) -> torch.Tensor:
-    """(B, 4, 84, 84) -> (B, 256, 100): conv1 (kernel 5, stride 5) reads 16x16 non-overlapping 5x5
-    patches; at each patch position the 4 frames' 25 pixels, in the order of conv1's weight. The
-    last 4 rows and columns are never read."""
-    b = obs.shape[0]
-    x = obs[:, :, :80, :80].reshape(b, 4, 16, 5, 16, 5)  # (B, frame, row, i, col, j)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, 256, 100)
+def encoder_weights(encoder: Encoder, dtype: torch.dtype):
+    """The two convs' (weight, bias) in dtype, conv1's weight divided by 255 so that it reads raw
+    pixels (0..255, exact in bf16): no scaling pass over the frames."""
+    conv1, conv2 = encoder.conv1, encoder.conv2
+    return ((conv1.weight / 255).to(dtype), conv1.bias.to(dtype)), (conv2.weight.to(dtype), conv2.bias.to(dtype))
 
 
-def encoder_matrices(encoder: Encoder, dtype: torch.dtype):
-    """The two convs as (weight, bias) of linear maps over patches, in dtype: conv1 reads
-    `to_patches`' 100 values of raw pixels (the 1/255 scale folded into its weight), conv2 a 5x5
-    block of conv1's outputs (row, column, channel)."""
-    w1, b1 = encoder.conv1.weight.flatten(1) / 255, encoder.conv1.bias
-    w2, b2 = encoder.conv2.weight.permute(0, 2, 3, 1).flatten(1), encoder.conv2.bias
-    return (w1.to(dtype), b1.to(dtype)), (w2.to(dtype), b2.to(dtype))
-
-
-def fast_encoder(obs: torch.Tensor, matrices) -> torch.Tensor:
-    """Encoder(obs / 255) from uint8 frame stacks, each conv one matrix product over its patches."""
-    (w1, b1), (w2, b2) = matrices
-    b = obs.shape[0]
-    x = F.relu(F.linear(to_patches(obs).to(w1.dtype), w1, b1))  # (B, 16 * 16, 32)
-    # conv2's 3x3 positions each read a 5x5 block of conv1's 16x16 map (row and column 15 unused)
-    x = x.view(b, 16, 16, 32)[:, :15, :15].reshape(b, 3, 5, 3, 5, 32).transpose(2, 3).reshape(b, 9, 800)
-    x = F.relu(F.linear(x, w2, b2))  # (B, 9, 64)
-    return x.transpose(1, 2).flatten(1)  # nn.Flatten's (channel, row, column) order
+def fast_encoder(obs: torch.Tensor, weights) -> torch.Tensor:
+    """Encoder(obs / 255) from uint8 frame stacks and `encoder_weights`: the same two convs."""
+    (w1, b1), (w2, b2) = weights
+    x = F.relu(F.conv2d(obs.to(w1.dtype), w1, b1, stride=5))  # (B, 32, 16, 16)
+    return F.relu(F.conv2d(x, w2, b2, stride=5)).flatten(1)  # (B, 576)
 
 
 def step_weights(q_network: QNetwork) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -598,7 +585,7 @@ def step_weights(q_network: QNetwork) -> dict[str, tuple[torch.Tensor, torch.Ten
     layers are in bf16 when q_network.bf16 (raw pixels 0..255 are exact in bf16); the output
     layers, the softmax and the loss stay fp32."""
     dtype = torch.bfloat16 if q_network.bf16 else torch.float32
-    conv1, conv2 = encoder_matrices(q_network.encoder, dtype)
+    conv1, conv2 = encoder_weights(q_network.encoder, dtype)
     weights = {"conv1": conv1, "conv2": conv2}
     for name in ("value_hidden", "advantage_hidden"):
         w, b = getattr(q_network, name).noisy_weights()

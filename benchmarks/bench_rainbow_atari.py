@@ -9,12 +9,12 @@ goes (emulator, acting, replay, update). Prints numbers; asserts nothing.
     python benchmarks/bench_rainbow_atari.py --full-actions --cuda  # the learner on a GPU
 
 The loop is rainbow_mt_atari.train's step (same pieces, imported), with a timer around each part;
-it leaves out the evaluations, which train() runs in a second process (see BackgroundEvaluator).
+it leaves out the evaluations, which train() runs in a second process (see envs/atari.py Evaluator).
 Before the timed steps the replay is filled to --replay-fill transitions of random frames, the
 mean replay size of a 100k-step run: sampling from a large replay is slower (cache misses).
 `--compare` times the encoder (forward + backward) and one whole DER update under variants,
-interleaved so that a busy machine slows all of them alike: the speed form (convs as matrix
-products over patches, step weights) vs. the plain nn.Conv2d modules, bf16 vs. fp32, fused vs.
+interleaved so that a busy machine slows all of them alike: the speed form (step weights, 1/255
+folded into conv1, bf16) vs. the plain nn.Conv2d modules, bf16 vs. fp32, fused vs.
 per-tensor Adam, 2 vs. 1 torch threads.
 """
 
@@ -159,7 +159,7 @@ def compare(opts) -> None:
                     q.zero_grad()
                     if speed_form:
                         dtype = torch.bfloat16 if q.bf16 else torch.float32
-                        features = der.fast_encoder(obs, der.encoder_matrices(q.encoder, dtype))
+                        features = der.fast_encoder(obs, der.encoder_weights(q.encoder, dtype))
                     else:
                         features = q.encoder(obs.float() / 255)
                     features.float().sum().backward()

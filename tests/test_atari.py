@@ -260,35 +260,21 @@ def test_frame_stack_matches_env_across_life_loss_and_wraparound():
 # --------------------------------------------------------------------------- networks
 
 
-def test_patches_hold_each_pixel_where_the_first_conv_reads_it():
-    obs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8))
-    patches = mt.to_patches(obs)
-    assert patches.shape == (2, 256, 100)
-    expected = torch.zeros_like(patches)
-    for row in range(16):
-        for col in range(16):
-            for f in range(4):
-                for i in range(5):
-                    for j in range(5):
-                        expected[:, row * 16 + col, f * 25 + i * 5 + j] = obs[:, f, 5 * row + i, 5 * col + j]
-    assert torch.equal(patches, expected)
-
-
 @pytest.mark.parametrize("module", [mt, reptile, pearl], ids=["mt", "reptile", "pearl"])
 def test_fast_encoder_equals_the_two_convs(module):
     torch.manual_seed(0)
     encoder = module.Encoder()
     obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
     plain = encoder(obs.float() / 255)  # nn.Conv2d, ReLU, nn.Conv2d, ReLU, flatten
-    fast = module.fast_encoder(obs, module.encoder_matrices(encoder, torch.float32))
+    fast = module.fast_encoder(obs, module.encoder_weights(encoder, torch.float32))
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("module", [mt, reptile], ids=["mt", "reptile"])
 def test_speed_form_computes_the_plain_network_and_its_gradients(module, mode):
-    """fast_forward(obs, step_weights()) (noise added once, 1/255 folded into the first layer,
-    patches) computes the plain modules' network, and the gradients reach every mu and sigma."""
+    """fast_forward(obs, step_weights()) (noise added once, 1/255 folded into the first layer)
+    computes the plain modules' network, and the gradients reach every mu and sigma."""
     torch.manual_seed(0)
     net = module.QNetwork(6).train(mode == "train")
     obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
@@ -808,7 +794,7 @@ def test_finetune_writes_periodic_checkpoints_by_default(tmp_path, monkeypatch):
 
 # the plumbing (checkpoints, replay file, settings, background evaluation) is written once, in envs/atari.py
 SHARED = ["NoisyLinear", "Encoder", "SumTree", "Batch", "ReplayBuffer", "project_distribution", "clip_gradients",
-          "to_patches", "encoder_matrices", "fast_encoder"]
+          "encoder_weights", "fast_encoder"]
 SHARED_MT_REPTILE = ["QNetwork", "dqn_loss", "optimize", "act", "step_weights", "fast_forward"]
 SHARED_MT_PEARL = ["sample_games"]
 
