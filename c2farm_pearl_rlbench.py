@@ -137,9 +137,9 @@ class Args:
     checkpoint; also written at a SIGINT / SIGTERM, removed when the run ends (it only serves --resume).
     About 10 GB at the paper's settings; 0 = only at a stop"""
     torch_threads: int = 1
-    """CPU threads for torch (1 is fastest for these small 3D convolutions on a busy 2-core machine; 0 = torch's default)"""
+    """CPU threads for torch (1 is fastest for these small 3D convs on a busy 2-core machine; 0: torch's default)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """the update's Q-attention passes in bf16 autocast (auto: where the CPU/GPU has native bf16; benchmarks/README.md)"""
+    """the update's Q-attention passes in bf16 autocast (auto: where the hardware has native bf16; see benchmarks/)"""
 
     # PEARL
     latent_size: int = 16
@@ -199,11 +199,11 @@ def spatial_softmax(x: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
 
 
 class QAttentionNet(nn.Module):
-    """Q-attention for one depth,ARM's Qattention3DNet (networks.py) for 16^3 voxels: inception blocks down 16 -> 8 -> 4 and back up with skip
-    connections, LeakyReLU(0.02), no normalisation; the proprioception (and PEARL's latent) through a dense layer,
-    tiled over the grid. Outputs one Q-value per voxel and, at the last depth, a dense head over spatial-softmax and
-    max-pooled features of four levels: Q-values for the rotation bins and the gripper. `width` (ARM: 64 kernels) is
-    a CPU sizing knob."""
+    """Q-attention for one depth, ARM's Qattention3DNet (networks.py) for 16^3 voxels: inception blocks down 16 -> 8
+    -> 4 and back up with skip connections, LeakyReLU(0.02), no normalisation; the proprioception (and PEARL's
+    latent) through a dense layer, tiled over the grid. Outputs one Q-value per voxel and, at the last depth, a dense
+    head over spatial-softmax and max-pooled features of four levels: Q-values for the rotation bins and the gripper.
+    `width` (ARM: 64 kernels) is a CPU sizing knob."""
 
     def __init__(self, in_channels: int = 10, width: int = 64, lowdim: int = LOWDIM_SIZE, latent: int = 0,
                  rot_grip_outputs: int = 0):
@@ -293,7 +293,8 @@ class C2FARM(nn.Module):
 
     def decode_action(self, action: np.ndarray) -> np.ndarray:
         """Discrete action -> 8-D next-best pose: last depth's voxel centre, quaternion xyzw, gripper."""
-        return action_to_pose(action, self.scene_bounds.cpu().numpy(), self.voxels, self.depths, self.zoom, self.resolution)
+        bounds = self.scene_bounds.cpu().numpy()
+        return action_to_pose(action, bounds, self.voxels, self.depths, self.zoom, self.resolution)
 
 
 def make_agent(args: Args, latent: int = 0) -> C2FARM:
@@ -323,9 +324,9 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """One task's prioritized replay(proportional, exponent alpha). Observations are stored once (point cloud as float16) and transitions refer to
-    them by index, so a demo chain shares its keypoint frames. Arrays are allocated lazily by the OS: memory grows
-    with use."""
+    """One task's prioritized replay (proportional, exponent alpha). Observations are stored once (point cloud as
+    float16) and transitions refer to them by index, so a demo chain shares its keypoint frames. Arrays are allocated
+    lazily by the OS: memory grows with use."""
 
     def __init__(self, capacity: int, image_size: int, action_size: int, alpha: float = 0.7):
         self.capacity, self.alpha = capacity, alpha
@@ -355,7 +356,7 @@ class ReplayBuffer:
         i = self.pos
         self.obs_index[i] = (obs_i, next_i)
         self.action[i], self.reward[i], self.done[i] = action, reward, float(done)
-        self.attention[obs_i] = action[:self.attention.shape[1]]  # ARM stores the attention coordinates with the observation
+        self.attention[obs_i] = action[:self.attention.shape[1]]  # ARM: attention coordinates stored with the obs
         self.shift[obs_i] = shift
         self.priority[i] = self.priority[: self.size].max() if self.size else 1.0  # new data: max priority
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
@@ -403,9 +404,10 @@ def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args, rng: np.ra
 
 
 class C2FARMLearner:
-    """The C2F-ARM update (stepjam/ARM qattention_agent.py): per depth, a double-Q target from the target network at the next state (zoomed where
-    the agent zoomed from it), a Huber loss for the taken voxel (and, at the last depth, the rotation and gripper
-    heads), an L1 regulariser on all Q-values, soft target updates and prioritized replay over per-task buffers."""
+    """The C2F-ARM update (stepjam/ARM qattention_agent.py): per depth, a double-Q target from the target network at
+    the next state (zoomed where the agent zoomed from it), a Huber loss for the taken voxel (and, at the last depth,
+    the rotation and gripper heads), an L1 regulariser on all Q-values, soft target updates and prioritized replay
+    over per-task buffers."""
 
     def __init__(self, agent: C2FARM, buffers: list[ReplayBuffer], args: Args, device):
         self.agent, self.buffers, self.args, self.device = agent, buffers, args, device
@@ -422,7 +424,7 @@ class C2FARMLearner:
         return batch, [(t, idx) for t, idx, _ in shares]
 
     def q_values(self, qnet: QAttentionNet, grid: torch.Tensor, lowdim: torch.Tensor, latent):
-        """qnet's (voxel, rotation/gripper) Q-values in fp32; SPEED: computed in bf16 autocast under --precision bf16."""
+        """qnet's (voxel, rotation/gripper) Q-values in fp32; SPEED: in bf16 autocast under --precision bf16."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             q, rot_grip = qnet(grid, lowdim, latent)
         return q.float(), None if rot_grip is None else rot_grip.float()  # rotation and gripper: the last depth only
@@ -454,7 +456,7 @@ class C2FARMLearner:
                     next_rot_grip = agent.greedy_rot_grip(online_rot_grip)
                     q_next = torch.cat([q_next] + [h.gather(1, next_rot_grip[:, i:i + 1]) for i, h in
                                                    enumerate(agent.split_rot_grip(target_rot_grip))], 1).mean(1, True)
-                y = (reward + args.gamma * (1.0 - done) * q_next[:, 0]).clamp(min=0.0)  # y = max(0, r + gamma (1 - done) Q')
+                y = (reward + args.gamma * (1.0 - done) * q_next[:, 0]).clamp(min=0.0)  # max(0, r + gamma (1-d) Q')
             q_taken = q.gather(1, action[:, d:d + 1])
             qreg = args.lambda_trans_qreg * q.abs().mean(1)  # L1 towards 0 of every voxel's Q-value
             if last:
@@ -529,7 +531,7 @@ class C2FARMLearner:
         if strategy == "epsilon":
             return voxel if self.rng.random() >= self.args.epsilon else torch.full_like(voxel, self.rng.integers(v**3))
         i = int(voxel[0])
-        ijk = np.array([i // (v * v), (i // v) % v, i % v]) + np.round(self.rng.normal(0.0, 1.0, 3))  # ARM: +round(N(0, 1))
+        ijk = np.array([i // (v * v), (i // v) % v, i % v]) + np.round(self.rng.normal(0.0, 1.0, 3))  # + round(N(0, 1))
         ijk = np.clip(ijk, 0, v - 1).astype(np.int64)
         return torch.full_like(voxel, int(ijk[0] * v * v + ijk[1] * v + ijk[2]))
 
@@ -606,7 +608,7 @@ class PEARLLearner(C2FARMLearner):
         super().__init__(agent, buffers, args, device)
         self.encoder = ContextEncoder(ACTION_FEATURES, args.latent_size).to(device)
         self.model = nn.ModuleDict({"agent": agent, "encoder": self.encoder})
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), args.learning_rate, weight_decay=args.weight_decay)
 
     def posterior(self, task_id: int):
         """(mu, var) of z from `context_size` of the task's `context_window` latest transitions,
@@ -760,7 +762,7 @@ def adapt(args: Args, learner: PEARLLearner, tasks: list, task_name: str, writer
                  save=save, stop=stop, loop=loop)
 
 
-# ------------------------------------------- TRY NOT TO MODIFY: checks and main (the rest of the plumbing: envs/rlbench.py)
+# ------------------------------------ TRY NOT TO MODIFY: checks and main (the rest of the plumbing: envs/rlbench.py)
 
 
 def check_args(args: Args) -> None:
