@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from envs.run_dir import use_bf16
 from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
     BACKEND_TASKS, LOWDIM_SIZE, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS,
-    ZOOM_HALF_WIDTH, TaskError, action_to_pose, check_c2farm_args, demo_chains, discover_keypoints, lowdim_state,
-    make_task, obs_tensors, pose_to_action, resume_loop, run_pretraining, to_tensors, voxel_centers, voxelize, zoom_in)
+    ZOOM_HALF_WIDTH, TaskError, action_to_pose, check_c2farm_args, demo_chains, discover_keypoints,
+    evaluate_success, lowdim_state, make_task, obs_tensors, pose_to_action, resume_loop, run_pretraining,
+    to_tensors, voxel_centers, voxelize, zoom_in)
 
 SCRIPT = os.path.basename(__file__)[:-3]  # the checkpoint's module
 METHOD = "pearl"  # the checkpoint's method
@@ -525,6 +526,10 @@ class C2FARMLearner:
             rot_grip = self.explore_rot_grip(rot_grip, strategy)
         return np.concatenate([voxels.cpu().numpy()[0], rot_grip])
 
+    def greedy_pose(self, obs, t: int, task_id: int) -> np.ndarray:
+        """The evaluation policy: the greedy action, as the 8-D next-best pose the task steps with."""
+        return self.agent.decode_action(self.act(obs, t, task_id, explore=False))
+
     def explore_voxel(self, voxel: torch.Tensor, strategy: str) -> torch.Tensor:
         """A perturbed voxel choice (batch of one), applied at each depth before the next zooms."""
         v = self.agent.voxels
@@ -651,26 +656,6 @@ class PEARLLearner(C2FARMLearner):
 # --------------------------------------------------------------------------- the loop
 
 
-def evaluate(tasks, learner: C2FARMLearner, args: Args, stop=None) -> tuple[float, int] | None:
-    """Greedy success rate over `eval_episodes` episodes of every task, and the episode count (None once `stop`
-    is set: a SIGINT / SIGTERM does not wait for a long evaluation)."""
-    successes = []
-    for task_id, task in enumerate(tasks):
-        for _ in range(args.eval_episodes):
-            if stop:
-                return None
-            _, obs = task.reset()
-            success = 0.0
-            for t in range(args.episode_length):
-                action = learner.act(obs, t, task_id, explore=False)
-                obs, reward, terminate = task.step(learner.agent.decode_action(action))
-                success = max(success, reward)
-                if terminate:
-                    break
-            successes.append(success)
-    return float(np.mean(successes)), len(successes)
-
-
 def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str], writer,
           log_eval: Callable | None = None, eval_every: int | None = None, save: Callable | None = None,
           stop=None, loop: dict | None = None) -> int:
@@ -694,7 +679,7 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
     while global_step < args.total_timesteps and not stop:
         # evaluate between episodes (evaluation resets the tasks): at step 0 and after every eval_every env steps
         if done and log_eval is not None and next_eval is not None and global_step >= next_eval:
-            result = evaluate(tasks, learner, args, stop)
+            result = evaluate_success(tasks, learner.greedy_pose, args.eval_episodes, args.episode_length, stop)
             if result is None:
                 break  # stopped: the checkpoint keeps this evaluation due
             log_eval(global_step, *result)
@@ -742,7 +727,7 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
                 and global_step < args.total_timesteps:
             save(global_step, where(), with_replay)
     if log_eval is not None and not stop:  # the last point of the curve
-        result = evaluate(tasks, learner, args, stop)
+        result = evaluate_success(tasks, learner.greedy_pose, args.eval_episodes, args.episode_length, stop)
         if result is not None:
             log_eval(global_step, *result)
     finished = not stop

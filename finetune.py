@@ -68,7 +68,8 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, or a pickle that needs code to load
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(f"cannot read checkpoint {path} (truncated, corrupt or unsafe file): {reason[:200]}") from None
+        raise FinetuneError(f"cannot read checkpoint {path} (truncated, corrupt or unsafe file): "
+                            f"{reason[:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format marker)")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
@@ -76,7 +77,8 @@ def load_checkpoint(path: str) -> dict:
         raise FinetuneError(f"checkpoint {path} lacks the entries {', '.join(missing)}")
     benchmark, module = ckpt["benchmark"], ckpt["module"]
     if not isinstance(benchmark, str) or not isinstance(module, str) or module not in KNOWN_MODULES.get(benchmark, ()):
-        raise FinetuneError(f"checkpoint {path} was written by an unknown script '{module}' for benchmark '{benchmark}'")
+        raise FinetuneError(f"checkpoint {path} was written by an unknown script '{module}' "
+                            f"for benchmark '{benchmark}'")
     if ckpt["method"] not in KNOWN_METHODS[benchmark]:
         raise FinetuneError(f"checkpoint {path} names the unknown method {ckpt['method']!r}: expected one of "
                             f"{', '.join(KNOWN_METHODS[benchmark])} for {benchmark}")
@@ -403,7 +405,8 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
     # The 10k-step budget and the evaluation every 1000 steps are ours (the paper's RLBench curves give
     # neither in env steps); both are flags. The replay is saved halfway (and at a stop) for --resume.
     args = script_args(module, ckpt, overrides, train_tasks=[opts.task], held_out_task=None, batch_size=60, demos=2,
-                       total_timesteps=10_000, replay_save_interval=5_000, output_dir=run.output_dir, resume=opts.resume)
+                       total_timesteps=10_000, replay_save_interval=5_000, output_dir=run.output_dir,
+                       resume=opts.resume)
     if args.backend not in c2f.BACKEND_TASKS:
         raise FinetuneError(f"unknown backend '{args.backend}': expected metaworld or rlbench")
     if opts.task not in c2f.BACKEND_TASKS[args.backend]:
@@ -432,13 +435,14 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
             loop = rlb.restore(learner, own, path) if own is not None else None
             if own is None and ckpt is not None:  # the pretrained weights (PEARL: the agent and its context encoder)
                 load_state(learner.model, ckpt["model"], opts.checkpoint, f"{'PEARL-' if pearl else ''}C2F-ARM agent")
-                if opts.load_encoder_only:  # keep the Q-attention encoders, re-initialise the Q outputs (paper appendix)
+                if opts.load_encoder_only:  # keep the Q-attention encoders, new Q outputs (paper appendix)
                     for net in agent.qnets:
                         net.reset_heads()
             run.open()  # the folder, its lock, eval.csv and TensorBoard: only now that every check has passed
             stop = run_dir.StopRequest()
             learner.buffers, exact = rlb.make_buffers(args, [opts.task], tasks, agent, module.ReplayBuffer,
-                                                      module.add_demos, stop, own and replay, own and own["global_step"])
+                                                      module.add_demos, stop, own and replay,
+                                                      own and own["global_step"])
             if loop is not None and not exact:
                 loop["done"] = True  # the episode in progress restarts
 
@@ -484,11 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint.pt written by one of the pretraining scripts")
     src.add_argument("--scratch", choices=sorted(BENCHMARKS), help="train a fresh network on BENCHMARK (the baseline)")
     parser.add_argument("--task", help="held-out task: Procgen level, Atari game, or RLBench/Meta-World task")
-    parser.add_argument("--output-dir", default=None, help="where eval.csv, logs and checkpoint.pt go (default runs/finetune_...)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where eval.csv, logs and checkpoint.pt go (default runs/finetune_...)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir (required) from its checkpoint.pt: pass the same "
                              "flags again; eval.csv and the TensorBoard log continue, the budget stays the same")
-    parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (default: the benchmark's)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="env steps between evaluations (default: the benchmark's)")
     parser.add_argument("--load-encoder-only", action="store_true",
                         help="Atari/RLBench: keep the pretrained encoder, re-initialise the heads (paper appendix); "
                              "Atari freezes it, unless --unfreeze-encoder-at N lets it train from step N")
@@ -561,7 +567,8 @@ def main(argv: list[str] | None = None) -> str:
                             "(Procgen fine-tunes the whole network; RL2 and PEARL adapt without gradients)")
     label = f"{ckpt['module']}[{ckpt['method']}]" if ckpt else f"scratch[{benchmark}]"
     method = ckpt["method"] if ckpt else "scratch"
-    output_dir = opts.output_dir or os.path.join("runs", f"finetune_{benchmark}_{method}_{opts.task}_{int(time.time())}")
+    default_dir = os.path.join("runs", f"finetune_{benchmark}_{method}_{opts.task}_{int(time.time())}")
+    output_dir = opts.output_dir or default_dir
     opts.output_dir = output_dir
     if opts.help:  # finetune.py's flags, then the base script's with the values this run would use
         build_parser().print_help()

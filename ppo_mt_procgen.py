@@ -267,7 +267,8 @@ class RolloutBuffer:
             next_obs = torch.from_numpy(raw_obs).to(self.obs.device)
             finished_all += finished
         last_value = policy.agent.get_value(next_obs)
-        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value, args.gamma, args.gae_lambda)
+        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value, args.gamma,
+                                          args.gae_lambda)
         batch = Batch(obs=self.obs.reshape(-1, 64, 64, 3), actions=self.actions.reshape(-1),
                       logprobs=self.logprobs.reshape(-1), values=self.values.reshape(-1),
                       advantages=advantages.reshape(-1), returns=returns.reshape(-1))
@@ -298,7 +299,8 @@ def ppo_loss(logratio: torch.Tensor, advantages: torch.Tensor, newvalue: torch.T
     return PPOLoss(loss, pg_loss, v_loss, entropy_loss)
 
 
-def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, generator: torch.Generator) -> dict:
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
+               generator: torch.Generator) -> dict:
     """Clipped-surrogate PPO over flat (B, ...) tensors for `update_epochs` epochs."""
     batch_size = batch.obs.shape[0]
     minibatch_size = batch_size // args.num_minibatches
@@ -444,10 +446,12 @@ def check_args(args: Args) -> int:
         raise SystemExit(f"error: --num-envs ({args.num_envs}) and --num-steps ({args.num_steps}) must be at least 1")
     batch_size = args.num_envs * args.num_steps
     if args.num_minibatches < 1 or batch_size % args.num_minibatches:
-        raise SystemExit(f"error: --num-envs x --num-steps ({batch_size}) must be divisible by --num-minibatches ({args.num_minibatches})")
+        raise SystemExit(f"error: --num-envs x --num-steps ({batch_size}) must be divisible by --num-minibatches "
+                         f"({args.num_minibatches})")
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
-        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+                         f"({batch_size} steps)")
     if args.save_every < 1:
         raise SystemExit(f"error: --save-every must be at least 1 iteration (got {args.save_every})")
     if not args.learning_rate > 0 or args.update_epochs < 1:

@@ -400,7 +400,8 @@ class RL2Rollout:
             self.dones[step] = meta_done.float()  # returns run across trials, stop at meta-episode ends
             finished_all += finished
         last_value = agent.get_action_and_value(*self._inputs())[3][0]
-        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value, args.gamma, args.gae_lambda)
+        advantages, returns = compute_gae(self.rewards, self.values, self.dones, last_value, args.gamma,
+                                          args.gae_lambda)
         batch = SequenceBatch(obs=self.obs, prev_actions=self.prev_actions, prev_rewards=self.prev_rewards,
                               trial_starts=self.trial_starts, resets=self.resets, initial_state=initial_state,
                               actions=self.actions, logprobs=self.logprobs, values=self.values,
@@ -638,7 +639,8 @@ def check_args(args: Args) -> int:
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     if num_iterations < 1:
-        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)")
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+                         f"({batch_size} steps)")
     if args.save_every < 1:
         raise SystemExit(f"error: --save-every must be at least 1 iteration (got {args.save_every})")
     if not args.learning_rate > 0 or args.update_epochs < 1:

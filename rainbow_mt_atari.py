@@ -408,7 +408,8 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
     exact = (lower == upper).to(next_probs.dtype)
     offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
     target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
-    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
+    target.index_add_(0, (lower.long() + offset).view(-1),
+                      (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
     target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))  # m_u += p (b - l)
     return target.view_as(next_probs)
 
@@ -440,18 +441,9 @@ def optimize(q_network: QNetwork, target_network: QNetwork, optimizer: torch.opt
     importance = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
     optimizer.zero_grad()
     (importance * losses).mean().backward()
-    clip_gradients(list(q_network.parameters()), args.max_grad_norm)
+    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)  # one L2 norm over all gradients
     optimizer.step()
     return losses.detach()
-
-
-def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
-    """nn.utils.clip_grad_norm_, without its rescaling pass when the norm is under the cap (most
-    steps): the same gradients, one pass over them fewer. Frozen parameters (no grad) are skipped."""
-    params = [p for p in params if p.grad is not None]
-    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
-    if grad_norm > max_norm:
-        nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
 
 
 # --------------------------------------------------------------------------- ALGO LOGIC: acting and the loop
@@ -466,23 +458,13 @@ def act(q_network: QNetwork, obs: np.ndarray, device, weights: dict | None = Non
 
 @torch.no_grad()
 def evaluate(q_network: QNetwork, game: str, args: Args, num_actions: int, device, seed: int) -> list[float]:
-    """DER protocol: real game over, unclipped scores, epsilon 0.001, mean weights (no noise)."""
-    env = atari.make_env(game, seed, num_actions, False, args.max_noops, args.eval_max_steps)
-    rng = np.random.default_rng(seed)
+    """DER's evaluation protocol (envs/atari.py `evaluate_policy`) with the mean weights: no noise."""
     was_training = q_network.training
     q_network.eval()
     weights = step_weights(q_network) if args.speed_form else None
-    returns = []
-    for _ in range(args.eval_episodes):
-        obs, _ = env.reset()
-        while True:
-            a = rng.integers(num_actions) if rng.random() < args.eval_epsilon else act(q_network, obs, device, weights)
-            obs, _, terminated, truncated, info = env.step(a)
-            if terminated or truncated:
-                returns.append(info["episode"]["r"])
-                break
+    scores = atari.evaluate_policy(lambda obs: act(q_network, obs, device, weights), game, args, num_actions, seed)
     q_network.train(was_training)
-    return returns
+    return scores
 
 
 def train(args: Args, games: list[str], q_network: QNetwork | None = None, method: str = "mt", writer=None,
@@ -649,11 +631,7 @@ def fast_forward(q_network: QNetwork, obs: torch.Tensor, weights: dict) -> torch
 
 def check_args(args: Args, num_games: int) -> None:
     """One-line errors for settings that cannot run."""
-    for name in ("total_timesteps", "batch_size", "games_per_batch", "n_step", "target_network_frequency",
-                 "replay_ratio", "save_every", "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    atari.check_der_args(args, num_games)
+    atari.check_der_args(args, num_games, at_least_one=("games_per_batch", "replay_ratio"))
     if args.unfreeze_encoder_at is not None and not args.freeze_encoder:
         sys.exit("error: --unfreeze-encoder-at needs a frozen encoder (finetune.py --load-encoder-only)")
     if args.unfreeze_encoder_at is not None and args.unfreeze_encoder_at < 1:

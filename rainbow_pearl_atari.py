@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from envs import atari
 from envs.atari import FULL_ACTIONS, REPLAY
-from envs.run_dir import CHECKPOINT, StopRequest, set_rng_state, use_bf16
+from envs.run_dir import CHECKPOINT, StopRequest, use_bf16
 
 MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module name, also when run as __main__
 
@@ -480,7 +480,8 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
     exact = (lower == upper).to(next_probs.dtype)
     offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
     target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
-    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
+    target.index_add_(0, (lower.long() + offset).view(-1),
+                      (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
     target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))  # m_u += p (b - l)
     return target.view_as(next_probs)
 
@@ -526,18 +527,9 @@ def optimize(agent: PearlAgent, target_network: QNetwork, optimizer: torch.optim
     importance = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
     optimizer.zero_grad()
     pearl_loss(ce, kl, importance, args.kl_weight).backward()
-    clip_gradients(list(agent.parameters()), args.max_grad_norm)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)  # one L2 norm over all gradients
     optimizer.step()
     return ce.detach(), kl.mean().detach()
-
-
-def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
-    """nn.utils.clip_grad_norm_, without its rescaling pass when the norm is under the cap (most
-    steps): the same gradients, one pass over them fewer. Frozen parameters (no grad) are skipped."""
-    params = [p for p in params if p.grad is not None]
-    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
-    if grad_norm > max_norm:
-        nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
 
 
 # --------------------------------------------------------------------------- ALGO LOGIC: acting and the loop
@@ -559,26 +551,6 @@ def infer_z(agent: PearlAgent, buffer: ContextReplayBuffer | None, args: Args, d
 def act(agent: PearlAgent, obs: np.ndarray, z: torch.Tensor, device) -> int:
     """argmax_a Q(s, z, a) with the network's current (noisy, in train mode) weights."""
     return int(agent.q.q_values(torch.as_tensor(obs, device=device)[None], z).argmax(1).item())
-
-
-def evaluate(agent: PearlAgent, z: torch.Tensor, game: str, args: Args, num_actions: int, device,
-             seed: int) -> list[float]:
-    """DER protocol with a fixed z: real game over, unclipped scores, epsilon 0.001, no noise."""
-    env = atari.make_env(game, seed, num_actions, False, args.max_noops, args.eval_max_steps)
-    rng = np.random.default_rng(seed)
-    was_training = agent.training
-    agent.eval()
-    returns = []
-    for _ in range(args.eval_episodes):
-        obs, _ = env.reset()
-        while True:
-            a = rng.integers(num_actions) if rng.random() < args.eval_epsilon else act(agent, obs, z, device)
-            obs, _, terminated, truncated, info = env.step(a)
-            if terminated or truncated:
-                returns.append(info["episode"]["r"])
-                break
-    agent.train(was_training)
-    return returns
 
 
 def train(args: Args, games: list[str], writer=None) -> PearlAgent:
@@ -694,7 +666,8 @@ def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=Non
 
     def run_eval(step: int) -> None:
         z_mean = infer_z(agent, buffer, args, device, sample=False)
-        scores = evaluate(agent, z_mean, game, args, num_actions, device, seed=args.seed + 10_000 + step)
+        scores = atari.evaluate_policy(lambda obs: act(agent, obs, z_mean, device), game, args, num_actions,
+                                       seed=args.seed + 10_000 + step)  # DER's protocol with z fixed
         curve.append((step, float(np.mean(scores))))
         if log_eval is not None:
             log_eval(step, float(np.mean(scores)), len(scores))
@@ -706,7 +679,8 @@ def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=Non
     z = infer_z(agent, None, args, device)
     start_step = 0
     if resume is not None:  # where the stopped adaptation stood: env, context buffer, z, random states
-        start_step, obs, z = restore_adaptation(resume, args, env, buffer, device)
+        start_step, obs, state = atari.restore_adaptation(resume, args.output_dir, env, [buffer])
+        z = state["z"].to(device)
     start_time = time.time()
     for global_step in range(start_step + 1, args.total_timesteps + 1):
         action = act(agent, obs, z, device)
@@ -763,27 +737,12 @@ def encode(encoder: Encoder, obs: torch.Tensor, speed_form: bool, bf16: bool) ->
     return fast_encoder(obs, encoder_weights(encoder, dtype)).float()
 
 
-# --------------------------------------------------------------------------- TRY NOT TO MODIFY: resume, flag checks
-
-
-def restore_adaptation(ckpt: dict, args: Args, env: atari.AtariEnv, buffer: ContextReplayBuffer,
-                       device) -> tuple[int, np.ndarray, torch.Tensor]:
-    """--resume of `adapt`: the env, the context buffer, z and the random states; returns (env step, observation, z)."""
-    state = ckpt["resume"]
-    env.set_state(state["env"])
-    atari.load_replay(os.path.join(args.output_dir, REPLAY), [buffer], ckpt["global_step"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["global_step"], state["obs"].numpy(), state["z"].to(device)
+# --------------------------------------------------------------------------- TRY NOT TO MODIFY: flag checks
 
 
 def check_args(args: Args, num_games: int) -> None:
     """One-line errors for settings that cannot run."""
-    for name in ("total_timesteps", "batch_size", "games_per_batch", "n_step", "target_network_frequency",
-                 "save_every", "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads", "latent_size",
-                 "context_size"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    atari.check_der_args(args, num_games)
+    atari.check_der_args(args, num_games, at_least_one=("games_per_batch", "latent_size", "context_size"))
     if args.context_window < args.context_size:
         sys.exit(f"error: --context-window ({args.context_window}) must hold --context-size "
                  f"({args.context_size}) transitions")

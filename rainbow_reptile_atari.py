@@ -25,7 +25,6 @@ against the plain modules). The environment and the run's plumbing are envs/atar
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -397,7 +396,8 @@ def project_distribution(next_probs: torch.Tensor, returns: torch.Tensor, discou
     exact = (lower == upper).to(next_probs.dtype)
     offset = (torch.arange(next_probs.shape[0], device=b.device) * atoms)[:, None]
     target = torch.zeros(next_probs.numel(), dtype=next_probs.dtype, device=next_probs.device)
-    target.index_add_(0, (lower.long() + offset).view(-1), (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
+    target.index_add_(0, (lower.long() + offset).view(-1),
+                      (next_probs * (upper - b + exact)).view(-1))  # m_l += p (u - b)
     target.index_add_(0, (upper.long() + offset).view(-1), (next_probs * (b - lower)).view(-1))  # m_u += p (b - l)
     return target.view_as(next_probs)
 
@@ -429,18 +429,9 @@ def optimize(q_network: QNetwork, target_network: QNetwork, optimizer: torch.opt
     importance = torch.as_tensor(batch.weights, dtype=torch.float32, device=device)
     optimizer.zero_grad()
     (importance * losses).mean().backward()
-    clip_gradients(list(q_network.parameters()), args.max_grad_norm)
+    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)  # one L2 norm over all gradients
     optimizer.step()
     return losses.detach()
-
-
-def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
-    """nn.utils.clip_grad_norm_, without its rescaling pass when the norm is under the cap (most
-    steps): the same gradients, one pass over them fewer. Frozen parameters (no grad) are skipped."""
-    params = [p for p in params if p.grad is not None]
-    grad_norm = nn.utils.get_total_norm([p.grad for p in params])
-    if grad_norm > max_norm:
-        nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
 
 
 def reptile_step(q_network: nn.Module, theta: list[torch.Tensor], eps: float) -> None:
@@ -452,7 +443,8 @@ def reptile_step(q_network: nn.Module, theta: list[torch.Tensor], eps: float) ->
 
 def reptile_eps(args: Args, global_step: int) -> float:
     """Linear schedule from reptile_eps_start (at learning_starts) to reptile_eps_end (at the end)."""
-    frac = min(1.0, max(0.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)))
+    progress = (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts)
+    frac = min(1.0, max(0.0, progress))
     return args.reptile_eps_start + frac * (args.reptile_eps_end - args.reptile_eps_start)
 
 
@@ -609,11 +601,7 @@ def fast_forward(q_network: QNetwork, obs: torch.Tensor, weights: dict) -> torch
 
 def check_args(args: Args, num_games: int) -> None:
     """One-line errors for settings that cannot run."""
-    for name in ("total_timesteps", "batch_size", "reptile_k", "n_step", "target_network_frequency", "save_every",
-                 "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    atari.check_der_args(args, num_games)
+    atari.check_der_args(args, num_games, at_least_one=("reptile_k",))
 
 
 if __name__ == "__main__":

@@ -223,7 +223,8 @@ def build_grid(study: dict) -> list[Run]:
                 for s in g["adapt_seeds"]:
                     flags = merged({"--scratch": (bench,), "--task": (task,)}, adapt_flags, scratch_flags,
                                    _demos(demos), {"--seed": (str(s),)})
-                    adapts.append(Run("adapt", bench, "scratch", "", "", task, demos, int(s), scripts["finetune"], flags))
+                    adapts.append(Run("adapt", bench, "scratch", "", "", task, demos, int(s), scripts["finetune"],
+                                      flags))
     runs = pretrains + adapts
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
@@ -627,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--spec", help="a study spec TOML other than studies/<benchmark>.toml")
     run.add_argument("--study-dir", required=True, help="where study.toml, results.csv and runs/ go")
     run.add_argument("--executor", choices=["local", "ray"], default="local")
-    run.add_argument("--workers", type=int, help="runs at once (default: cores / cpus per run, or GPUs x --runs-per-gpu)")
+    run.add_argument("--workers", type=int,
+                     help="runs at once (default: cores / cpus per run, or GPUs x --runs-per-gpu)")
     run.add_argument("--cpus-per-run", type=int, help="threads per run (default: the preset's cpus_per_run, else 1)")
     run.add_argument("--gpus", type=int, help="local: how many GPUs to use (default: all visible; 0: none)")
     run.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing one GPU (Ray: num_gpus = 1/N)")

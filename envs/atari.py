@@ -39,6 +39,7 @@ import random
 import re
 import signal
 import sys
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -277,6 +278,28 @@ class MultiGameEnv(gym.Env):
             env.set_state(env_state)
 
 
+# --------------------------------------------------------------------------- the evaluation protocol
+
+
+def evaluate_policy(policy: Callable[[np.ndarray], int], game: str, args, num_actions: int, seed: int) -> list[float]:
+    """DER's evaluation (van Hasselt et al. 2019; the authors' --eval_eps 0.001): `args.eval_episodes`
+    episodes of `game` played to the real game over (no life loss), capped at `args.eval_max_steps` agent
+    steps, a random action with probability `args.eval_epsilon`, else `policy(obs)`. Returns the
+    unclipped scores."""
+    env = make_env(game, seed, num_actions, False, args.max_noops, args.eval_max_steps)
+    rng = np.random.default_rng(seed)
+    returns = []
+    for _ in range(args.eval_episodes):
+        obs, _ = env.reset()
+        while True:
+            action = rng.integers(num_actions) if rng.random() < args.eval_epsilon else policy(obs)
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                returns.append(info["episode"]["r"])
+                break
+    return returns
+
+
 # --------------------------------------------------------------------------- TRY NOT TO MODIFY: running a DER script
 # Plumbing shared by the three scripts (rainbow_{mt,reptile,pearl}_atari.py), not the algorithm: flag
 # checks, seeds, the output folder, checkpoints, the replay file and the background evaluation.
@@ -288,9 +311,11 @@ REPLAY_FIELDS = ("frames", "actions", "rewards", "dones", "timesteps")  # a Repl
 RESUME_FREE = run_dir.RESUME_FREE | {"exp_name", "save_replay_every"}
 
 
-def check_der_args(args, num_games: int) -> None:
-    """The checks every DER script shares (one-line errors)."""
-    for name in ("hidden_size", "max_episode_steps"):
+def check_der_args(args, num_games: int, at_least_one: tuple[str, ...] = ()) -> None:
+    """The checks every DER script shares, and that the script's `at_least_one` flags are (one-line errors)."""
+    for name in ("total_timesteps", "batch_size", "n_step", "target_network_frequency", "save_every",
+                 "save_replay_every", "eval_episodes", "eval_max_steps", "torch_threads", "hidden_size",
+                 "max_episode_steps") + at_least_one:
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if not args.learning_rate > 0:
@@ -412,6 +437,16 @@ def restore_run(ckpt: dict, args, model: torch.nn.Module, target_network: torch.
     run_dir.set_rng_state(ckpt["rng"])
     return step, state["obs"].numpy(), state["learning_starts"] if replayed else step + args.learning_starts
 
+
+def restore_adaptation(ckpt: dict, output_dir: str, env: AtariEnv, buffers: list) -> tuple[int, np.ndarray, dict]:
+    """--resume of an adaptation that takes no gradient step (rainbow_pearl_atari.adapt): the env,
+    replay.npz into `buffers`, the random states; returns (env step, observation, the checkpoint's
+    "resume" state)."""
+    state = ckpt["resume"]
+    env.set_state(state["env"])
+    load_replay(os.path.join(output_dir, REPLAY), buffers, ckpt["global_step"])
+    run_dir.set_rng_state(ckpt["rng"])
+    return ckpt["global_step"], state["obs"].numpy(), state
 
 def save_replay(path: str, buffers: list, global_step: int, fields: tuple[str, ...] = REPLAY_FIELDS) -> None:
     """Replay buffers (each its `fields` arrays up to its size, its sum tree's levels, counters and

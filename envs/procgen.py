@@ -115,7 +115,8 @@ class ProcgenVecEnv:
         self.lengths += 1
         finished = []
         for i in np.flatnonzero(done):
-            finished.append(Episode(int(i), float(self.returns[i]), int(self.lengths[i]), int(infos[i]["prev_level_seed"])))
+            level = int(infos[i]["prev_level_seed"])
+            finished.append(Episode(int(i), float(self.returns[i]), int(self.lengths[i]), level))
         self.returns[done] = 0
         self.lengths[done] = 0
         self.level_seeds[:] = [info["level_seed"] for info in infos]
@@ -294,15 +295,17 @@ def make_writer(args, run_name: str, resume_step: Optional[int] = None):
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(args.output_dir, purge_step=None if resume_step is None else resume_step + 1)
     if resume_step is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return writer
 
 
-def save_checkpoint(path: str, script: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args, global_step: int,
-                    method: str, train_tasks: list, resume: dict) -> None:
+def save_checkpoint(path: str, script: str, model: dict, optimizer: Optional[torch.optim.Optimizer], args,
+                    global_step: int, method: str, train_tasks: list, resume: dict) -> None:
     """Atomic save (this process's temporary file, then a rename) of plain values and tensors only
-    (weights_only-loadable). `script`: the module that wrote it; `model`: the state dict finetune.py adapts; `resume`: what --resume needs
-    beyond it, the optimizer and the random states (the loop's counters, env states, ...)."""
+    (weights_only-loadable). `script`: the module that wrote it; `model`: the state dict finetune.py adapts;
+    `resume`: what --resume needs beyond it, the optimizer and the random states (the loop's counters, env
+    states, ...)."""
     ckpt = {
         "format": "finetune-vs-meta-rl",
         "format_version": 1,

@@ -357,6 +357,28 @@ def collect_demos(task, args):
                           frames=lambda demo: demo_frames(demo, args.demo_augmentation_every, args.backend))
 
 
+
+def evaluate_success(tasks: list, policy: Callable, episodes: int, episode_length: int,
+                     stop=None) -> tuple[float, int] | None:
+    """The benchmark's measure: the success rate of `policy(obs, t, task_id)` (an 8-D next-best pose) over
+    `episodes` episodes of every task, each up to `episode_length` poses and a success if any step's reward
+    is 1; returns it with the episode count (None once `stop` is set: a SIGINT / SIGTERM does not wait for a
+    long evaluation)."""
+    successes = []
+    for task_id, task in enumerate(tasks):
+        for _ in range(episodes):
+            if stop:
+                return None
+            _, obs = task.reset()
+            success = 0.0
+            for t in range(episode_length):
+                obs, reward, terminate = task.step(policy(obs, t, task_id))
+                success = max(success, reward)
+                if terminate:
+                    break
+            successes.append(success)
+    return float(np.mean(successes)), len(successes)
+
 # --------------------------------------------------------------------------- Meta-World stand-in
 
 
@@ -404,7 +426,8 @@ class MetaWorldTask:
         self.workspace = (np.array(self.env.mocap_low), np.array(self.env.mocap_high))
         self.renderer = mujoco.Renderer(m, image_size, image_size)
         # cheap rendering: no shadows, reflections or skybox (about 5x faster on the CPU)
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
+        flags = mujoco.mjtRndFlag
+        for flag in (flags.mjRND_SHADOW, flags.mjRND_REFLECTION, flags.mjRND_SKYBOX):
             self.renderer.scene.flags[flag] = 0
         self.camera = mujoco.MjvCamera()
         self.camera.type = mujoco.mjtCamera.mjCAMERA_FREE
@@ -766,7 +789,8 @@ def make_writer(args, run_dir: str, purge_step: int | None = None):
                    config=vars(args), name=os.path.basename(run_dir), save_code=True)
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     if purge_step is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return writer
 
 

@@ -2,6 +2,7 @@
 
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,3 +124,13 @@ def test_env_state_continues_the_same_episodes_in_a_new_env(tmp_path):
     expected = play(env)
     assert play(other) == expected
     assert sum(len(x) == 2 for x in expected) >= 2  # resets happened after the state was taken
+
+
+def test_evaluation_protocol_acts_epsilon_greedy_until_the_step_cap():
+    args = SimpleNamespace(eval_episodes=2, eval_max_steps=30, eval_epsilon=0.0, max_noops=0)
+    seen = []
+    scores = atari.evaluate_policy(lambda obs: seen.append(obs.shape) or 0, "Pong", args, 6, seed=1)
+    assert len(scores) == 2 and seen == [(4, 84, 84)] * 60  # a Pong game lasts far longer than 30 steps
+    args.eval_epsilon = 1.0  # every action random: the policy is never asked
+    assert len(atari.evaluate_policy(lambda obs: seen.append(1) or 0, "Pong", args, 6, seed=1)) == 2
+    assert len(seen) == 60
