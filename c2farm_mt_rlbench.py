@@ -388,8 +388,6 @@ def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args, rng: np.ra
     return added
 
 
-
-
 # --------------------------------------------------------------------------- ALGO LOGIC: the learner
 
 

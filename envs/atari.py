@@ -448,6 +448,7 @@ def restore_adaptation(ckpt: dict, output_dir: str, env: AtariEnv, buffers: list
     run_dir.set_rng_state(ckpt["rng"])
     return ckpt["global_step"], state["obs"].numpy(), state
 
+
 def save_replay(path: str, buffers: list, global_step: int, fields: tuple[str, ...] = REPLAY_FIELDS) -> None:
     """Replay buffers (each its `fields` arrays up to its size, its sum tree's levels, counters and
     generator) in one compressed .npz with `run_dir.save_arrays`: a crash never leaves half a file.
@@ -520,7 +521,8 @@ class Evaluator:
             import multiprocessing
 
             self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                               initializer=evaluation_worker_init)
+                                                               initializer=evaluation_worker_init,
+                                                               initargs=(os.getpid(),))
 
     def run(self, step: int, q_network: torch.nn.Module, snapshot: dict[str, np.ndarray] | None = None) -> None:
         """Evaluate q_network at env step `step`; or the network of `snapshot` (its state dict as arrays:
@@ -600,12 +602,15 @@ def evaluate_snapshot(network_class, evaluate, state: dict[str, np.ndarray], bf1
     return evaluate(q_network, game, args, num_actions, torch.device("cpu"), seed)
 
 
-def evaluation_worker_init() -> None:
+def evaluation_worker_init(learner_pid: int) -> None:
     """In the evaluation process: SIGINT and SIGTERM are the learner's to handle (it stops this process),
-    and the process dies with the learner however that ends (Linux prctl PR_SET_PDEATHSIG)."""
+    and the process dies with the learner however that ends (Linux prctl PR_SET_PDEATHSIG), also when
+    the learner died before this ran (a kill -9 while the process was starting: no signal would come)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass  # not Linux: `terminate` still stops it on every exit path of train()
+        return  # not Linux: `terminate` still stops it on every exit path of train()
+    if os.getppid() != learner_pid:  # orphaned already: the learner is gone
+        os._exit(1)

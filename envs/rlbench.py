@@ -357,7 +357,6 @@ def collect_demos(task, args):
                           frames=lambda demo: demo_frames(demo, args.demo_augmentation_every, args.backend))
 
 
-
 def evaluate_success(tasks: list, policy: Callable, episodes: int, episode_length: int,
                      stop=None) -> tuple[float, int] | None:
     """The benchmark's measure: the success rate of `policy(obs, t, task_id)` (an 8-D next-best pose) over
@@ -378,6 +377,7 @@ def evaluate_success(tasks: list, policy: Callable, episodes: int, episode_lengt
                     break
             successes.append(success)
     return float(np.mean(successes)), len(successes)
+
 
 # --------------------------------------------------------------------------- Meta-World stand-in
 

@@ -1,6 +1,7 @@
 """envs/atari.py: the DER preprocessing, action padding, game names and sets, the multi-game env."""
 
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -134,3 +135,15 @@ def test_evaluation_protocol_acts_epsilon_greedy_until_the_step_cap():
     args.eval_epsilon = 1.0  # every action random: the policy is never asked
     assert len(atari.evaluate_policy(lambda obs: seen.append(1) or 0, "Pong", args, 6, seed=1)) == 2
     assert len(seen) == 60
+
+
+def test_an_evaluation_process_whose_learner_is_already_gone_exits_at_once():
+    """kill -9 of the learner while its evaluation process starts: PR_SET_PDEATHSIG comes too late to
+    fire, so the process checks that its parent is still the learner (else it would wait forever)."""
+    code = "import sys; from envs import atari; atari.evaluation_worker_init(int(sys.argv[1])); print('alive')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    orphan = subprocess.run([sys.executable, "-c", code, "-1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert (orphan.returncode, orphan.stdout) == (1, "")  # -1: not its parent
+    child = subprocess.run([sys.executable, "-c", code, str(os.getpid())], cwd=root, capture_output=True, text=True,
+                           timeout=300)
+    assert (child.returncode, child.stdout) == (0, "alive\n")
