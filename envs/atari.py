@@ -318,8 +318,9 @@ def check_der_args(args, num_games: int, at_least_one: tuple[str, ...] = ()) -> 
                  "max_episode_steps") + at_least_one:
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if not args.learning_rate > 0:
-        sys.exit(f"error: --learning-rate must be above 0 (got {args.learning_rate})")
+    for name in ("learning_rate", "adam_eps", "max_grad_norm"):  # a cap <= 0 would zero or flip the gradients
+        if not getattr(args, name) > 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be above 0 (got {getattr(args, name)})")
     for name in ("learning_starts", "max_noops"):
         if getattr(args, name) < 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be at least 0 (got {getattr(args, name)})")

@@ -723,6 +723,8 @@ def test_resume_with_other_settings_is_a_one_line_error(tmp_path):
     ("rainbow_pearl_atari.py", ["--total-timesteps", "0"], "error: --total-timesteps must be at least 1 (got 0)"),
     ("rainbow_pearl_atari.py", ["--gamma", "1.5"], "error: --gamma must be between 0 and 1 (got 1.5)"),
     ("rainbow_mt_atari.py", ["--learning-rate", "-1"], "error: --learning-rate must be above 0 (got -1.0)"),
+    ("rainbow_pearl_atari.py", ["--max-grad-norm", "0"], "error: --max-grad-norm must be above 0 (got 0.0)"),
+    ("rainbow_reptile_atari.py", ["--adam-eps", "-1e-4"], "error: --adam-eps must be above 0 (got -0.0001)"),
     ("rainbow_mt_atari.py", ["--resume"], "error: --resume needs --output-dir: the directory of the run to continue"),
     ("rainbow_pearl_atari.py", ["--resume", "--output-dir", "{tmp}/none"],
      "error: --resume: --output-dir {tmp}/none holds no checkpoint.pt to continue from"),
