@@ -33,8 +33,8 @@ from envs.run_dir import use_bf16
 from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
     BACKEND_TASKS, LOWDIM_SIZE, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS,
     ZOOM_HALF_WIDTH, TaskError, action_to_pose, check_c2farm_args, demo_chains, discover_keypoints,
-    evaluate_success, lowdim_state, make_task, obs_tensors, pose_to_action, resume_loop, run_pretraining,
-    to_tensors, voxelize, zoom_in)
+    evaluate_success, log_episode, log_progress, lowdim_state, make_task, obs_tensors, pose_to_action, resume_loop,
+    run_pretraining, to_tensors, voxelize, zoom_in)
 
 SCRIPT = os.path.basename(__file__)[:-3]  # the checkpoint's module
 METHOD = "mt"  # the checkpoint's method
@@ -232,14 +232,6 @@ class QAttentionNet(nn.Module):
             features = [torch.cat([spatial_softmax(h), h.amax((2, 3, 4))], 1) for h in (d0, d1, d2, f1)]
             rot_grip = self.rot_grip(torch.cat(features, 1))  # 4k + 8k + 16k + 4k = 32k features
         return q, rot_grip
-
-    def reset_heads(self):
-        """Re-initialise the Q outputs (finetune.py --load-encoder-only)."""
-        _init(self.q_trans, activation=False)
-        if self.rot_grip is not None:
-            for block in self.rot_grip[:-1]:
-                _init(block[0], activation=True)
-            _init(self.rot_grip[-1], activation=False)
 
 
 class C2FARM(nn.Module):
@@ -600,20 +592,11 @@ def train(args: Args, learner: C2FARMLearner, tasks: list, task_names: list[str]
 
         # TRY NOT TO MODIFY: log, save
         if global_step % 10 == 0:
-            for k, v in logs.items():
-                writer.add_scalar(k, float(v), global_step)
-            sps = (global_step - first_step) / (time.time() - start)  # env steps/s, updates and evaluations included
-            writer.add_scalar("charts/SPS", sps, global_step)
-            print(f"global_step={global_step} SPS={sps:.2f}", flush=True)
+            log_progress(writer, logs, global_step, (global_step - first_step) / (time.time() - start))
         if done:
             episode += 1
             successes.append(success)
-            rate = float(np.mean(successes[-20:]))
-            writer.add_scalar("charts/episodic_return", success, global_step)
-            writer.add_scalar(f"charts/success/{task_names[task_id]}", success, global_step)
-            writer.add_scalar("charts/success_rate", rate, global_step)
-            print(f"global_step={global_step} task={task_names[task_id]} episodic_return={success:.0f} "
-                  f"success_rate(last 20)={rate:.2f}", flush=True)
+            log_episode(writer, global_step, task_names[task_id], successes)
         with_replay = args.replay_save_interval > 0 and global_step % args.replay_save_interval == 0
         if save is not None and (global_step % args.checkpoint_interval == 0 or with_replay) \
                 and global_step < args.total_timesteps:

@@ -390,6 +390,17 @@ def is_rlbench_task(task: str) -> bool:
     return any(task in tasks for tasks in BACKEND_TASKS.values())
 
 
+def reset_q_heads(module, net: torch.nn.Module) -> None:
+    """--load-encoder-only: one depth's Q-attention network keeps its encoder, and its Q outputs (the
+    voxel head; at the last depth also the rotation and gripper head) start anew, initialised as the
+    C2F-ARM script `module` initialises them (its `_init`)."""
+    module._init(net.q_trans, activation=False)
+    if net.rot_grip is not None:
+        for block in net.rot_grip[:-1]:
+            module._init(block[0], activation=True)
+        module._init(net.rot_grip[-1], activation=False)
+
+
 def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: list[str], run: Run) -> None:
     """MT/Reptile/scratch: C2F-ARM (the MT script's learner and loop) on the new task, whose
     buffer holds `--demos` demos (paper: 0, 1 or 2), batch 60 from it. PEARL: infer the latent
@@ -437,7 +448,7 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
                 load_state(learner.model, ckpt["model"], opts.checkpoint, f"{'PEARL-' if pearl else ''}C2F-ARM agent")
                 if opts.load_encoder_only:  # keep the Q-attention encoders, new Q outputs (paper appendix)
                     for net in agent.qnets:
-                        net.reset_heads()
+                        reset_q_heads(module, net)
             run.open()  # the folder, its lock, eval.csv and TensorBoard: only now that every check has passed
             stop = run_dir.StopRequest()
             learner.buffers, exact = rlb.make_buffers(args, [opts.task], tasks, agent, module.ReplayBuffer,

@@ -549,10 +549,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
             # TRY NOT TO MODIFY: logging, evaluation, checkpoints
             evaluator.share_cores()
             if global_step % 1000 == 0 or global_step == args.total_timesteps:
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                print(f"global_step={global_step}, SPS={sps}, "
-                      f"update share={update_time / (time.time() - start_time):.2f}", flush=True)
-                writer.add_scalar("charts/SPS", sps, global_step)
+                atari.log_speed(writer, global_step, start_step, start_time, update_time)
                 evaluator.log_finished()
             if (eval_every and global_step % eval_every == 0) or global_step == args.total_timesteps:
                 evaluator.run(global_step, q_network)

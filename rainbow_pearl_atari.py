@@ -4,22 +4,20 @@ Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-re
 Learning" (NeurIPS 2022), Sec. 5.3, PEARL-Rainbow; PEARL: Rakelly et al. 2019. A context encoder
 maps each of a few recent transitions of one game to a Gaussian factor over a latent z (size 32);
 the factors multiply into the posterior q(z | c), pulled toward N(0, I) by a KL term added
-unweighted, as in the authors' agent_pearl.py:
+unweighted, as in the authors' agent_pearl.py (CE_i: sample i's C51 loss, w_i its importance
+weight, c_g(i) the context of its game):
 
     loss = mean_i w_i * (CE_i + KL(q(z | c_g(i)) || N(0, I)))
 
-(CE_i: sample i's C51 loss, w_i its importance weight, c_g(i) the context of its game). The
-dueling C51 heads see [conv features, z]. Data collection samples z from the current game's
-posterior at every episode start. `adapt` (finetune.py calls it) takes no gradient step: it plays
-the held-out game, infers z from that experience, and evaluates with the posterior mean.
+The dueling C51 heads see [conv features, z]; each episode starts with z sampled from the game's
+posterior. `adapt` (finetune.py) takes no gradient step: it plays the held-out game, infers z
+from that experience, and evaluates with the posterior mean.
 
     python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
     python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # adapt: infer z, no gradient
 
-The DER pieces are copies of rainbow_mt_atari.py's (a test keeps them identical). Below the loop,
-marked TRY NOT TO MODIFY: the encoder's speed form (tested against the plain modules). The
-environment and the run's plumbing are envs/atari.py; details in docs/atari.md.
-"""
+The DER pieces are rainbow_mt_atari.py's (a test keeps them identical); the environment and the
+plumbing are envs/atari.py (details: docs/atari.md)."""
 
 from __future__ import annotations
 
@@ -621,10 +619,7 @@ def train(args: Args, games: list[str], writer=None) -> PearlAgent:
 
         # TRY NOT TO MODIFY: logging and checkpoints
         if global_step % 1000 == 0 or global_step == args.total_timesteps:
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
-                  flush=True)
-            writer.add_scalar("charts/SPS", sps, global_step)
+            atari.log_speed(writer, global_step, start_step, start_time, update_time)
         stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
         replay = stopping or global_step % args.save_replay_every == 0
         if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:

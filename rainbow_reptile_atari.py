@@ -530,10 +530,7 @@ def train(args: Args, games: list[str], writer=None) -> QNetwork:
 
         # TRY NOT TO MODIFY: logging and checkpoints
         if global_step % 1000 == 0 or global_step == args.total_timesteps:
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            print(f"global_step={global_step}, SPS={sps}, update share={update_time / (time.time() - start_time):.2f}",
-                  flush=True)
-            writer.add_scalar("charts/SPS", sps, global_step)
+            atari.log_speed(writer, global_step, start_step, start_time, update_time)
         stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
         replay = stopping or global_step % args.save_replay_every == 0
         if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:

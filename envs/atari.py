@@ -39,6 +39,7 @@ import random
 import re
 import signal
 import sys
+import time
 from typing import Callable
 
 import gymnasium as gym
@@ -396,6 +397,14 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def log_speed(writer, global_step: int, start_step: int, start_time: float, update_time: float) -> None:
+    """Env steps per second since the run (re)started, and the share of that time spent in updates."""
+    elapsed = time.time() - start_time
+    sps = int((global_step - start_step) / elapsed)
+    print(f"global_step={global_step}, SPS={sps}, update share={update_time / elapsed:.2f}", flush=True)
+    writer.add_scalar("charts/SPS", sps, global_step)
 
 
 def save_checkpoint(path: str, module: str, args, model: torch.nn.Module, optimizer, global_step: int, method: str,

@@ -794,6 +794,24 @@ def make_writer(args, run_dir: str, purge_step: int | None = None):
     return writer
 
 
+def log_progress(writer, logs: dict, global_step: int, sps: float) -> None:
+    """The update's latest losses and the speed (env steps/s, updates and evaluations included)."""
+    for k, v in logs.items():
+        writer.add_scalar(k, float(v), global_step)  # tensors until here: read only when logged (no host sync)
+    writer.add_scalar("charts/SPS", sps, global_step)
+    print(f"global_step={global_step} SPS={sps:.2f}", flush=True)
+
+
+def log_episode(writer, global_step: int, task_name: str, successes: list[float]) -> None:
+    """An episode's success (its return: 1 or 0) and the success rate of the last 20 episodes."""
+    rate = float(np.mean(successes[-20:]))
+    writer.add_scalar("charts/episodic_return", successes[-1], global_step)
+    writer.add_scalar(f"charts/success/{task_name}", successes[-1], global_step)
+    writer.add_scalar("charts/success_rate", rate, global_step)
+    print(f"global_step={global_step} task={task_name} episodic_return={successes[-1]:.0f} "
+          f"success_rate(last 20)={rate:.2f}", flush=True)
+
+
 def learner_state(learner) -> dict:
     """What a checkpoint holds of a learner: its `model` (PEARL: the agent and its context encoder), `target`
     network, `optimizer` and sampling generator `rng`."""

@@ -644,12 +644,14 @@ def test_qattention_network_is_arms():
     assert q.shape == (2, 4096) and rot_grip.shape == (2, 218)
 
 
-def test_reset_heads_keeps_the_encoder():
+def test_load_encoder_only_resets_the_q_heads_and_keeps_the_encoder():
+    import finetune
+
     net = c2f.QAttentionNet(10, width=4, rot_grip_outputs=11)
     with torch.no_grad():
         for p in net.parameters():
             p.fill_(0.5)
-    net.reset_heads()
+    finetune.reset_q_heads(c2f, net)
     assert (net.down0.one[0].weight == 0.5).all() and (net.final[0].weight == 0.5).all()
     assert not (net.q_trans.weight == 0.5).any() and (net.q_trans.bias == 0).all()
     assert not (net.rot_grip[0][0].weight == 0.5).any() and not (net.rot_grip[-1].weight == 0.5).any()
