@@ -430,7 +430,7 @@ def test_scripts_are_short_and_open_on_the_algorithm(module):
 
     lines = inspect.getsource(module).splitlines()
     # PEARL also holds its context encoder and its adaptation (`adapt`), as RL2 in tests/test_procgen.py
-    assert len(lines) <= (780 if module is pearl else 700)  # about 700
+    assert len(lines) <= (760 if module is pearl else 700)  # about 700
     first_network_line = min(i for i, line in enumerate(lines) if line.startswith("def conv3d"))
     assert first_network_line < len(lines) / 3
 
