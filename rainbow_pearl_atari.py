@@ -21,6 +21,7 @@ plumbing are envs/atari.py (details: docs/atari.md)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -551,31 +552,43 @@ def act(agent: PearlAgent, obs: np.ndarray, z: torch.Tensor, device) -> int:
     return int(agent.q.q_values(torch.as_tensor(obs, device=device)[None], z).argmax(1).item())
 
 
-def train(args: Args, games: list[str], writer=None) -> PearlAgent:
+def train(args: Args, games: list[str], writer=None, agent: PearlAgent | None = None, log_eval=None,
+          eval_every: int = 0, train_tasks: list[str] | None = None) -> PearlAgent:
     """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the
-    current game's posterior at every episode start, one update per env step."""
+    current game's posterior at every episode start, one update per env step. Given a pretrained
+    `agent`, the same loop is PEARL's adaptation (`adapt`): no update, and with log_eval(step,
+    mean_return, episodes) an evaluation at step 0, every eval_every env steps and at the end."""
     check_args(args, len(games))
     if writer is None:
         writer = atari.setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}", MODULE)
     resume = atari.load_resume(args, MODULE)
     device = atari.seed_everything(args)
-    num_actions = FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0])
-    agent = PearlAgent(num_actions, args).to(device).train()
-    target_network = QNetwork(num_actions, args.latent_size, args.hidden_size, args.num_atoms, args.v_min,
-                              args.v_max, args.noisy_std).to(device)
-    target_network.load_state_dict(agent.q.state_dict())
-    bf16 = use_bf16(args.precision, device)
-    agent.set_speed_form(args.speed_form, bf16)
-    target_network.speed_form, target_network.bf16 = args.speed_form, bf16
+    adapting = agent is not None
+    if agent is None:
+        agent = PearlAgent(FULL_ACTIONS if args.pad_actions else atari.num_game_actions(games[0]), args).train()
+    agent, num_actions = agent.to(device), agent.q.num_actions
+    agent.set_speed_form(args.speed_form, use_bf16(args.precision, device))
+    target_network = copy.deepcopy(agent.q).requires_grad_(False)  # the same network, synced on env steps
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    buffers = [ContextReplayBuffer(args.buffer_size // len(games), args.n_step, args.gamma, args.priority_exponent,
-                                   args.seed + g) for g in range(len(games))]
+    # adaptation reads only the newest transitions: a window-sized buffer (+ room for the frame stacks)
+    capacity = args.context_window + 8 if adapting else args.buffer_size // len(games)
+    buffers = [ContextReplayBuffer(capacity, args.n_step, args.gamma, args.priority_exponent, args.seed + g)
+               for g in range(len(games))]
     env = atari.MultiGameEnv(games, args.seed, num_actions, args.max_noops, args.max_episode_steps)
     rng = np.random.default_rng(args.seed)
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, write checkpoint and replay, exit
+
+    def evaluate(step: int) -> None:  # DER's protocol, z fixed to the posterior mean of the game's newest transitions
+        z_mean = infer_z(agent, buffers[0], args, device, sample=False)
+        scores = atari.evaluate_policy(lambda o: act(agent, o, z_mean, device), games[0], args, num_actions,
+                                       seed=args.seed + 10_000 + step)
+        log_eval(step, float(np.mean(scores)), len(scores))
+
     obs, _ = env.reset()
     z = infer_z(agent, None, args, device)
     start_step, learning_starts = 0, args.learning_starts
+    if resume is None and log_eval is not None:
+        evaluate(0)  # the zero-shot point: no experience of the game yet, z = the prior's mean, 0
     if resume is not None:  # the same run from its checkpoint: networks, optimizer, env, replay, z, random states
         start_step, obs, learning_starts = atari.restore_run(resume, args, agent, target_network, optimizer, env, rng,
                                                              buffers)
@@ -598,7 +611,7 @@ def train(args: Args, games: list[str], writer=None) -> PearlAgent:
             obs, _ = env.reset()  # a random game after a game over, the same game after a lost life
             z = infer_z(agent, buffers[env.game], args, device)
 
-        if global_step >= learning_starts and any(b.ready for b in buffers):
+        if not adapting and global_step >= learning_starts and any(b.ready for b in buffers):
             t0 = time.time()
             beta = args.priority_weight + (1.0 - args.priority_weight) * min(
                 1.0, (global_step - args.learning_starts) / max(1, args.total_timesteps - args.learning_starts))
@@ -617,17 +630,20 @@ def train(args: Args, games: list[str], writer=None) -> PearlAgent:
                 writer.add_scalar("losses/kl", float(kl), global_step)
                 writer.add_scalar("charts/beta", beta, global_step)
 
-        # TRY NOT TO MODIFY: logging and checkpoints
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints
         if global_step % 1000 == 0 or global_step == args.total_timesteps:
             atari.log_speed(writer, global_step, start_step, start_time, update_time)
+        if log_eval is not None and ((eval_every and global_step % eval_every == 0)
+                                     or global_step == args.total_timesteps):
+            evaluate(global_step)
         stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
         replay = stopping or global_step % args.save_replay_every == 0
         if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
             state = atari.run_state(target_network, env, obs, rng, learning_starts, z=z.cpu())
             atari.save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), MODULE, args, agent, optimizer,
-                                  global_step, "pearl", games, num_actions, state)
-        if replay:
-            atari.save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
+                                  global_step, "pearl", train_tasks or games, num_actions, state)
+            if replay or adapting:  # an adaptation's buffer is a few frames: written with every checkpoint
+                atari.save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
         if stopping:
             stop.exit(args.output_dir, global_step)
     stop.restore()
@@ -636,72 +652,20 @@ def train(args: Args, games: list[str], writer=None) -> PearlAgent:
 
 
 def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=None, log_eval=None,
-          eval_every: int = 5_000, train_tasks: list[str] | None = None) -> list[tuple[int, float]]:
-    """Adapt a pretrained PEARL agent to a held-out game with no gradient step: play the game for
-    args.total_timesteps env steps (z resampled from the posterior over the newest transitions at
-    every episode start) and evaluate with z = the posterior mean of a context from the last
-    context_window transitions: at step 0 (no experience yet: the prior's mean, z = 0), every
-    eval_every steps and at the end. Each point goes to log_eval(step, mean_return, episodes).
-    checkpoint.pt (the agent, unchanged, with `train_tasks`, and where the adaptation stands) is
-    written every --save-every env steps, at the end and on SIGINT/SIGTERM; args.resume continues it."""
-    check_args(args, 1)
+          eval_every: int = 5_000, train_tasks: list[str] | None = None) -> PearlAgent:
+    """PEARL's adaptation to a held-out game (finetune.py), with no gradient step: the training loop
+    without its update, acting with the pretrained agent's mean weights (eval mode) and z inferred
+    from the game's own newest transitions (resampled at every episode start). Evaluations use z =
+    the posterior mean (at step 0 the prior's, 0). checkpoint.pt records `train_tasks`, the agent's
+    pretraining games; args.resume continues a stopped adaptation."""
+    check_args(args, 1)  # every error before the writer makes a folder
     atari.rom_id(game)
+    agent = PearlAgent(num_actions, args)
+    agent.load_state_dict(model_state)
     if writer is None:
         writer = atari.setup(args, f"{args.exp_name}_adapt_{game}__{args.seed}__{int(time.time())}", MODULE)
-    resume = atari.load_resume(args, MODULE)
-    device = atari.seed_everything(args)
-    agent = PearlAgent(num_actions, args).to(device)
-    agent.load_state_dict(model_state)
-    agent.set_speed_form(args.speed_form, use_bf16(args.precision, device))
-    agent.eval()  # acting uses the mean weights; nothing is trained
-    # only the newest transitions are ever read: a window-sized buffer (+ room for the frame stacks)
-    buffer = ContextReplayBuffer(args.context_window + 8, args.n_step, args.gamma, args.priority_exponent, args.seed)
-    env = atari.make_env(game, args.seed, num_actions, True, args.max_noops, args.max_episode_steps)
-    curve = []
-
-    def run_eval(step: int) -> None:
-        z_mean = infer_z(agent, buffer, args, device, sample=False)
-        scores = atari.evaluate_policy(lambda obs: act(agent, obs, z_mean, device), game, args, num_actions,
-                                       seed=args.seed + 10_000 + step)  # DER's protocol with z fixed
-        curve.append((step, float(np.mean(scores))))
-        if log_eval is not None:
-            log_eval(step, float(np.mean(scores)), len(scores))
-
-    stop = StopRequest()  # SIGINT / SIGTERM: finish the step, write the checkpoint, exit
-    if resume is None:
-        run_eval(0)  # the zero-shot point
-    obs, _ = env.reset()
-    z = infer_z(agent, None, args, device)
-    start_step = 0
-    if resume is not None:  # where the stopped adaptation stood: env, context buffer, z, random states
-        start_step, obs, state = atari.restore_adaptation(resume, args.output_dir, env, [buffer])
-        z = state["z"].to(device)
-    start_time = time.time()
-    for global_step in range(start_step + 1, args.total_timesteps + 1):
-        action = act(agent, obs, z, device)
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        buffer.add(obs[-1], action, float(np.sign(reward)), terminated or truncated)
-        obs = next_obs
-        if "episode" in info:
-            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-        if terminated or truncated:
-            obs, _ = env.reset()
-            z = infer_z(agent, buffer, args, device)
-        if global_step % 1000 == 0:
-            writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-        if (eval_every and global_step % eval_every == 0) or global_step == args.total_timesteps:
-            run_eval(global_step)
-        stopping = bool(stop)  # once per step: a signal that arrives while saving stops the next one
-        if stopping or global_step % args.save_every == 0 or global_step == args.total_timesteps:
-            state = {"env": env.get_state(), "obs": torch.from_numpy(obs.copy()), "z": z.cpu()}
-            atari.save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), MODULE, args, agent, None, global_step,
-                                  "pearl", train_tasks or [game], num_actions, state)
-            atari.save_replay(os.path.join(args.output_dir, REPLAY), [buffer], global_step)  # a few frames: every time
-        if stopping:
-            stop.exit(args.output_dir, global_step)
-    stop.restore()
-    atari.remove_replay(args.output_dir)
-    return curve
+    return train(args, [game], writer, agent=agent.eval(), log_eval=log_eval, eval_every=eval_every,
+                 train_tasks=train_tasks)
 
 
 # --------------------------------------------------------------------------- TRY NOT TO MODIFY: the speed form

@@ -359,10 +359,15 @@ def seed_everything(args) -> torch.device:
 
 def load_resume(args, module: str) -> dict | None:
     """With --resume: the run's checkpoint.pt, checked to be one the script `module` wrote with the
-    same settings (one-line errors); None for a new run."""
+    same settings (one-line errors); None for a new run. A run already complete exits (status 0)."""
     if not args.resume:
         return None
-    return run_dir.load_resume(args.output_dir, module, dataclasses.asdict(args), RESUME_FREE)
+    ckpt = run_dir.load_resume(args.output_dir, module, dataclasses.asdict(args), RESUME_FREE)
+    if ckpt["global_step"] >= args.total_timesteps:  # said plainly, and nothing is touched
+        print(f"the run in {args.output_dir} is complete ({ckpt['global_step']} env steps): nothing to resume",
+              flush=True)
+        raise SystemExit(0)
+    return ckpt
 
 
 def setup(args, run_name: str, module: str):
@@ -446,17 +451,6 @@ def restore_run(ckpt: dict, args, model: torch.nn.Module, target_network: torch.
     _set_generator_state(rng, state["loop_rng"])
     run_dir.set_rng_state(ckpt["rng"])
     return step, state["obs"].numpy(), state["learning_starts"] if replayed else step + args.learning_starts
-
-
-def restore_adaptation(ckpt: dict, output_dir: str, env: AtariEnv, buffers: list) -> tuple[int, np.ndarray, dict]:
-    """--resume of an adaptation that takes no gradient step (rainbow_pearl_atari.adapt): the env,
-    replay.npz into `buffers`, the random states; returns (env step, observation, the checkpoint's
-    "resume" state)."""
-    state = ckpt["resume"]
-    env.set_state(state["env"])
-    load_replay(os.path.join(output_dir, REPLAY), buffers, ckpt["global_step"])
-    run_dir.set_rng_state(ckpt["rng"])
-    return ckpt["global_step"], state["obs"].numpy(), state
 
 
 def save_replay(path: str, buffers: list, global_step: int, fields: tuple[str, ...] = REPLAY_FIELDS) -> None:

@@ -636,7 +636,7 @@ def test_resumed_pearl_adaptation_continues_where_it_stopped(tmp_path, monkeypat
     ends = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("whole", "resumed")]
     assert ends[0]["train_tasks"] == ["Breakout"] and ends[0]["method"] == "pearl"
     assert torch.equal(ends[0]["resume"]["z"], ends[1]["resume"]["z"])
-    assert torch.equal(ends[0]["resume"]["env"]["ale"], ends[1]["resume"]["env"]["ale"])
+    assert torch.equal(ends[0]["resume"]["env"]["envs"][0]["ale"], ends[1]["resume"]["env"]["envs"][0]["ale"])
 
 
 def test_a_signal_during_a_periodic_save_stops_at_the_next_step_with_its_replay(tmp_path, monkeypatch,
@@ -654,6 +654,17 @@ def test_a_signal_during_a_periodic_save_stops_at_the_next_step_with_its_replay(
         mt.train(tiny(mt, tmp_path, total_timesteps=150, save_every=105), ["Pong"])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 106
     assert int(np.load(tmp_path / "replay.npz")["global_step"]) == 106
+
+
+def test_resuming_a_complete_run_says_so_and_touches_nothing(tmp_path, capsys):
+    args = tiny(mt, tmp_path, total_timesteps=110)
+    mt.train(args, ["Pong"])
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as stopped:
+        mt.train(dataclasses.replace(args, resume=True), ["Pong"])
+    assert stopped.value.code == 0
+    assert f"the run in {tmp_path} is complete (110 env steps): nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
 def test_resume_without_the_replay_file_refills_before_learning(tmp_path, monkeypatch, capfd, signal_handlers):
