@@ -718,8 +718,9 @@ def test_resume_with_other_settings_is_a_one_line_error(tmp_path):
     mt.train(args, ["Pong"])
     with pytest.raises(SystemExit, match=re.escape("error: --resume: --n-step is 10 here but 20 in")):
         atari.load_resume(dataclasses.replace(args, resume=True, n_step=10), mt.MODULE)
-    assert atari.load_resume(dataclasses.replace(args, resume=True, torch_threads=2, save_every=5),
-                             mt.MODULE)["global_step"] == 20
+    with pytest.raises(SystemExit) as complete:  # settings a resume may change pass; the run is complete
+        atari.load_resume(dataclasses.replace(args, resume=True, torch_threads=2, save_every=5), mt.MODULE)
+    assert complete.value.code == 0
     reptile_args = tiny(reptile, tmp_path, resume=True)
     with pytest.raises(SystemExit, match="is not a resumable checkpoint of rainbow_reptile_atari.py"):
         atari.load_resume(reptile_args, reptile.MODULE)
