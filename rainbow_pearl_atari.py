@@ -10,8 +10,7 @@ weight, c_g(i) the context of its game):
     loss = mean_i w_i * (CE_i + KL(q(z | c_g(i)) || N(0, I)))
 
 The dueling C51 heads see [conv features, z]; each episode starts with z sampled from the game's
-posterior. `adapt` (finetune.py) takes no gradient step: it plays the held-out game, infers z
-from that experience, and evaluates with the posterior mean.
+posterior. `adapt` (finetune.py) is the same loop with no gradient step on the held-out game.
 
     python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
     python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # adapt: infer z, no gradient
@@ -434,14 +433,10 @@ class Context(NamedTuple):
 class ContextReplayBuffer(ReplayBuffer):
     """DER's replay plus the contexts PEARL reads from a game's newest transitions."""
 
-    def recent(self, count: int, window: int) -> np.ndarray:
-        """`count` distinct indices among the `window` newest entries."""
-        window = min(window, self.size)
-        ages = self.rng.choice(window, size=min(count, window), replace=False)
-        return (self.pos - 1 - ages) % self.capacity
-
     def context(self, count: int, window: int, device) -> Context:
-        idx = self.recent(count, window)
+        """`count` distinct transitions among the `window` newest entries."""
+        ages = self.rng.choice(min(window, self.size), size=min(count, window, self.size), replace=False)
+        idx = (self.pos - 1 - ages) % self.capacity
         return Context(torch.as_tensor(self.stacked(idx), device=device),
                        torch.as_tensor(self.actions[idx], device=device),
                        torch.as_tensor(self.rewards[idx], device=device))
@@ -658,12 +653,10 @@ def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=Non
     from the game's own newest transitions (resampled at every episode start). Evaluations use z =
     the posterior mean (at step 0 the prior's, 0). checkpoint.pt records `train_tasks`, the agent's
     pretraining games; args.resume continues a stopped adaptation."""
-    check_args(args, 1)  # every error before the writer makes a folder
+    check_args(args, 1)  # every error before anything is built
     atari.rom_id(game)
     agent = PearlAgent(num_actions, args)
     agent.load_state_dict(model_state)
-    if writer is None:
-        writer = atari.setup(args, f"{args.exp_name}_adapt_{game}__{args.seed}__{int(time.time())}", MODULE)
     return train(args, [game], writer, agent=agent.eval(), log_eval=log_eval, eval_every=eval_every,
                  train_tasks=train_tasks)
 
@@ -713,8 +706,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     games = atari.game_set(args.train_games, args.games)
     check_args(args, len(games))  # every flag error before anything is created
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    writer = atari.setup(args, run_name, MODULE)
+    writer = atari.setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}", MODULE)
     print(f"PEARL-DER on {', '.join(games)} -> {args.output_dir}", flush=True)
     train(args, games, writer=writer)
     writer.close()
