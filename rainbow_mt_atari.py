@@ -52,7 +52,8 @@ class Args:
     resume: bool = False
     """continue the run in --output-dir (required; pass the run's flags again) from its checkpoint.pt and
     replay.npz; without replay.npz the replay starts empty and refills for --learning-starts env steps
-    before learning resumes; an older replay.npz is used with its end taken as an episode end"""
+    before learning resumes; an older replay.npz is used with its end taken as an episode end; a complete
+    run says so and exits (status 0)"""
     torch_threads: int = 2
     """torch CPU threads for the learner (one while a background evaluation runs); use 1 on a busy machine"""
     speed_form: bool = True
@@ -504,6 +505,11 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
             q_network.encoder.requires_grad_(True)
         evaluator.resume(resume["resume"]["evaluations"], q_network)  # those the stopped run left unfinished
 
+    def checkpoint(step: int) -> None:  # what --resume continues from, the unfinished evaluations included
+        state = atari.run_state(target_network, env, obs, rng, learning_starts, evaluations=evaluator.unfinished())
+        atari.save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), MODULE, args, q_network, optimizer, step,
+                              method, games, num_actions, state)
+
     start_time, update_time = time.time(), 0.0
     try:
         for global_step in range(start_step + 1, args.total_timesteps + 1):
@@ -558,10 +564,7 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
                 evaluator.terminate()  # its unfinished evaluations go into the checkpoint
             replay = stopping or global_step % args.save_replay_every == 0
             if replay or global_step % args.save_every == 0 or global_step == args.total_timesteps:
-                state = atari.run_state(target_network, env, obs, rng, learning_starts,
-                                        evaluations=evaluator.unfinished())
-                atari.save_checkpoint(os.path.join(args.output_dir, CHECKPOINT), MODULE, args, q_network, optimizer,
-                                      global_step, method, games, num_actions, state)
+                checkpoint(global_step)
             if replay:
                 atari.save_replay(os.path.join(args.output_dir, REPLAY), buffers, global_step)
             if stopping:
@@ -569,6 +572,8 @@ def train(args: Args, games: list[str], q_network: QNetwork | None = None, metho
         evaluator.close(stop)  # waits for the last evaluations; a stop leaves them to --resume
         if stop:
             stop.exit(args.output_dir, args.total_timesteps)
+        if log_eval is not None:
+            checkpoint(args.total_timesteps)  # again, no evaluation left unfinished: a --resume sees a complete run
     finally:  # a stop or an error: no background evaluation outlives the run
         evaluator.terminate()
         stop.restore()

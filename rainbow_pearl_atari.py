@@ -56,7 +56,8 @@ class Args:
     resume: bool = False
     """continue the run in --output-dir (required; pass the run's flags again) from its checkpoint.pt and
     replay.npz; without replay.npz the replay starts empty and refills for --learning-starts env steps
-    before learning resumes; an older replay.npz is used with its end taken as an episode end"""
+    before learning resumes; an older replay.npz is used with its end taken as an episode end; a complete
+    run says so and exits (status 0)"""
     torch_threads: int = 2
     """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True
@@ -552,7 +553,8 @@ def train(args: Args, games: list[str], writer=None, agent: PearlAgent | None = 
     """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the
     current game's posterior at every episode start, one update per env step. Given a pretrained
     `agent`, the same loop is PEARL's adaptation (`adapt`): no update, and with log_eval(step,
-    mean_return, episodes) an evaluation at step 0, every eval_every env steps and at the end."""
+    mean_return, episodes) an evaluation at step 0 (not on a resume), every eval_every env steps
+    and at the end."""
     check_args(args, len(games))
     if writer is None:
         writer = atari.setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}", MODULE)

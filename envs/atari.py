@@ -359,11 +359,16 @@ def seed_everything(args) -> torch.device:
 
 def load_resume(args, module: str) -> dict | None:
     """With --resume: the run's checkpoint.pt, checked to be one the script `module` wrote with the
-    same settings (one-line errors); None for a new run. A run already complete exits (status 0)."""
+    same settings (one-line errors); None for a new run. A complete run (its budget done, no
+    evaluation left unfinished) exits with status 0."""
     if not args.resume:
         return None
     ckpt = run_dir.load_resume(args.output_dir, module, dataclasses.asdict(args), RESUME_FREE)
-    if ckpt["global_step"] >= args.total_timesteps:  # said plainly, and nothing is touched
+    if "target_model" not in ckpt["resume"]:  # PEARL's adaptation once had a loop (and a checkpoint) of its own
+        sys.exit(f"error: --resume: {os.path.join(args.output_dir, run_dir.CHECKPOINT)} is a PEARL adaptation "
+                 "checkpoint of an older format, which this script cannot continue; start the adaptation again")
+    if ckpt["global_step"] >= args.total_timesteps and not ckpt["resume"].get("evaluations"):
+        remove_replay(args.output_dir)  # left only by a kill between the last checkpoint and the run's end
         print(f"the run in {args.output_dir} is complete ({ckpt['global_step']} env steps): nothing to resume",
               flush=True)
         raise SystemExit(0)

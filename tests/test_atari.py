@@ -614,10 +614,13 @@ def test_resumed_pearl_adaptation_continues_where_it_stopped(tmp_path, monkeypat
     same evaluation points, the same final z and env state as one uninterrupted adaptation."""
     torch.manual_seed(0)
     model = pearl.PearlAgent(6, pearl.Args()).state_dict()
+    act, training = pearl.act, []
+    monkeypatch.setattr(pearl, "act", lambda agent, *a: training.append(agent.training) or act(agent, *a))
 
     def adapt(name, points, **change):
+        # learning_starts 0: only adaptation itself keeps the loop from updating
         args = tiny(pearl, tmp_path / name, total_timesteps=60, save_every=20, eval_episodes=1, eval_max_steps=5,
-                    max_episode_steps=15, **change)  # an episode end, and a new z from the context, every 15 steps
+                    max_episode_steps=15, learning_starts=0, **change)  # a new z from the context every 15 steps
         return pearl.adapt(args, model, "Pong", 6, log_eval=lambda *p: points.append(p), eval_every=20,
                            train_tasks=["Breakout"])
 
@@ -641,6 +644,9 @@ def test_resumed_pearl_adaptation_continues_where_it_stopped(tmp_path, monkeypat
     assert parts == whole and [p[0] for p in whole] == [0, 20, 40, 60]
     ends = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("whole", "resumed")]
     assert ends[0]["train_tasks"] == ["Breakout"] and ends[0]["method"] == "pearl"
+    weights = [k for k, _ in pearl.PearlAgent(6, pearl.Args()).named_parameters()]  # not the noise buffers
+    assert all(torch.equal(ends[0]["model"][k], model[k]) for k in weights)  # no gradient step
+    assert training and not any(training)  # acting and evaluating with the mean weights
     assert torch.equal(ends[0]["resume"]["z"], ends[1]["resume"]["z"])
     assert torch.equal(ends[0]["resume"]["env"]["envs"][0]["ale"], ends[1]["resume"]["env"]["envs"][0]["ale"])
 
@@ -671,6 +677,28 @@ def test_resuming_a_complete_run_says_so_and_touches_nothing(tmp_path, capsys):
     assert stopped.value.code == 0
     assert f"the run in {tmp_path} is complete (110 env steps): nothing to resume" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_a_run_stopped_in_its_last_evaluation_resumes_it_then_is_complete(tmp_path):
+    """The final checkpoint is written while the last evaluation still runs in the background
+    process; once it is logged the checkpoint is written again without it. A run stopped before
+    that (here: the checkpoint put back as it was) runs that evaluation on --resume, then is complete."""
+    args = tiny(mt, tmp_path, total_timesteps=60, learning_starts=1000, eval_episodes=1, eval_max_steps=5,
+                games_per_batch=1, background_eval=True)
+    points, resumed = [], []
+    mt.train(args, ["Pong"], method="scratch", log_eval=lambda *p: points.append(p), eval_every=30)
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert [p[0] for p in points] == [0, 30, 60] and ckpt["resume"]["evaluations"] == []
+    ckpt["resume"]["evaluations"] = [{"step": 60, "model": ckpt["model"]}]
+    torch.save(ckpt, path)
+    args = dataclasses.replace(args, resume=True, background_eval=False)
+    mt.train(args, ["Pong"], method="scratch", log_eval=lambda *p: resumed.append(p), eval_every=30)
+    assert resumed == [points[-1]]  # the same snapshot and seed: the same score
+    assert torch.load(path, weights_only=True)["resume"]["evaluations"] == []
+    with pytest.raises(SystemExit) as complete:
+        mt.train(args, ["Pong"], method="scratch", log_eval=lambda *p: resumed.append(p), eval_every=30)
+    assert complete.value.code == 0 and len(resumed) == 1
 
 
 def test_resume_without_the_replay_file_refills_before_learning(tmp_path, monkeypatch, capfd, signal_handlers):
