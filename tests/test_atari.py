@@ -679,6 +679,18 @@ def test_resuming_a_complete_run_says_so_and_touches_nothing(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
+def test_an_old_format_adaptation_checkpoint_is_a_one_line_error(tmp_path):
+    """PEARL's adaptation had its own loop, whose checkpoint held no target network (nor the loop's
+    other state): resuming one says so instead of a KeyError."""
+    args = tiny(pearl, tmp_path, total_timesteps=20, save_every=10)
+    pearl.train(args, ["Pong"])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["global_step"], ckpt["resume"] = 10, {"env": ckpt["resume"]["env"], "obs": ckpt["resume"]["obs"]}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="is a PEARL adaptation checkpoint of an older format"):
+        pearl.train(dataclasses.replace(args, resume=True), ["Pong"])
+
+
 def test_a_run_stopped_in_its_last_evaluation_resumes_it_then_is_complete(tmp_path):
     """The final checkpoint is written while the last evaluation still runs in the background
     process; once it is logged the checkpoint is written again without it. A run stopped before
