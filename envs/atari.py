@@ -368,7 +368,14 @@ def load_resume(args, module: str) -> dict | None:
         sys.exit(f"error: --resume: {os.path.join(args.output_dir, run_dir.CHECKPOINT)} is a PEARL adaptation "
                  "checkpoint of an older format, which this script cannot continue; start the adaptation again")
     if ckpt["global_step"] >= args.total_timesteps and not ckpt["resume"].get("evaluations"):
-        remove_replay(args.output_dir)  # left only by a kill between the last checkpoint and the run's end
+        try:  # a replay file a kill at the run's very end left: removed, unless the run is still finishing
+            lock = run_dir.open_output_dir(args.output_dir)
+        except SystemExit:
+            lock = None
+        if lock is not None:
+            remove_replay(args.output_dir)
+            run_dir.remove_temporaries(os.path.join(args.output_dir, REPLAY))
+            lock.close()
         print(f"the run in {args.output_dir} is complete ({ckpt['global_step']} env steps): nothing to resume",
               flush=True)
         raise SystemExit(0)
@@ -507,9 +514,10 @@ def load_replay(path: str, buffers: list, global_step: int, fields: tuple[str, .
 
 def remove_replay(output_dir: str) -> None:
     """A completed run's replay file served only --resume: removed."""
-    path = os.path.join(output_dir, REPLAY)
-    if os.path.exists(path):
-        os.remove(path)
+    try:
+        os.remove(os.path.join(output_dir, REPLAY))
+    except FileNotFoundError:
+        pass
 
 
 class Evaluator:

@@ -778,8 +778,8 @@ def make_buffers(args, task_names: list[str], tasks: list, agent, buffer_class: 
 
 
 def make_writer(args, run_dir: str, purge_step: int | None = None):
-    """TensorBoard in run_dir; a resumed run (`purge_step`: its checkpoint's step) continues the same
-    log, TensorBoard dropping what the killed run logged after its checkpoint."""
+    """TensorBoard in run_dir; a resumed run (`purge_step`: the step after its checkpoint's) continues
+    the same log, TensorBoard dropping what the killed run logged after its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
     if args.track:
@@ -930,7 +930,8 @@ def run_pretraining(args, script: str, method: str, check_args: Callable, make_a
                                               ckpt and replay, ckpt and ckpt["global_step"])
         if loop is not None and not exact:
             loop["done"] = True  # the episode in progress restarts
-        writer = make_writer(args, run_dir, purge_step=loop and loop["global_step"])
+        # the events of the checkpoint's own step were logged before it was written: only later ones go
+        writer = make_writer(args, run_dir, purge_step=loop and loop["global_step"] + 1)
 
         def log_eval(step, rate, episodes):
             writer.add_scalar("eval/success_rate", rate, step)

@@ -668,15 +668,23 @@ def test_a_signal_during_a_periodic_save_stops_at_the_next_step_with_its_replay(
     assert int(np.load(tmp_path / "replay.npz")["global_step"]) == 106
 
 
-def test_resuming_a_complete_run_says_so_and_touches_nothing(tmp_path, capsys):
+def test_resuming_a_complete_run_says_so_and_removes_only_a_leftover_replay(tmp_path, capsys):
     args = tiny(mt, tmp_path, total_timesteps=110)
     mt.train(args, ["Pong"])
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    (tmp_path / "replay.npz").write_bytes(b"left by a kill after the last checkpoint")
+    (tmp_path / "replay.npz.123.tmp").write_bytes(b"a killed save's partial file")
     with pytest.raises(SystemExit) as stopped:
         mt.train(dataclasses.replace(args, resume=True), ["Pong"])
     assert stopped.value.code == 0
     assert f"the run in {tmp_path} is complete (110 env steps): nothing to resume" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    (tmp_path / "replay.npz").write_bytes(b"the run is still finishing: it holds the folder's lock")
+    lock = atari.run_dir.open_output_dir(str(tmp_path))
+    with pytest.raises(SystemExit):
+        mt.train(dataclasses.replace(args, resume=True), ["Pong"])
+    lock.close()
+    assert (tmp_path / "replay.npz").exists()
 
 
 def test_an_old_format_adaptation_checkpoint_is_a_one_line_error(tmp_path):

@@ -1,6 +1,7 @@
 """Smoke runs of the RLBench scripts (Meta-World backend) and finetune.py with tiny budgets."""
 
 import csv
+import gc
 import os
 import shutil
 import signal
@@ -192,6 +193,44 @@ def test_stop_then_resume_matches_the_uninterrupted_run(checkpoints, tmp_path, m
     assert not (run_dir / "replay.npz").exists()
     assert not [p for p in run_dir.iterdir() if p.is_dir()]  # one TensorBoard run: both event files in the folder
     assert _episode_curve(run_dir) == _episode_curve(out / method)  # one continuous curve, the uninterrupted one's
+
+
+def test_a_stop_on_a_logged_step_keeps_its_events_in_the_resumed_curve(checkpoints, tmp_path, monkeypatch):
+    """A stop that lands on step 4, where the uninterrupted run ends an episode and writes its first
+    checkpoint: that step's events were logged before the checkpoint, so the resumed run's
+    TensorBoard log keeps them (it purges only later steps) and the curve is the uninterrupted one's.
+    The first run is in this process, stopped by a SIGTERM sent right after that checkpoint."""
+    import tyro
+
+    import c2farm_mt_rlbench as c2f
+    from envs import rlbench
+
+    out, _ = checkpoints
+    reference = _episode_curve(out / "mt")
+    assert 4 in [step for step, _ in reference]  # an episode ends on the checkpoint's step
+    run_dir, save_run, sent = tmp_path / "run", rlbench.save_run, []
+
+    def save_then_stop(*a, **k):
+        save_run(*a, **k)
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    monkeypatch.setattr(rlbench, "save_run", save_then_stop)
+    handlers, threads = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            c2f.main(tyro.cli(c2f.Args, args=[*PRETRAIN, "--output-dir", str(run_dir)]))
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        torch.set_num_threads(threads)
+    code = stopped.value.code
+    del stopped  # its traceback holds the run's frames, and with them the lock on its folder
+    gc.collect()
+    assert code == 128 + signal.SIGTERM
+    assert torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["global_step"] == 4
+    run("c2farm_mt_rlbench.py", *PRETRAIN, "--output-dir", str(run_dir), "--resume")
+    assert _episode_curve(run_dir) == reference
 
 
 def test_kill9_then_resume_finetune(checkpoints, tmp_path):
