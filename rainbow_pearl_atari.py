@@ -593,7 +593,8 @@ def train(args: Args, games: list[str], writer=None, agent: PearlAgent | None = 
 
     start_time, update_time = time.time(), 0.0
     for global_step in range(start_step + 1, args.total_timesteps + 1):
-        agent.q.reset_noise()  # fresh noise, then act and learn with it (Kaixhin/Rainbow's order)
+        if not adapting:  # adaptation acts with the mean weights: no noise to draw
+            agent.q.reset_noise()  # fresh noise, then act and learn with it (Kaixhin/Rainbow's order)
         action = act(agent, obs, z, device)
         game = env.game
         next_obs, reward, terminated, truncated, info = env.step(action)
