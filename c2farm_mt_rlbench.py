@@ -57,8 +57,7 @@ class Args:
     output_dir: str | None = None
     """where checkpoint.pt, replay.npz and TensorBoard logs go (default runs/{run_name})"""
     resume: bool = False
-    """continue the run in --output-dir (required) from its checkpoint.pt and replay.npz, with the run's own flags
-    (README, "Stopping and resuming a run": what may change, and a resume without replay.npz)"""
+    """continue the run in --output-dir from its checkpoint.pt and replay.npz (README, "Stopping and resuming a run")"""
 
     # tasks
     backend: str = "metaworld"
@@ -76,8 +75,7 @@ class Args:
 
     # C2F-ARM (paper Sec. 5.2 and C2F-ARM's settings)
     total_timesteps: int = 100_000
-    """env steps (next-best-pose actions) over all tasks (ours: the paper states no pretraining budget in
-    env steps; 100k fills ARM's replay capacity of 1e5 once)"""
+    """env steps (next-best-pose actions) over all tasks (ours, the paper has none: fills ARM's 1e5 replay once)"""
     batch_size: int = 150
     """transitions per update, an equal share from every task (paper: 15 from each of 10 tasks)"""
     learning_rate: float = 5e-4
@@ -101,19 +99,16 @@ class Args:
     demo_augmentation_every: int = 10
     """every n-th demo frame starts a chain to the next keypoints (C2F-ARM: 10)"""
     crop_augmentation: bool = True
-    """demo transitions zoom each deeper depth around a centre shifted by up to 0.75 x the zoom
-    half-width per axis (ARM C2FARM.yaml crop_augmentation, launch_utils.py _get_action)"""
+    """demo transitions zoom around centres shifted by up to 0.75 zoom half-widths per axis (ARM C2FARM.yaml)"""
     unet_width: int = 64
-    """CPU sizing flag: kernels of the Q-attention 3D U-Net's first level, doubled per level (ARM: 64;
-    a multiple of 4, e.g. 16 for small CPU runs)"""
+    """CPU sizing flag: the 3D U-Net's first-level kernels, doubled per level (ARM: 64; a multiple of 4, e.g. 16)"""
     learning_starts: int = 0
     """env steps before updates begin (the demo transitions are there from the start)"""
     updates_per_step: int = 1
     """learner updates per env step"""
     exploration: Literal["greedy", "gaussian", "epsilon"] = "greedy"
-    """training episodes act `greedy` (ARM: QAttentionAgent.act forces deterministic), with `gaussian` noise
-    (ARM's optional strategy: voxel and rotation indices + round(N(0, 1)), gripper flipped at random
-    20% of the time) or `epsilon`-greedy per head"""
+    """training episodes act `greedy` (ARM's act forces deterministic), with ARM's optional `gaussian` noise (voxel
+    and rotation indices + round(N(0, 1)), a random gripper 20% of the time) or `epsilon`-greedy per head"""
     epsilon: float = 0.1
     """with --exploration epsilon: chance that each head (voxel per depth, rotations, gripper) acts at random"""
     lambda_trans_qreg: float = 1.0
@@ -133,9 +128,8 @@ class Args:
     checkpoint_interval: int = 5_000
     """env steps between checkpoints (and one at the end)"""
     replay_save_interval: int = 10_000
-    """env steps between saves of the replay buffers (demos and agent transitions) to replay.npz, each with a
-    checkpoint; also written at a SIGINT / SIGTERM, removed when the run ends (it only serves --resume).
-    About 10 GB at the paper's settings; 0 = only at a stop"""
+    """env steps between saves of the replay buffers to replay.npz (with a checkpoint; also at SIGINT / SIGTERM;
+    removed at the end: it only serves --resume). About 10 GB at the paper's settings; 0 = only at a stop"""
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small 3D convs on a busy 2-core machine; 0: torch's default)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -324,7 +318,6 @@ class ReplayBuffer:
         self.done = np.zeros(capacity, np.float32)
         self.priority = np.zeros(capacity, np.float64)
         self.size = self.pos = self.obs_pos = self.obs_size = 0
-        self.recent: list[int] = []  # transitions in insertion order (PEARL's context window)
 
     def add_observation(self, obs, t: int, episode_length: int) -> int:
         i = self.obs_pos
@@ -342,7 +335,10 @@ class ReplayBuffer:
         self.shift[obs_i] = shift
         self.priority[i] = self.priority[: self.size].max() if self.size else 1.0  # new data: max priority
         self.pos, self.size = (self.pos + 1) % self.capacity, min(self.size + 1, self.capacity)
-        self.recent = (self.recent + [i])[-100:]
+
+    def latest(self, n: int) -> np.ndarray:
+        """The n transitions added last (all while it holds fewer), oldest first: PEARL's context window."""
+        return (self.pos - np.arange(min(n, self.size), 0, -1)) % self.capacity
 
     def sample(self, n: int, beta: float, rng: np.random.Generator) -> tuple[np.ndarray, Batch]:
         p = self.priority[: self.size] ** self.alpha
@@ -479,10 +475,8 @@ class C2FARMLearner:
         return [t for t, buffer in enumerate(self.buffers) if buffer.size > 0]
 
     def update_priorities(self, shares, priorities: np.ndarray) -> None:
-        offset = 0
-        for t, idx in shares:
-            self.buffers[t].update_priorities(idx, priorities[offset:offset + len(idx)])
-            offset += len(idx)
+        for (t, idx), share in zip(shares, np.split(priorities, len(shares))):  # the shares are equal
+            self.buffers[t].update_priorities(idx, share)
 
     def update(self, global_step: int) -> dict[str, float]:
         """One multi-task update: batch_size / num_tasks transitions from every task."""
@@ -514,10 +508,8 @@ class C2FARMLearner:
         v = self.agent.voxels
         if strategy == "epsilon":
             return voxel if self.rng.random() >= self.args.epsilon else torch.full_like(voxel, self.rng.integers(v**3))
-        i = int(voxel[0])
-        ijk = np.array([i // (v * v), (i // v) % v, i % v]) + np.round(self.rng.normal(0.0, 1.0, 3))  # + round(N(0, 1))
-        ijk = np.clip(ijk, 0, v - 1).astype(np.int64)
-        return torch.full_like(voxel, int(ijk[0] * v * v + ijk[1] * v + ijk[2]))
+        ijk = np.unravel_index(int(voxel[0]), (v, v, v)) + np.round(self.rng.normal(0.0, 1.0, 3))  # + round(N(0, 1))
+        return torch.full_like(voxel, int(np.ravel_multi_index(np.clip(ijk, 0, v - 1).astype(np.int64), (v, v, v))))
 
     def explore_rot_grip(self, rot_grip: np.ndarray, strategy: str) -> np.ndarray:
         """Perturbed rotation bins and gripper: epsilon per head, or ARM's Gaussian (rotations

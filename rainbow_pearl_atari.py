@@ -1,22 +1,21 @@
 """PEARL on data-efficient Rainbow (DER) for Atari: a latent task variable inferred from context.
 
-Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement
-Learning" (NeurIPS 2022), Sec. 5.3, PEARL-Rainbow; PEARL: Rakelly et al. 2019. A context encoder
-maps each of a few recent transitions of one game to a Gaussian factor over a latent z (size 32);
-the factors multiply into the posterior q(z | c), pulled toward N(0, I) by a KL term added
-unweighted, as in the authors' agent_pearl.py (CE_i: sample i's C51 loss, w_i its importance
-weight, c_g(i) the context of its game):
+Paper: Mandi, Abbeel, James, "On the Effectiveness of Fine-tuning Versus Meta-reinforcement Learning" (NeurIPS
+2022), Sec. 5.3, PEARL-Rainbow; PEARL: Rakelly et al. 2019. A context encoder maps each of a few recent transitions
+of one game to a Gaussian factor over a latent z (size 32); the factors multiply into the posterior q(z | c), pulled
+toward N(0, I) by a KL term added unweighted, as in the authors' agent_pearl.py (CE_i: sample i's C51 loss, w_i its
+importance weight, c_g(i) the context of its game):
 
     loss = mean_i w_i * (CE_i + KL(q(z | c_g(i)) || N(0, I)))
 
-The dueling C51 heads see [conv features, z]; each episode starts with z sampled from the game's
-posterior. `adapt` (finetune.py) is the same loop with no gradient step on the held-out game.
+The dueling C51 heads see [conv features, z]; each episode starts with z sampled from the game's posterior.
+`adapt` (finetune.py) is the same loop with no gradient step on the held-out game.
 
     python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
     python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # adapt: infer z, no gradient
 
-The DER pieces are rainbow_mt_atari.py's (a test keeps them identical); the environment and the
-plumbing are envs/atari.py (details: docs/atari.md)."""
+The DER pieces are rainbow_mt_atari.py's (a test keeps them identical); the environment and the plumbing are
+envs/atari.py (details: docs/atari.md)."""
 
 from __future__ import annotations
 
@@ -54,10 +53,8 @@ class Args:
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     resume: bool = False
-    """continue the run in --output-dir (required; pass the run's flags again) from its checkpoint.pt and
-    replay.npz; without replay.npz the replay starts empty and refills for --learning-starts env steps
-    before learning resumes; an older replay.npz is used with its end taken as an episode end; a complete
-    run says so and exits (status 0)"""
+    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
+    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
     torch_threads: int = 2
     """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True
@@ -550,11 +547,10 @@ def act(agent: PearlAgent, obs: np.ndarray, z: torch.Tensor, device) -> int:
 
 def train(args: Args, games: list[str], writer=None, agent: PearlAgent | None = None, log_eval=None,
           eval_every: int = 0, train_tasks: list[str] | None = None) -> PearlAgent:
-    """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the
-    current game's posterior at every episode start, one update per env step. Given a pretrained
-    `agent`, the same loop is PEARL's adaptation (`adapt`): no update, and with log_eval(step,
-    mean_return, episodes) an evaluation at step 0 (not on a resume), every eval_every env steps
-    and at the end."""
+    """PEARL-DER on `games`: one buffer each, a random game per reset, z resampled from the current game's
+    posterior at every episode start, one update per env step. Given a pretrained `agent`, the same loop is PEARL's
+    adaptation (`adapt`): no update, and with log_eval(step, mean_return, episodes) an evaluation at step 0 (not
+    on a resume), every eval_every env steps and at the end."""
     check_args(args, len(games))
     if writer is None:
         writer = atari.setup(args, f"{args.exp_name}__{args.seed}__{int(time.time())}", MODULE)
@@ -651,11 +647,10 @@ def train(args: Args, games: list[str], writer=None, agent: PearlAgent | None = 
 
 def adapt(args: Args, model_state: dict, game: str, num_actions: int, writer=None, log_eval=None,
           eval_every: int = 5_000, train_tasks: list[str] | None = None) -> PearlAgent:
-    """PEARL's adaptation to a held-out game (finetune.py), with no gradient step: the training loop
-    without its update, acting with the pretrained agent's mean weights (eval mode) and z inferred
-    from the game's own newest transitions (resampled at every episode start). Evaluations use z =
-    the posterior mean (at step 0 the prior's, 0). checkpoint.pt records `train_tasks`, the agent's
-    pretraining games; args.resume continues a stopped adaptation."""
+    """PEARL's adaptation to a held-out game (finetune.py), with no gradient step: the training loop without its
+    update, acting with the pretrained agent's mean weights (eval mode) and z inferred from the game's own newest
+    transitions (resampled at every episode start). Evaluations use z = the posterior mean (at step 0 the prior's,
+    0). checkpoint.pt records `train_tasks`, the agent's pretraining games; args.resume continues a stopped one."""
     check_args(args, 1)  # every error before anything is built
     atari.rom_id(game)
     agent = PearlAgent(num_actions, args)

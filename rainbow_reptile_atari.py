@@ -56,10 +56,8 @@ class Args:
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     resume: bool = False
-    """continue the run in --output-dir (required; pass the run's flags again) from its checkpoint.pt and
-    replay.npz; without replay.npz the replay starts empty and refills for --learning-starts env steps
-    before learning resumes; an older replay.npz is used with its end taken as an episode end; a complete
-    run says so and exits (status 0)"""
+    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
+    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
     torch_threads: int = 2
     """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True

@@ -845,12 +845,11 @@ def save_run(output_dir: str, script: str, method: str, args, learner, train_tas
 
 
 def save_replay(path: str, buffers: list, global_step: int) -> None:
-    """The filled part of every task's replay arrays (demos, agent transitions, priorities, PEARL's
-    recent transitions) in one .npz written atomically (envs.run_dir.save_arrays), deflated at level 1."""
+    """The filled part of every task's replay arrays (demos, agent transitions, priorities) and its counters
+    in one .npz written atomically (envs.run_dir.save_arrays), deflated at level 1."""
     arrays = {"global_step": np.int64(global_step)}
     for i, b in enumerate(buffers):
         arrays[f"{i}/counters"] = np.array([b.size, b.pos, b.obs_size, b.obs_pos], np.int64)
-        arrays[f"{i}/recent"] = np.array(b.recent, np.int64)
         for name in OBS_ARRAYS:
             arrays[f"{i}/{name}"] = getattr(b, name)[:b.obs_size]
         for name in TRANSITION_ARRAYS:
@@ -866,7 +865,6 @@ def load_replay(path: str, buffers: list) -> int:
                 raise ValueError("it holds more task buffers than this run has")
             for i, b in enumerate(buffers):
                 b.size, b.pos, b.obs_size, b.obs_pos = (int(x) for x in f[f"{i}/counters"])
-                b.recent = f[f"{i}/recent"].tolist()
                 for name in OBS_ARRAYS:
                     getattr(b, name)[:b.obs_size] = f[f"{i}/{name}"]
                 for name in TRANSITION_ARRAYS:

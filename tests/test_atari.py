@@ -891,6 +891,6 @@ def test_every_args_field_has_a_docstring(module):
 def test_script_opens_on_the_algorithm(module):
     lines = inspect.getsource(module).splitlines()
     # PEARL also holds its context encoder and its gradient-free adaptation (`adapt`)
-    assert len(lines) <= (715 if module is pearl else 700)
+    assert len(lines) <= (710 if module is pearl else 700)
     first = next(i for i, line in enumerate(lines) if line.startswith("class NoisyLinear"))
     assert first < len(lines) / 3, (first, len(lines))
