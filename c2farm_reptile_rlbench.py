@@ -10,8 +10,9 @@ one task, takes `--reptile-k` C2F-ARM updates on that task's buffer alone (weigh
 theta <- theta + eps * (phi - theta), eps linear from `--reptile-eps-start` to `--reptile-eps-end`. The network is
 the MT agent's, so a Reptile checkpoint fine-tunes exactly like an MT one (finetune.py).
 
-Top to bottom: Args; network; replay and demos; learner; Reptile's outer step; loop. Environments, voxel geometry
-and plumbing come from envs/rlbench.py; the C2F-ARM code is c2farm_mt_rlbench.py's (a test keeps the copies equal).
+Top to bottom: Args; network; replay; learner; Reptile's outer step; loop. Environments, demos, voxel geometry,
+plumbing and the run's flags come from envs/rlbench.py; the C2F-ARM code is c2farm_mt_rlbench.py's (a test keeps
+the copies equal).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from envs.run_dir import use_bf16
 from envs.rlbench import (  # noqa: F401  (the task lists are part of this script's interface)
     BACKEND_TASKS, LOWDIM_SIZE, METAWORLD_TEST_TASKS, METAWORLD_TRAIN_TASKS, RLBENCH_TASKS, SCENE_BOUNDS,
-    ZOOM_HALF_WIDTH, TaskError, action_to_pose, check_c2farm_args, demo_chains, discover_keypoints,
+    ZOOM_HALF_WIDTH, RunArgs, TaskError, action_to_pose, check_c2farm_args,
     evaluate_success, log_episode, log_progress, lowdim_state, make_task, obs_tensors, pose_to_action, resume_loop,
     run_pretraining, to_tensors, voxelize, zoom_in)
 
@@ -40,23 +41,11 @@ METHOD = "reptile"  # the checkpoint's method
 
 
 @dataclass
-class Args:
+class Args(RunArgs):  # + the run's own flags (output, --resume, evaluation, checkpoints, machine)
     exp_name: str = "c2farm_reptile_rlbench"
     """the name of this experiment (run directories are runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
     """seed of random, numpy, torch and the tasks"""
-    cuda: bool = False
-    """use the GPU if there is one"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only then)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    output_dir: str | None = None
-    """where checkpoint.pt, replay.npz and TensorBoard logs go (default runs/{run_name})"""
-    resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt and replay.npz (README, "Stopping and resuming a run")"""
 
     # tasks
     backend: str = "metaworld"
@@ -118,21 +107,6 @@ class Args:
     """Adam weight decay (ARM C2FARM.yaml lambda_weight_l2: 1e-6)"""
     grad_clip_value: float = 0.01
     """clip every gradient element to [-v, v] (ARM c2farm/launch_utils.py: grad_clip=0.01, clip_grad_value_)"""
-
-    # logging / evaluation
-    eval_episodes: int = 5
-    """greedy episodes per task at each evaluation (ours: neither the paper nor ARM's launch config fixes it)"""
-    eval_interval: int = 0
-    """env steps between evaluations during pretraining (0: only at the end)"""
-    checkpoint_interval: int = 5_000
-    """env steps between checkpoints (and one at the end)"""
-    replay_save_interval: int = 10_000
-    """env steps between saves of the replay buffers to replay.npz (with a checkpoint; also at SIGINT / SIGTERM;
-    removed at the end: it only serves --resume). About 10 GB at the paper's settings; 0 = only at a stop"""
-    torch_threads: int = 1
-    """CPU threads for torch (1 is fastest for these small 3D convs on a busy 2-core machine; 0: torch's default)"""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """the update's Q-attention passes in bf16 autocast (auto: where the hardware has native bf16; see benchmarks/)"""
 
     # Reptile
     reptile_k: int = 5
@@ -286,7 +260,7 @@ def make_agent(args: Args, latent: int = 0) -> C2FARM:
                   args.unet_width, args.rotation_resolution, latent)
 
 
-# --------------------------------------------------------------------------- ALGO LOGIC: replay and demos
+# --------------------------------------------------------------------------- ALGO LOGIC: replay
 
 
 class Batch(NamedTuple):
@@ -363,25 +337,6 @@ class ReplayBuffer:
 
     def update_priorities(self, idx, td: np.ndarray) -> None:
         self.priority[idx] = np.abs(td) + 1e-6
-
-
-def add_demos(buffer: ReplayBuffer, agent: C2FARM, demos, args: Args, rng: np.random.Generator) -> int:
-    """Keypoint discovery (the backend's rule, envs/rlbench.py) + demo augmentation into a replay buffer; returns
-    the transitions added. Each chain is an episode: (frame -> keypoint) transitions whose action is the keypoint's
-    gripper pose and open state, reward 1 and done at the last keypoint (demos succeed). With --crop-augmentation
-    each transition zooms around shifted centres, U(-0.75 zoom, 0.75 zoom) per axis."""
-    added, max_shift = 0, 0.75 * agent.zoom if args.crop_augmentation else 0.0
-    for demo in demos:
-        for chain in demo_chains(discover_keypoints(demo, args.backend), args.demo_augmentation_every):
-            prev = buffer.add_observation(demo[chain[0]], 0, args.episode_length)
-            for t, k in enumerate(chain[1:], start=1):
-                nxt = buffer.add_observation(demo[k], min(t, args.episode_length), args.episode_length)
-                shifts = rng.uniform(-max_shift, max_shift, (agent.depths - 1, 3))
-                action = agent.encode_pose(demo[k].gripper_pose, demo[k].gripper_open, shifts)
-                last = k == chain[-1]
-                buffer.add(prev, action, float(last), last, nxt, shifts)
-                prev, added = nxt, added + 1
-    return added
 
 
 # --------------------------------------------------------------------------- ALGO LOGIC: the learner
@@ -654,7 +609,7 @@ def check_args(args: Args) -> None:
 
 def main(args: Args):
     """Pretraining: every input is checked before a folder, file or demo is made (envs.rlbench.run_pretraining)."""
-    run_pretraining(args, SCRIPT, METHOD, check_args, make_agent, ReptileLearner, ReplayBuffer, add_demos, train)
+    run_pretraining(args, SCRIPT, METHOD, check_args, make_agent, ReptileLearner, ReplayBuffer, train)
 
 
 if __name__ == "__main__":

@@ -451,9 +451,8 @@ def finetune_rlbench(ckpt: dict | None, opts: argparse.Namespace, overrides: lis
                         reset_q_heads(module, net)
             run.open()  # the folder, its lock, eval.csv and TensorBoard: only now that every check has passed
             stop = run_dir.StopRequest()
-            learner.buffers, exact = rlb.make_buffers(args, [opts.task], tasks, agent, module.ReplayBuffer,
-                                                      module.add_demos, stop, own and replay,
-                                                      own and own["global_step"])
+            learner.buffers, exact = rlb.make_buffers(args, [opts.task], tasks, agent, module.ReplayBuffer, stop,
+                                                      own and replay, own and own["global_step"])
             if loop is not None and not exact:
                 loop["done"] = True  # the episode in progress restarts
 

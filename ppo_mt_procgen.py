@@ -13,7 +13,8 @@ configuration (docs/procgen.md, "Choices").
 The story, top to bottom: Args, the network (IMPALA-CNN, policy and value heads), the rollout
 buffer and GAE, the PPO loss and update, the evaluation on the held-out level, the training loop.
 Plumbing (seeding, logging, checkpoints) and the speed tricks (a CUDA graph for the rollout's
-policy step, bf16 convolutions) come last. The environment is `envs/procgen.py`.
+policy step, bf16 convolutions) come last. The environment and the run's flags (`RunArgs`: output,
+--resume, checkpoints, logging) are `envs/procgen.py`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward, check_env_id,
-                          check_levels, make_writer, save_checkpoint, seed_everything)
+from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, RunArgs, VecNormalizeReward,
+                          check_env_id, check_levels, make_writer, save_checkpoint, seed_everything)
 from envs.run_dir import (CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore,
                           use_bf16)
 
@@ -39,29 +40,11 @@ SCRIPT = "ppo_mt_procgen"  # the module name checkpoints record (finetune.py che
 
 
 @dataclass
-class Args:
+class Args(RunArgs):  # + the run's own flags (output, --resume, checkpoints, logging, device)
     exp_name: str = "ppo_mt_procgen"
     """the name of this experiment (part of the default run directory's name)"""
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when available"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only when set)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project, with --track"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team), with --track"""
-    output_dir: Optional[str] = None
-    """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
-    save_every: int = 50
-    """iterations between periodic checkpoints (at least 1); SIGINT/SIGTERM also write one, then stop"""
-    resume: bool = False
-    """continue the run in --output-dir (required) from its checkpoint.pt: weights, optimizer, step, random
-    states, env states and reward normaliser, up to the same --total-timesteps; pass the run's flags again"""
-
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
     """the Procgen game (the paper: coinrun)"""

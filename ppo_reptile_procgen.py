@@ -13,7 +13,7 @@ fine-tunes with plain PPO (ppo_mt_procgen.train) like an MT one.
 
 The story, top to bottom: Args, the network, the rollout buffer and GAE, the PPO loss and
 update (all as in ppo_mt_procgen.py), the Reptile step, the training loop. Plumbing and the
-speed tricks come last. The environment is `envs/procgen.py`.
+speed tricks come last. The environment and the run's flags (`RunArgs`) are `envs/procgen.py`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, ProcgenVecEnv, RunningMeanStd, VecNormalizeReward, check_env_id,
-                          check_levels, make_writer, save_checkpoint, seed_everything)
+from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, ProcgenVecEnv, RunArgs, RunningMeanStd, VecNormalizeReward,
+                          check_env_id, check_levels, make_writer, save_checkpoint, seed_everything)
 from envs.run_dir import (CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore,
                           use_bf16)
 
@@ -39,30 +39,11 @@ SCRIPT = "ppo_reptile_procgen"  # the module name checkpoints record (finetune.p
 
 
 @dataclass
-class Args:
+class Args(RunArgs):  # + the run's own flags (output, --resume, checkpoints, logging, device)
     exp_name: str = "ppo_reptile_procgen"
     """the name of this experiment (part of the default run directory's name)"""
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when available"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only when set)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project, with --track"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team), with --track"""
-    output_dir: Optional[str] = None
-    """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
-    save_every: int = 50
-    """iterations between periodic checkpoints, rounded down to whole outer steps (at least one); SIGINT/SIGTERM
-    also write one, then stop"""
-    resume: bool = False
-    """continue the run in --output-dir (required) from its checkpoint.pt: meta-weights, inner-loop weights,
-    optimizer, outer step, random states and reward normaliser, up to the same budget; pass the run's flags again"""
-
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
     """the Procgen game (the paper: coinrun)"""

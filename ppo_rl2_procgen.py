@@ -5,7 +5,8 @@ The "RL2" meta-RL baseline of "On the Effectiveness of Fine-tuning Versus Meta-r
 level. The LSTM reads [IMPALA embedding, one-hot previous action, previous reward, trial-start flag]; its
 state carries across the trials and resets when the level changes, and returns run across trial ends, so
 the agent learns to use earlier trials. Adapting to a held-out level (`adapt`, via finetune.py) is rolling
-out with the recurrent state, no gradient step. Details: docs/procgen.md; the environment: envs/procgen.py.
+out with the recurrent state, no gradient step. Details: docs/procgen.md; the environment
+and the run's flags (`RunArgs`): envs/procgen.py.
 
     python ppo_rl2_procgen.py --num-levels 1000
     python finetune.py --checkpoint runs/.../checkpoint.pt --task 10000
@@ -25,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, VecNormalizeReward, check_env_id,
-                          check_levels, make_writer, save_checkpoint, seed_everything, state_tensor)
+from envs.procgen import (LOSS_TAGS, NUM_ACTIONS, EvalEpisodes, ProcgenVecEnv, RunArgs, VecNormalizeReward,
+                          check_env_id, check_levels, make_writer, save_checkpoint, seed_everything, state_tensor)
 from envs.run_dir import (CHECKPOINT, StopRequest, check_output_dir, load_resume, open_output_dir, restore,
                           use_bf16)
 
@@ -34,28 +35,11 @@ SCRIPT = "ppo_rl2_procgen"  # the module name checkpoints record (finetune.py ch
 
 
 @dataclass
-class Args:
+class Args(RunArgs):  # + the run's own flags (output, --resume, checkpoints, logging, device)
     exp_name: str = "ppo_rl2_procgen"
     """the name of this experiment (part of the default run directory's name)"""
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when available"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only when set)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project, with --track"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team), with --track"""
-    output_dir: Optional[str] = None
-    """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
-    save_every: int = 50
-    """iterations between periodic checkpoints (at least 1); SIGINT/SIGTERM also write one, then stop"""
-    resume: bool = False
-    """continue the run in --output-dir (required) from its checkpoint.pt up to the same budget (same flags)"""
-
     # Environment: the paper's CoinRun cross-level setting.
     env_id: str = "coinrun"
     """the Procgen game (the paper: coinrun)"""

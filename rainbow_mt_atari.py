@@ -12,7 +12,8 @@ share from a few sampled games, the action space padded to 18 (padding plays NOO
 
 Read top to bottom: Args, the network, the replay, the update, the loop; below it, marked TRY NOT
 TO MODIFY, the network's speed form (the same function, faster on a CPU; tested against the plain
-modules). The environment and the run's plumbing are envs/atari.py; details in docs/atari.md.
+modules). The environment, the run's plumbing and its flags (`RunArgs`) are envs/atari.py; details
+in docs/atari.md.
 """
 
 from __future__ import annotations
@@ -36,22 +37,11 @@ MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module
 
 
 @dataclass
-class Args:
+class Args(atari.RunArgs):  # + the run's own flags (output, --resume, checkpoints, logging)
     exp_name: str = "rainbow_mt_atari"
     """name of the run (TensorBoard directory runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
     """seed of python, numpy, torch and the emulators"""
-    cuda: bool = False
-    """use the GPU if there is one"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only then)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project, with --track"""
-    output_dir: str | None = None
-    """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
-    resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
-    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
     torch_threads: int = 2
     """torch CPU threads for the learner (one while a background evaluation runs); use 1 on a busy machine"""
     speed_form: bool = True
@@ -67,14 +57,9 @@ class Args:
     pad_actions: bool = True
     """pad every game's action set to 18 (padding = NOOP), as the authors' pretrained agents"""
 
-    # budget and logging
+    # budget and evaluation
     total_timesteps: int = 1_000_000
     """env steps (agent steps, 4 frames each); authors pretrain for 1M"""
-    save_every: int = 100_000
-    """write checkpoint.pt every this many env steps, at the end, and on SIGINT/SIGTERM (then stop)"""
-    save_replay_every: int = 100_000
-    """also write replay.npz (compressed: 5-40 MB per 100k frames) every this many env steps and on
-    SIGINT/SIGTERM, with a checkpoint; deleted when the run completes"""
     eval_episodes: int = 10
     """episodes per evaluation (DER protocol and the authors' --evaluation_episodes: 10)"""
     eval_epsilon: float = 0.001

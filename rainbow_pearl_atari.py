@@ -14,8 +14,8 @@ The dueling C51 heads see [conv features, z]; each episode starts with z sampled
     python rainbow_pearl_atari.py --train-games 10            # paper's 10-game set, 1M env steps
     python finetune.py --checkpoint runs/.../checkpoint.pt --task Pong   # adapt: infer z, no gradient
 
-The DER pieces are rainbow_mt_atari.py's (a test keeps them identical); the environment and the plumbing are
-envs/atari.py (details: docs/atari.md)."""
+The DER pieces are rainbow_mt_atari.py's (a test keeps them identical); the environment, the plumbing and the run's
+flags (`RunArgs`) are envs/atari.py (details: docs/atari.md)."""
 
 from __future__ import annotations
 
@@ -39,22 +39,11 @@ MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module
 
 
 @dataclass
-class Args:
+class Args(atari.RunArgs):  # + the run's own flags (output, --resume, checkpoints, logging)
     exp_name: str = "rainbow_pearl_atari"
     """name of the run (TensorBoard directory runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
     """seed of python, numpy, torch and the emulators"""
-    cuda: bool = False
-    """use the GPU if there is one"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only then)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project, with --track"""
-    output_dir: str | None = None
-    """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
-    resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
-    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
     torch_threads: int = 2
     """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True
@@ -82,14 +71,9 @@ class Args:
     kl_weight: float = 1.0
     """weight of the KL term; 1 = added unweighted, as the authors' agent_pearl.py (PEARL's own default: 0.1)"""
 
-    # budget and logging
+    # budget and evaluation
     total_timesteps: int = 1_000_000
     """env steps (agent steps, 4 frames each); authors pretrain for 1M"""
-    save_every: int = 100_000
-    """write checkpoint.pt every this many env steps, at the end, and on SIGINT/SIGTERM (then stop)"""
-    save_replay_every: int = 100_000
-    """also write replay.npz (compressed: 5-40 MB per 100k frames) every this many env steps and on
-    SIGINT/SIGTERM, with a checkpoint; deleted when the run completes"""
     eval_episodes: int = 10
     """episodes per evaluation during adaptation (DER protocol: 10)"""
     eval_epsilon: float = 0.001

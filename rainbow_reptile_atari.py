@@ -19,7 +19,8 @@ reproduce. Nichol et al.'s standard Reptile anneals from 1.0 to 0.0 instead.
 The network and its state_dict keys equal rainbow_mt_atari's, so finetune.py fine-tunes a
 Reptile checkpoint with the same DER code; the DER pieces here are copies of that file's (a test
 keeps them identical). Below the loop, marked TRY NOT TO MODIFY: the network's speed form (tested
-against the plain modules). The environment and the run's plumbing are envs/atari.py.
+against the plain modules). The environment, the run's plumbing and its flags (`RunArgs`) are
+envs/atari.py.
 """
 
 from __future__ import annotations
@@ -42,22 +43,11 @@ MODULE = os.path.splitext(os.path.basename(__file__))[0]  # this script's module
 
 
 @dataclass
-class Args:
+class Args(atari.RunArgs):  # + the run's own flags (output, --resume, checkpoints, logging)
     exp_name: str = "rainbow_reptile_atari"
     """name of the run (TensorBoard directory runs/{exp_name}__{seed}__{time})"""
     seed: int = 1
     """seed of python, numpy, torch and the emulators"""
-    cuda: bool = False
-    """use the GPU if there is one"""
-    track: bool = False
-    """log to Weights & Biases (wandb is imported only then)"""
-    wandb_project_name: str = "finetune-vs-meta-rl"
-    """the wandb project, with --track"""
-    output_dir: str | None = None
-    """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
-    resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
-    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
     torch_threads: int = 2
     """torch CPU threads for the learner; use 1 on a busy machine"""
     speed_form: bool = True
@@ -81,14 +71,9 @@ class Args:
     reptile_eps_end: float = 1.0
     """outer step size at the end of training (standard Reptile anneals 1.0 -> 0.0)"""
 
-    # budget and logging
+    # budget and evaluation
     total_timesteps: int = 1_000_000
     """env steps (agent steps, 4 frames each); authors pretrain for 1M"""
-    save_every: int = 100_000
-    """write checkpoint.pt every this many env steps, at the end, and on SIGINT/SIGTERM (then stop)"""
-    save_replay_every: int = 100_000
-    """also write replay.npz (compressed: 5-40 MB per 100k frames) every this many env steps and on
-    SIGINT/SIGTERM, with a checkpoint; deleted when the run completes"""
     eval_episodes: int = 10
     """episodes per evaluation when this checkpoint is fine-tuned (finetune.py)"""
     eval_epsilon: float = 0.001

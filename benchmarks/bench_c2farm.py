@@ -49,7 +49,7 @@ def main():
         args = c2f.Args(train_tasks=[opts.task], demos=2, image_size=opts.image_size, unet_width=width,
                         batch_size=opts.batch_size, cuda=opts.cuda, torch_threads=opts.threads)
         device, tasks, agent = rlb.setup(args, [opts.task], c2f.check_args, c2f.make_agent)
-        buffers, _ = rlb.make_buffers(args, [opts.task], tasks, agent, c2f.ReplayBuffer, c2f.add_demos)
+        buffers, _ = rlb.make_buffers(args, [opts.task], tasks, agent, c2f.ReplayBuffer)
         learner = c2f.C2FARMLearner(agent, buffers, args, device)
         print(f"device={device} torch_threads={torch.get_num_threads()} image={opts.image_size} "
               f"unet_width={width} params={sum(p.numel() for p in agent.parameters()):,}")

@@ -312,6 +312,29 @@ REPLAY_FIELDS = ("frames", "actions", "rewards", "dones", "timesteps")  # a Repl
 RESUME_FREE = run_dir.RESUME_FREE | {"exp_name", "save_replay_every"}
 
 
+@dataclasses.dataclass
+class RunArgs:
+    """The flags of a DER run that are not the method's: where it writes, --resume, checkpoints, logging. Each
+    script's Args extends it (its --help lists them all)."""
+
+    cuda: bool = False
+    """use the GPU if there is one"""
+    track: bool = False
+    """log to Weights & Biases (wandb is imported only then)"""
+    wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project, with --track"""
+    output_dir: str | None = None
+    """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
+    resume: bool = False
+    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
+    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
+    save_every: int = 100_000
+    """write checkpoint.pt every this many env steps, at the end, and on SIGINT/SIGTERM (then stop)"""
+    save_replay_every: int = 100_000
+    """also write replay.npz (compressed: 5-40 MB per 100k frames) every this many env steps and on
+    SIGINT/SIGTERM, with a checkpoint; deleted when the run completes"""
+
+
 def check_der_args(args, num_games: int, at_least_one: tuple[str, ...] = ()) -> None:
     """The checks every DER script shares, and that the script's `at_least_one` flags are (one-line errors)."""
     for name in ("total_timesteps", "batch_size", "n_step", "target_network_frequency", "save_every",

@@ -275,6 +275,31 @@ LOSS_TAGS = {"pg_loss": "policy_loss", "v_loss": "value_loss", "entropy": "entro
              "clipfrac": "clipfrac", "explained_variance": "explained_variance"}
 
 
+@dataclasses.dataclass
+class RunArgs:
+    """The flags of a PPO run that are not the method's: device, logging, where it writes, checkpoints, --resume.
+    Each script's Args extends it (its --help lists them all)."""
+
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to Weights & Biases (wandb is imported only when set)"""
+    wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project, with --track"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team), with --track"""
+    output_dir: Optional[str] = None
+    """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
+    save_every: int = 50
+    """iterations between periodic checkpoints (at least 1; Reptile: rounded down to whole outer steps);
+    SIGINT/SIGTERM also write one, then stop"""
+    resume: bool = False
+    """continue the run in --output-dir from its checkpoint.pt (weights, optimizer, step, random and env states,
+    reward normaliser) up to the same budget, with the run's flags (README, "Stopping and resuming a run")"""
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Python's, numpy's and torch's global generators from one seed."""
     random.seed(seed)

@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -343,6 +343,26 @@ def demo_chains(keypoints: list[int], every: int = 10) -> list[list[int]]:
     """Demo augmentation: every `every`-th frame before the last keypoint starts a chain of
     frames [start, next keypoint, following keypoints..., last keypoint]."""
     return [[start] + [k for k in keypoints if k > start] for start in range(0, keypoints[-1], every)]
+
+
+def add_demos(buffer, agent, demos, args, rng: np.random.Generator) -> int:
+    """C2F-ARM's demos into a script's replay buffer (its `add_observation` and `add`): keypoint discovery (the
+    backend's rule) + demo augmentation (`demo_chains`); returns the transitions added. Each chain is an episode:
+    (frame -> keypoint) transitions whose action is the keypoint's gripper pose and open state (the agent's
+    `encode_pose`), reward 1 and done at the last keypoint (demos succeed). With --crop-augmentation each
+    transition zooms around shifted centres, U(-0.75 zoom, 0.75 zoom) per axis (ARM launch_utils.py)."""
+    added, max_shift = 0, 0.75 * agent.zoom if args.crop_augmentation else 0.0
+    for demo in demos:
+        for chain in demo_chains(discover_keypoints(demo, args.backend), args.demo_augmentation_every):
+            prev = buffer.add_observation(demo[chain[0]], 0, args.episode_length)
+            for t, k in enumerate(chain[1:], start=1):
+                nxt = buffer.add_observation(demo[k], min(t, args.episode_length), args.episode_length)
+                shifts = rng.uniform(-max_shift, max_shift, (agent.depths - 1, 3))
+                action = agent.encode_pose(demo[k].gripper_pose, demo[k].gripper_open, shifts)
+                last = k == chain[-1]
+                buffer.add(prev, action, float(last), last, nxt, shifts)
+                prev, added = nxt, added + 1
+    return added
 
 
 def demo_frames(demo, every: int = 10, backend: str = "metaworld") -> list[int]:
@@ -702,6 +722,38 @@ RESUME_FREE = frozenset({"resume", "output_dir", "checkpoint_interval", "replay_
                          "torch_threads", "precision", "track", "wandb_project_name", "wandb_entity"})
 
 
+@dataclass
+class RunArgs:
+    """The flags of a C2F-ARM run that are not the method's: where it writes, --resume, logging, evaluation and
+    checkpoint cadence, the machine. Each script's Args extends it (its --help lists them all)."""
+
+    cuda: bool = False
+    """use the GPU if there is one"""
+    track: bool = False
+    """log to Weights & Biases (wandb is imported only then)"""
+    wandb_project_name: str = "finetune-vs-meta-rl"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    output_dir: str | None = None
+    """where checkpoint.pt, replay.npz and TensorBoard logs go (default runs/{run_name})"""
+    resume: bool = False
+    """continue the run in --output-dir from its checkpoint.pt and replay.npz (README, "Stopping and resuming a run")"""
+    eval_episodes: int = 5
+    """greedy episodes per task at each evaluation (ours: neither the paper nor ARM's launch config fixes it)"""
+    eval_interval: int = 0
+    """env steps between evaluations during pretraining (0: only at the end)"""
+    checkpoint_interval: int = 5_000
+    """env steps between checkpoints (and one at the end)"""
+    replay_save_interval: int = 10_000
+    """env steps between saves of the replay buffers to replay.npz (with a checkpoint; also at SIGINT / SIGTERM;
+    removed at the end: it only serves --resume). About 10 GB at the paper's settings; 0 = only at a stop"""
+    torch_threads: int = 1
+    """CPU threads for torch (1 is fastest for these small 3D convs on a busy 2-core machine; 0: torch's default)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """the update's Q-attention passes in bf16 autocast (auto: where the hardware has native bf16; see benchmarks/)"""
+
+
 def check_c2farm_args(args, at_least_one=(), non_negative=(), unit_interval=()) -> None:
     """The settings of every C2F-ARM script that cannot run raise TaskError, which the scripts report as
     one line; a method adds its own flags by name (`at_least_one`, `non_negative`, `unit_interval`)."""
@@ -744,12 +796,11 @@ def setup(args, task_names: list[str], check_args: Callable, make_agent: Callabl
     return device, tasks, make_agent(args, latent).to(device)
 
 
-def make_buffers(args, task_names: list[str], tasks: list, agent, buffer_class: Callable, add_demos: Callable,
-                 stop=None, replay: str | None = None, resume_step: int | None = None) -> tuple[list, bool]:
-    """Every task's prioritized replay (`buffer_class`), filled with `--demos` expert demos by the script's
-    `add_demos`, or (--resume) loaded from the run's `replay` file. Also returns whether that file is of the
-    checkpoint's env step `resume_step` (else the episode in progress cannot continue: its observations are
-    not in it)."""
+def make_buffers(args, task_names: list[str], tasks: list, agent, buffer_class: Callable, stop=None,
+                 replay: str | None = None, resume_step: int | None = None) -> tuple[list, bool]:
+    """Every task's prioritized replay (`buffer_class`), filled with `--demos` expert demos (`add_demos`), or
+    (--resume) loaded from the run's `replay` file. Also returns whether that file is of the checkpoint's env
+    step `resume_step` (else the episode in progress cannot continue: its observations are not in it)."""
     buffers = [buffer_class(max(1, args.replay_size // len(tasks)), args.image_size, args.depths + 4,
                             args.priority_exponent) for _ in tasks]
     if replay is not None:
@@ -902,7 +953,7 @@ def resume_loop(loop: dict, tasks: list):
 
 
 def run_pretraining(args, script: str, method: str, check_args: Callable, make_agent: Callable, learner_class: Callable,
-                    buffer_class: Callable, add_demos: Callable, train: Callable, latent: int = 0) -> None:
+                    buffer_class: Callable, train: Callable, latent: int = 0) -> None:
     """A script's `main`, pretraining with the script's pieces: every input is checked (`check_args`) before
     a folder, file or demo is made; then the tasks and agent (`setup`), the learner (restored with --resume),
     the replay (`make_buffers`), TensorBoard and `train`, saving checkpoints into the run's folder."""
@@ -924,7 +975,7 @@ def run_pretraining(args, script: str, method: str, check_args: Callable, make_a
         loop = restore(learner, ckpt, path) if ckpt is not None else None
         lock = open_output_dir(run_dir)  # noqa: F841  (held while this process runs)
         stop = StopRequest()
-        learner.buffers, exact = make_buffers(args, task_names, tasks, agent, buffer_class, add_demos, stop,
+        learner.buffers, exact = make_buffers(args, task_names, tasks, agent, buffer_class, stop,
                                               ckpt and replay, ckpt and ckpt["global_step"])
         if loop is not None and not exact:
             loop["done"] = True  # the episode in progress restarts

@@ -363,12 +363,13 @@ def test_every_args_field_has_a_docstring(module):
     import dataclasses
     import inspect
 
-    body = ast.parse(inspect.getsource(module.Args)).body[0].body
     documented = set()
-    for node, after in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
-                and isinstance(after.value.value, str) and after.value.value.strip():
-            documented.add(node.target.id)
+    for cls in filter(dataclasses.is_dataclass, module.Args.__mro__):  # Args and the run's flags (RunArgs)
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                    and isinstance(after.value.value, str) and after.value.value.strip():
+                documented.add(node.target.id)
     missing = [f.name for f in dataclasses.fields(module.Args) if f.name not in documented]
     assert not missing, f"{module.__name__}.Args fields without a docstring: {missing}"
 
