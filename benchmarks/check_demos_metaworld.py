@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import c2farm_mt_rlbench as c2f  # noqa: E402
+from envs.rlbench import discover_keypoints  # noqa: E402
 
 
 def replay(task, demo, actions) -> float:
@@ -53,7 +54,7 @@ def main():
             continue
         cont, disc, nkp = [], [], []
         for demo in demos:
-            keypoints = c2f.discover_keypoints(demo, "metaworld")
+            keypoints = discover_keypoints(demo, "metaworld")
             nkp.append(len(keypoints))
             poses = [np.concatenate([demo[k].gripper_pose, [demo[k].gripper_open]]) for k in keypoints]
             cont.append(replay(task, demo, poses))

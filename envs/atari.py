@@ -326,8 +326,10 @@ class RunArgs:
     output_dir: str | None = None
     """TensorBoard logs and checkpoint.pt go here (default runs/{run_name})"""
     resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt and replay.npz, with the run's flags (README,
-    "Stopping and resuming a run"; without replay.npz the replay refills for --learning-starts env steps)"""
+    """continue the run in --output-dir (required; pass the run's flags again) from its checkpoint.pt and
+    replay.npz; without replay.npz the replay starts empty and refills for --learning-starts env steps
+    before learning resumes; an older replay.npz is used with its end taken as an episode end; a complete
+    run says so and exits (status 0)"""
     save_every: int = 100_000
     """write checkpoint.pt every this many env steps, at the end, and on SIGINT/SIGTERM (then stop)"""
     save_replay_every: int = 100_000

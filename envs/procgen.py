@@ -293,11 +293,11 @@ class RunArgs:
     output_dir: Optional[str] = None
     """where checkpoint.pt and TensorBoard logs go (default runs/{run_name})"""
     save_every: int = 50
-    """iterations between periodic checkpoints (at least 1; Reptile: rounded down to whole outer steps);
-    SIGINT/SIGTERM also write one, then stop"""
+    """iterations between periodic checkpoints (at least 1; ppo_reptile_procgen.py rounds it down to whole outer
+    steps); SIGINT/SIGTERM also write one, then stop"""
     resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt (weights, optimizer, step, random and env states,
-    reward normaliser) up to the same budget, with the run's flags (README, "Stopping and resuming a run")"""
+    """continue the run in --output-dir (required) from its checkpoint.pt up to the same budget, with the run's
+    flags again: everything the script needs to go on as if uninterrupted (README, "Stopping and resuming a run")"""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

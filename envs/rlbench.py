@@ -738,7 +738,8 @@ class RunArgs:
     output_dir: str | None = None
     """where checkpoint.pt, replay.npz and TensorBoard logs go (default runs/{run_name})"""
     resume: bool = False
-    """continue the run in --output-dir from its checkpoint.pt and replay.npz (README, "Stopping and resuming a run")"""
+    """continue the run in --output-dir (required) from its checkpoint.pt and replay.npz, with the run's own flags
+    (README, "Stopping and resuming a run": what may change, and a resume without replay.npz)"""
     eval_episodes: int = 5
     """greedy episodes per task at each evaluation (ours: neither the paper nor ARM's launch config fixes it)"""
     eval_interval: int = 0
@@ -746,8 +747,9 @@ class RunArgs:
     checkpoint_interval: int = 5_000
     """env steps between checkpoints (and one at the end)"""
     replay_save_interval: int = 10_000
-    """env steps between saves of the replay buffers to replay.npz (with a checkpoint; also at SIGINT / SIGTERM;
-    removed at the end: it only serves --resume). About 10 GB at the paper's settings; 0 = only at a stop"""
+    """env steps between saves of the replay buffers (demos and agent transitions) to replay.npz, each with a
+    checkpoint; also written at a SIGINT / SIGTERM, removed when the run ends (it only serves --resume).
+    About 10 GB at the paper's settings; 0 = only at a stop"""
     torch_threads: int = 1
     """CPU threads for torch (1 is fastest for these small 3D convs on a busy 2-core machine; 0: torch's default)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
